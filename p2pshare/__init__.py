@@ -1,0 +1,56 @@
+"""p2pshare: peer-to-peer file sharing on Twisted.
+
+Start a tracker and peers inside any reactor::
+
+    tracker = await start_tracker(reactor, "tcp:0:interface=127.0.0.1")
+    peer = await start_peer(reactor, "files", tracker=f"127.0.0.1:{tracker.port.getHost().port}")
+    hits = await peer.search("notes.txt")
+    result = await peer.fetch("notes.txt")   # a FetchResult; the file is in "files/"
+    await peer.stopService()
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from p2pshare.errors import (AlreadyExists, InvalidName, NotFound, P2PError, TrackerError, TransferFailed,
+                             VerificationFailed)
+from p2pshare.peer import FetchResult, Peer
+from p2pshare.tracker import TrackerFactory, TrackerService
+from p2pshare.wire import Hit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlreadyExists", "FetchResult", "Hit", "InvalidName", "NotFound", "P2PError", "Peer", "TrackerError",
+    "TrackerService", "TransferFailed", "VerificationFailed", "start_peer", "start_tracker",
+]
+
+
+async def start_tracker(reactor: Any, endpoint: str = "tcp:0:interface=127.0.0.1", max_peers: int = 20,
+                        interval: float = 10.0) -> TrackerService:
+    """Start a tracker listening on a server endpoint string; returns the running service."""
+    from twisted.internet.endpoints import serverFromString
+
+    service = TrackerService(serverFromString(reactor, endpoint),
+                             TrackerFactory(reactor, max_peers=max_peers, interval=interval))
+    service.startService()
+    await service.when_listening()
+    return service
+
+
+async def start_peer(reactor: Any, directory: Union[str, Path], tracker: Optional[str] = None,
+                     **options: Any) -> Peer:
+    """Start a peer sharing *directory*; *tracker* is ``HOST:PORT`` or a client endpoint string.
+
+    Other keyword arguments go to :class:`Peer` (``port``, ``interface``, ``peers``, ``want``, ...).
+    Returns once its sockets listen and its folder is indexed.
+    """
+    from p2pshare.tap import tracker_endpoint
+
+    endpoint = tracker_endpoint(reactor, tracker) if tracker else None
+    peer = Peer(directory, tracker=endpoint, reactor=reactor, **options)
+    peer.startService()
+    await peer.when_ready()
+    return peer

@@ -1,0 +1,269 @@
+"""The ``p2pshare`` command: talks to a running peer's control API, or runs a peer for one fetch.
+
+Exit codes: 0 success, 1 the operation failed (not found, transfer failed,
+daemon unreachable), 2 usage error.  Expected failures print one line, never
+a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any, Iterator, Optional, TextIO
+
+from p2pshare.errors import ControlError, P2PError, describe
+from p2pshare.wire import STATE_DIR
+
+DEFAULT_CONTROL = "127.0.0.1:7878"
+
+
+class Progress:
+    """A one-line progress bar on a terminal; silent when the stream is not one."""
+
+    def __init__(self, name: str, stream: TextIO = sys.stderr) -> None:
+        self.name, self.stream = name, stream
+        self.enabled = stream.isatty()
+        self.started = time.monotonic()
+        self.shown = False
+
+    def update(self, got: int, size: int) -> None:
+        if not self.enabled:
+            return
+        fraction = got / size if size else 1.0
+        width = 30
+        bar = "#" * int(fraction * width) + "." * (width - int(fraction * width))
+        rate = got / max(time.monotonic() - self.started, 1e-6) / 1e6
+        self.stream.write(f"\r{self.name[:30]} [{bar}] {fraction:6.1%} {got / 1e6:9.1f} MB {rate:8.1f} MB/s")
+        self.stream.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def control_address(args: argparse.Namespace) -> tuple[str, int]:
+    """--control, else the URL a daemon sharing --dir wrote in its state folder, else the default."""
+    value = args.control
+    if value is None and args.dir is not None:
+        try:
+            url = json.loads((Path(args.dir) / STATE_DIR / "control.json").read_text())["url"]
+            value = urllib.parse.urlsplit(url).netloc
+        except (OSError, ValueError, KeyError) as e:
+            raise ControlError(f"no running peer found for {args.dir} ({describe(e)})") from None
+    host, _, port = (value or DEFAULT_CONTROL).rpartition(":")
+    if not host or not port.isdigit():
+        raise ControlError(f"--control: expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _request(address: tuple[str, int], method: str, path: str, body: Optional[dict[str, Any]] = None,
+             timeout: float = 30.0) -> http.client.HTTPResponse:
+    conn = http.client.HTTPConnection(*address, timeout=timeout)
+    try:
+        payload = json.dumps(body).encode() if body is not None else None
+        conn.request(method, path, payload, {"content-type": "application/json"})
+        return conn.getresponse()
+    except OSError as e:
+        raise ControlError(f"no peer answers at {address[0]}:{address[1]} ({describe(e)}); is p2ppeer running?")
+
+
+def _json_reply(response: http.client.HTTPResponse) -> dict[str, Any]:
+    try:
+        data = json.loads(response.read())
+    except ValueError:
+        raise ControlError(f"the peer answered HTTP {response.status} with something that is not JSON") from None
+    if response.status != 200:
+        raise ControlError(data.get("message") or f"the peer answered HTTP {response.status}")
+    return data
+
+
+def _lines(response: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
+    for raw in response:
+        if raw.strip():
+            yield json.loads(raw)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = _json_reply(_request(control_address(args), "GET", "/v1/status", timeout=args.timeout))
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    tracker = status.get("tracker")
+    print(f"peer:       {status['peer']}")
+    print(f"address:    {status['host'] or '(unknown)'} udp {status['udp']} tcp {status['tcp']}")
+    print(f"folder:     {status['dir']}")
+    print(f"tracker:    {'connected' if tracker and tracker['connected'] else 'not connected' if tracker else 'none'}")
+    print(f"neighbours: {len(status['neighbours'])}")
+    print(f"files:      {status['files']}")
+    for key, value in status["counters"].items():
+        print(f"  {key}: {value}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    query = urllib.parse.urlencode({"name": args.name, "timeout": args.timeout})
+    reply = _json_reply(_request(control_address(args), "GET", f"/v1/search?{query}", timeout=args.timeout + 30))
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    for hit in reply["hits"]:
+        if not args.json:
+            print(f"{hit['name']}\t{hit['size']}\t{hit['sha256'][:12]}\t{hit['tcp']}\t{hit['hops']} hop(s)")
+    if not reply["hits"]:
+        print(f"{args.name}: no peer has it", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _report(result: dict[str, Any]) -> None:
+    print(f"{result['name']}: {result['size']} bytes from {result['holder']} in {result['seconds']:.2f}s, "
+          f"SHA-256 {result['sha256'][:16]}... verified -> {result['path']}")
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    if args.tracker:
+        return _get_with_own_peer(args)
+    response = _request(control_address(args), "POST", "/v1/get", {"name": args.name, "timeout": args.timeout},
+                        timeout=args.timeout + 60)
+    if response.status != 200:
+        _json_reply(response)
+    bar = Progress(args.name)
+    try:
+        for event in _lines(response):
+            if event["event"] == "progress":
+                bar.update(event["received"], event["size"])
+            elif event["event"] == "done":
+                bar.close()
+                _report(event)
+                return 0
+            elif event["event"] == "error":
+                bar.close()
+                print(f"p2pshare: {event['message']}", file=sys.stderr)
+                return 1
+    finally:
+        bar.close()
+    raise ControlError(f"{args.name}: the peer closed the connection before the fetch ended")
+
+
+def _get_with_own_peer(args: argparse.Namespace) -> int:
+    """Run a temporary peer in this process for one fetch."""
+    from twisted.internet import defer
+    from twisted.internet.defer import ensureDeferred
+    from twisted.internet.task import react
+
+    from p2pshare import start_peer
+
+    directory = Path(args.dir or ".")
+    if not directory.is_dir():
+        raise P2PError(f"--dir: {directory} is not a folder")
+
+    async def run(reactor: Any) -> None:
+        peer = await start_peer(reactor, directory, tracker=args.tracker, interface="0.0.0.0")
+        bar = Progress(args.name)
+        try:
+            assert peer.tracker is not None
+            wait = min(args.timeout, 10.0)
+            try:
+                await peer.tracker.when_peers().addTimeout(wait, reactor)
+            except (TimeoutError, defer.TimeoutError):
+                raise P2PError(f"the tracker at {args.tracker} did not answer within {wait:g}s") from None
+            result = await peer.fetch(args.name, args.timeout, bar.update)
+        except Exception as e:
+            bar.close()
+            print(f"p2pshare: {describe(e)}", file=sys.stderr)
+            raise SystemExit(1) from None
+        finally:
+            await peer.stopService()
+        bar.close()
+        _report({"name": result.name, "size": result.size, "holder": result.holder, "seconds": result.seconds,
+                 "sha256": result.sha256, "path": result.path})
+
+    react(lambda reactor: ensureDeferred(run(reactor)))  # exits the process with run's status
+    return 0  # not reached
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    import socket
+
+    from p2pshare.tap import host_port
+    from p2pshare.wire import TrackerReply, TrackerRequest
+
+    try:
+        host, port = host_port(args.tracker, "--tracker")
+    except Exception as e:
+        raise P2PError(str(e)) from None
+    try:
+        with socket.create_connection((host, port), timeout=args.timeout) as sock:
+            sock.sendall(TrackerRequest("peers", 1, max=args.max).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError as e:
+        raise P2PError(f"no tracker answers at {host}:{port} ({describe(e)})") from None
+    reply = TrackerReply.decode(data.strip())
+    if not reply.ok:
+        raise P2PError(f"the tracker refused: {reply.message}")
+    for p in reply.peers:
+        print(f"{p.peer}\t{p.host}\tudp {p.udp}\ttcp {p.tcp}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--control", default=argparse.SUPPRESS,
+                        help=f"the peer's control API, HOST:PORT (default {DEFAULT_CONTROL})")
+    common.add_argument("--dir", default=argparse.SUPPRESS,
+                        help="the peer's shared folder (finds its control API; with get --tracker, the target)")
+    p = argparse.ArgumentParser(prog="p2pshare", description="Search and fetch files on a p2pshare network.",
+                                parents=[common])
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("status", parents=[common], help="show the running peer's state")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--timeout", type=float, default=10.0)
+    s.set_defaults(func=cmd_status)
+    s = sub.add_parser("search", parents=[common], help="list the peers that have NAME")
+    s.add_argument("name")
+    s.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for answers (default 3)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_search)
+    s = sub.add_parser("get", parents=[common], help="fetch NAME into the peer's folder")
+    s.add_argument("name")
+    s.add_argument("--timeout", type=float, default=10.0, help="seconds to find a holder (default 10)")
+    s.add_argument("--tracker", help="run a temporary peer on this tracker instead of using a daemon")
+    s.set_defaults(func=cmd_get)
+    s = sub.add_parser("peers", help="ask a tracker for peers")
+    s.add_argument("--tracker", required=True, help="HOST:PORT")
+    s.add_argument("--max", type=int, default=20, choices=range(1, 101), metavar="1..100")
+    s.add_argument("--timeout", type=float, default=5.0)
+    s.set_defaults(func=cmd_peers)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    for name in ("control", "dir"):
+        setattr(args, name, getattr(args, name, None))
+    if getattr(args, "timeout", 1.0) <= 0:
+        p.error("--timeout must be positive")
+    try:
+        return args.func(args)
+    except (P2PError, ValueError) as e:
+        print(f"p2pshare: {describe(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""The local control API of a running peer: HTTP + JSON on loopback, for the ``p2pshare`` CLI.
+
+``GET /v1/status``, ``GET /v1/search?name=N&timeout=S``, ``POST /v1/get``
+(answers a stream of JSON lines: progress, then ``done`` or ``error``) and
+``POST /v1/rescan``.  Requests whose Host header is not a loopback name are
+refused, so a web page cannot reach the API through DNS rebinding.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+from attrs import asdict
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from p2pshare.errors import AlreadyExists, InvalidName, NotFound, P2PError, describe
+from p2pshare.peer import FetchResult, Peer, hit_json
+
+MAX_BODY = 64 * 1024
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+STATUS_OF = {InvalidName: 400, NotFound: 404, AlreadyExists: 409}
+
+
+def _json(request: Request, obj: Any, code: int = 200) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps(obj).encode() + b"\n"
+
+
+def _error(request: Request, error: BaseException) -> bytes:
+    code = next((c for cls, c in STATUS_OF.items() if isinstance(error, cls)), 500 if not isinstance(
+        error, P2PError) else 502)
+    return _json(request, {"error": type(error).__name__, "message": describe(error)}, code)
+
+
+def _float_arg(request: Request, name: str, default: float, lo: float = 0.1, hi: float = 3600.0) -> float:
+    raw = request.args.get(name.encode(), [None])[0]
+    if raw is None:
+        return default
+    value = float(raw)
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be between {lo} and {hi}")
+    return value
+
+
+class _Guarded(Resource):
+    """Refuses requests addressed to a non-loopback host name (DNS rebinding)."""
+
+    def __init__(self, peer: Peer) -> None:
+        super().__init__()
+        self.peer = peer
+
+    def render(self, request: Request) -> Any:
+        host = (request.getHeader("host") or "").rsplit(":", 1)[0] if request.getHeader("host") else ""
+        if host not in LOOPBACK_HOSTS:
+            return _json(request, {"error": "Forbidden", "message": "the control API answers loopback only"}, 403)
+        return super().render(request)
+
+
+class StatusResource(_Guarded):
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        return _json(request, self.peer.status())
+
+
+class SearchResource(_Guarded):
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> Any:
+        try:
+            name = request.args[b"name"][0].decode("utf-8")
+            timeout = _float_arg(request, "timeout", 3.0)
+        except (KeyError, UnicodeDecodeError, ValueError) as e:
+            return _json(request, {"error": "BadRequest", "message": f"need name= and a valid timeout= ({e})"}, 400)
+
+        def answer(result: Any) -> None:
+            if request.finished or request._disconnected:  # type: ignore[attr-defined]
+                return
+            if isinstance(result, Failure):
+                request.write(_error(request, result.value))
+            else:
+                request.write(_json(request, {"name": name, "hits": [hit_json(h) for h in result]}))
+            request.finish()
+
+        self.peer.search(name, timeout).addBoth(answer)
+        return NOT_DONE_YET
+
+
+class GetResource(_Guarded):
+    """Streams one JSON object a line: ``progress`` events, then ``done`` or ``error``."""
+
+    isLeaf = True
+
+    def render_POST(self, request: Request) -> Any:
+        try:
+            body = json.loads(request.content.read(MAX_BODY + 1)[:MAX_BODY])
+            name = body["name"]
+            timeout = float(body.get("timeout", 10.0))
+            if not isinstance(name, str) or not 0.1 <= timeout <= 3600:
+                raise ValueError("name must be a string and timeout within [0.1, 3600]")
+        except (ValueError, KeyError, TypeError) as e:
+            return _json(request, {"error": "BadRequest", "message": f"bad request body: {e}"}, 400)
+        request.setHeader(b"content-type", b"application/x-ndjson")
+        last = [-1]
+
+        def line(obj: dict[str, Any]) -> None:
+            if not request.finished and not request._disconnected:  # type: ignore[attr-defined]
+                request.write(json.dumps(obj).encode() + b"\n")
+
+        def progress(got: int, size: int) -> None:
+            step = size // 100 or 1  # at most ~100 progress lines per file
+            if got // step != last[0] or got == size:
+                last[0] = got // step
+                line({"event": "progress", "received": got, "size": size})
+
+        def done(result: Any) -> None:
+            if isinstance(result, Failure):
+                line({"event": "error", "error": type(result.value).__name__, "message": describe(result.value)})
+            else:
+                assert isinstance(result, FetchResult)
+                line({"event": "done", **asdict(result)})
+            if not request.finished and not request._disconnected:  # type: ignore[attr-defined]
+                request.finish()
+
+        line({"event": "searching", "name": name})
+        self.peer.fetch(name, timeout, progress).addBoth(done)
+        return NOT_DONE_YET
+
+
+class RescanResource(_Guarded):
+    isLeaf = True
+
+    def render_POST(self, request: Request) -> Any:
+        def answer(result: Any) -> None:
+            if isinstance(result, Failure):
+                request.write(_error(request, result.value))
+            else:
+                request.write(_json(request, {"files": len(result)}))
+            request.finish()
+
+        self.peer.shares.rescan().addBoth(answer)
+        return NOT_DONE_YET
+
+
+def control_site(peer: Peer) -> Site:
+    root = Resource()
+    v1 = Resource()
+    root.putChild(b"v1", v1)
+    for name, cls in ((b"status", StatusResource), (b"search", SearchResource), (b"get", GetResource),
+                      (b"rescan", RescanResource)):
+        v1.putChild(name, cls(peer))
+    site = Site(root)
+    site.noisy = False
+    site.displayTracebacks = False
+    return site
+
+
+class ControlService(Service):
+    """Serves the control API and writes its URL to ``<state>/control.json`` for the CLI."""
+
+    log = Logger()
+
+    def __init__(self, endpoint: IStreamServerEndpoint, peer: Peer) -> None:
+        self.endpoint, self.peer = endpoint, peer
+        self.port: Optional[IListeningPort] = None
+        self.url = ""
+
+    def startService(self) -> None:
+        super().startService()
+
+        def listening(port: IListeningPort) -> None:
+            self.port = port
+            host = port.getHost()
+            self.url = f"http://{host.host}:{host.port}"
+            (self.peer.shares.state / "control.json").write_text(json.dumps({"url": self.url}) + "\n")
+            self.log.info("control API on {url}", url=self.url)
+
+        def failed(f: Failure) -> None:
+            self.log.critical("the control API could not listen ({error}); stopping. Use --control to pick "
+                              "another port, or --control none.", error=f.getErrorMessage())
+            self.peer.reactor.stop()
+
+        self.endpoint.listen(control_site(self.peer)).addCallbacks(listening, failed)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        (self.peer.shares.state / "control.json").unlink(missing_ok=True)
+        if self.port is None:
+            return succeed(None)
+        port, self.port = self.port, None
+        return port.stopListening()  # type: ignore[return-value]

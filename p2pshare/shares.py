@@ -1,0 +1,206 @@
+"""The shared folder: safe name -> path, and the index of sizes and SHA-256 hashes.
+
+Walking and hashing run in a thread (``deferToThread``); the index cache in the
+state folder is keyed by name, size and mtime, so a restart does not rehash
+files that did not change.  Every path handed out is checked by resolving real
+paths and comparing them component-wise with the root, never by string prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+from typing import IO, Any, Optional
+
+from attrs import frozen
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from p2pshare.errors import AlreadyExists, InvalidName, NotFound
+from p2pshare.wire import STATE_DIR, validate_name
+
+HASH_CHUNK = 1024 * 1024
+CACHE_FILE = "index.json"
+
+
+@frozen
+class Entry:
+    """One shared file as indexed."""
+
+    name: str
+    size: int
+    mtime_ns: int
+    sha256: str
+
+
+def within(root: Path, candidate: Path) -> bool:
+    """True when real path *candidate* is *root* or below it (both already resolved)."""
+    try:
+        return os.path.commonpath([root, candidate]) == str(root)
+    except ValueError:
+        return False
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def scan(root: Path, cache: dict[str, Entry]) -> dict[str, Entry]:
+    """Walk *root* (blocking: run it in a thread) and return the index.
+
+    Skips the state folder, anything that is not a regular file, names that are
+    not valid share names, and symlinks whose target lies outside *root*.
+    """
+    root = root.resolve()
+    entries: dict[str, Entry] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        base = Path(dirpath)
+        if base == root:
+            dirnames[:] = [d for d in dirnames if d != STATE_DIR]
+        dirnames.sort()
+        for fn in sorted(filenames):
+            path = base / fn
+            name = path.relative_to(root).as_posix()
+            try:
+                validate_name(name)
+                real = path.resolve(strict=True)
+                if not within(root, real) or within(root / STATE_DIR, real):
+                    continue
+                st = real.stat()
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                old = cache.get(name)
+                if old is not None and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
+                    entries[name] = old
+                else:
+                    entries[name] = Entry(name, st.st_size, st.st_mtime_ns, sha256_file(real))
+            except (InvalidName, OSError, RuntimeError):
+                continue  # unreadable, vanished, a link loop or an unshareable name
+    return entries
+
+
+class Shares:
+    """The index of one shared folder and the only way to turn a name into a path."""
+
+    log = Logger()
+
+    def __init__(self, root: Path | str, threadpool: Any = None, reactor: Any = None) -> None:
+        self.root = Path(root).resolve(strict=True)
+        self.state = self.root / STATE_DIR
+        self.tmp = self.state / "tmp"
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        for stale in self.tmp.iterdir():  # partial downloads of a previous run
+            stale.unlink(missing_ok=True)
+        self.entries: dict[str, Entry] = self._load_cache()
+        self._reactor = reactor
+        self._threadpool = threadpool
+        self._scanning: Optional[Deferred[dict[str, Entry]]] = None
+
+    def _load_cache(self) -> dict[str, Entry]:
+        try:
+            raw = json.loads((self.state / CACHE_FILE).read_text())
+            return {e["name"]: Entry(e["name"], e["size"], e["mtime_ns"], e["sha256"]) for e in raw["files"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            return {}
+
+    def _save_cache(self) -> None:
+        tmp = self.state / (CACHE_FILE + ".new")
+        files = [{"name": e.name, "size": e.size, "mtime_ns": e.mtime_ns, "sha256": e.sha256}
+                 for e in self.entries.values()]
+        tmp.write_text(json.dumps({"v": 1, "files": files}))
+        os.replace(tmp, self.state / CACHE_FILE)
+
+    def rescan(self) -> Deferred[dict[str, Entry]]:
+        """Re-index in a thread; concurrent calls share one scan."""
+        if self._scanning is not None:
+            d: Deferred[dict[str, Entry]] = Deferred()
+            self._scanning.addBoth(lambda r: (d.callback(r), r)[1])
+            return d
+        from twisted.internet import reactor as default_reactor
+
+        reactor = self._reactor or default_reactor
+        pool = self._threadpool or reactor.getThreadPool()
+        self._scanning = deferToThreadPool(reactor, pool, scan, self.root, dict(self.entries))
+
+        def done(entries: dict[str, Entry]) -> dict[str, Entry]:
+            self._scanning = None
+            changed = entries != self.entries
+            self.entries = entries
+            if changed:
+                try:
+                    self._save_cache()
+                except OSError as e:
+                    self.log.warn("could not save the index cache: {error}", error=e)
+            return entries
+
+        def failed(f: Any) -> Any:
+            self._scanning = None
+            return f
+
+        return self._scanning.addCallbacks(done, failed)
+
+    def lookup(self, name: str) -> Optional[Entry]:
+        return self.entries.get(name)
+
+    def open_for_reading(self, name: str) -> tuple[Entry, IO[bytes]]:
+        """Open an indexed file for serving; raise NotFound unless it is still the indexed file.
+
+        The final component is opened without following links and the *opened*
+        file is checked (regular, same size), so a swap after indexing is caught.
+        """
+        entry = self.entries.get(name)
+        if entry is None:
+            raise NotFound(f"{name!r} is not shared here")
+        path = self.root / name
+        real = path.resolve()
+        if not within(self.root, real) or within(self.state, real):
+            raise NotFound(f"{name!r} is not shared here")
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        f = os.fdopen(fd, "rb")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != entry.size or st.st_mtime_ns != entry.mtime_ns:
+            f.close()
+            raise NotFound(f"{name!r} changed since it was indexed")
+        return entry, f
+
+    def destination(self, name: str) -> Path:
+        """Where a download of *name* goes; raise unless it is a new file inside the root."""
+        validate_name(name)
+        path = self.root / name
+        parent = path.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        real_parent = parent.resolve(strict=True)
+        if not within(self.root, real_parent) or within(self.state, real_parent):
+            raise InvalidName(f"{name!r} would be written outside the shared folder")
+        target = real_parent / path.name
+        if os.path.lexists(target):
+            raise AlreadyExists(f"{name} already exists in {self.root}")
+        return target
+
+    def new_temporary(self) -> tuple[Path, IO[bytes]]:
+        fd_path = self.tmp / f"{os.urandom(8).hex()}.part"
+        f = open(fd_path, "xb")
+        return fd_path, f
+
+    def place(self, tmp_path: Path, name: str, sha256: str) -> Path:
+        """Move a verified temporary file into place without overwriting anything."""
+        target = self.destination(name)
+        try:
+            os.link(tmp_path, target)  # atomic, and fails if the target appeared meanwhile
+        except FileExistsError:
+            tmp_path.unlink(missing_ok=True)
+            raise AlreadyExists(f"{name} already exists in {self.root}") from None
+        except OSError:
+            os.rename(tmp_path, target)  # a file system without hard links
+        tmp_path.unlink(missing_ok=True)
+        st = target.stat()
+        self.entries[name] = Entry(name, st.st_size, st.st_mtime_ns, sha256)
+        return target

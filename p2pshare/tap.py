@@ -1,0 +1,178 @@
+"""Options and service makers for the ``p2ptracker`` and ``p2ppeer`` twistd plugins.
+
+Only parsing and wiring: everything that runs lives in tracker.py, peer.py and
+control.py.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.internet.endpoints import HostnameEndpoint, clientFromString, serverFromString
+from twisted.python import usage
+
+from p2pshare.wire import MAX_PEERS_ANSWER, MAX_TTL
+
+DEFAULT_CONTROL = "7878"
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "\\:\\:1")
+
+
+def server_endpoint_string(value: str, what: str) -> str:
+    """A bare port number becomes ``tcp:N``; anything else must be a server endpoint string."""
+    if value.isdigit():
+        if not 0 <= int(value) < 65536:
+            raise usage.UsageError(f"{what}: port {value} is out of range")
+        return f"tcp:{value}"
+    if ":" not in value:
+        raise usage.UsageError(f"{what}: expected a port number or an endpoint string such as tcp:8000, "
+                               f"got {value!r}")
+    return value
+
+
+def control_endpoint_string(value: str) -> Optional[str]:
+    """The control API's endpoint, always on loopback; None for ``none``."""
+    if value.lower() == "none":
+        return None
+    desc = server_endpoint_string(value, "--control")
+    if not desc.startswith("tcp:"):
+        raise usage.UsageError("--control: only tcp endpoints are supported")
+    match = re.search(r":interface=([^:]+)", desc)
+    if match is None:
+        return desc + ":interface=127.0.0.1"
+    if match.group(1) not in LOOPBACK:
+        raise usage.UsageError(f"--control: the control API listens on loopback only, not {match.group(1)}")
+    return desc
+
+
+def host_port(value: str, what: str) -> tuple[str, int]:
+    """Parse ``HOST:PORT`` (``[v6]:PORT`` too)."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise usage.UsageError(f"{what}: expected HOST:PORT, got {value!r}")
+    return host, int(port)
+
+
+def tracker_endpoint(reactor: Any, value: str) -> Any:
+    """``HOST:PORT`` or a client endpoint string (``tcp:host=...:port=...``)."""
+    if value.startswith(("tcp:", "unix:", "tls:")):
+        try:
+            return clientFromString(reactor, value)
+        except (ValueError, TypeError) as e:
+            raise usage.UsageError(f"--tracker: {e}") from None
+    host, port = host_port(value, "--tracker")
+    return HostnameEndpoint(reactor, host, port)
+
+
+class TrackerOptions(usage.Options):
+    synopsis = "[--port 8000] [--max-peers 20] [--interval 10]"
+    longdesc = "Run a p2pshare tracker: peers register with it and ask it for a random subset of the others."
+    optParameters = [
+        ["port", "p", "8000", "TCP port or endpoint string to listen on (e.g. tcp:8000:interface=127.0.0.1)."],
+        ["max-peers", "m", 20, f"Most peers in one answer (at most {MAX_PEERS_ANSWER}).", int],
+        ["interval", "i", 10.0, "Heartbeat interval in seconds; silent peers go after three.", float],
+    ]
+
+    def postOptions(self) -> None:
+        self["port"] = server_endpoint_string(self["port"], "--port")
+        if not 1 <= self["max-peers"] <= MAX_PEERS_ANSWER:
+            raise usage.UsageError(f"--max-peers must be between 1 and {MAX_PEERS_ANSWER}")
+        if not 0.05 <= self["interval"] <= 3600:
+            raise usage.UsageError("--interval must be between 0.05 and 3600 seconds")
+
+
+class _StopOnFailure(MultiService):
+    """Under twistd, a service that cannot start (port taken, folder unreadable) ends the process."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, ready: Callable[[], Deferred[Any]]) -> None:
+        super().__init__()
+        self.reactor, self.ready = reactor, ready
+
+    def startService(self) -> None:
+        super().startService()
+        self.ready().addErrback(self._failed)
+
+    def _failed(self, f: Failure) -> None:
+        self.log.critical("could not start: {error}", error=f.getErrorMessage())
+        if self.reactor.running:
+            self.reactor.stop()
+
+
+def makeTrackerService(options: TrackerOptions, reactor: Any = None) -> IService:
+    from p2pshare.tracker import TrackerFactory, TrackerService
+
+    if reactor is None:
+        from twisted.internet import reactor
+    factory = TrackerFactory(reactor, max_peers=options["max-peers"], interval=options["interval"])
+    tracker = TrackerService(serverFromString(reactor, options["port"]), factory)
+    top = _StopOnFailure(reactor, tracker.when_listening)
+    tracker.setServiceParent(top)
+    return top
+
+
+class PeerOptions(usage.Options):
+    synopsis = "--tracker HOST:PORT --dir DIR [--port N] [--control 7878|ENDPOINT|none]"
+    longdesc = ("Run a p2pshare peer sharing every file under --dir. UDP (search) and TCP (transfer) use the "
+                "same port number; 0 picks a free one.")
+    optParameters = [
+        ["tracker", "t", None, "The tracker, HOST:PORT or a client endpoint string."],
+        ["dir", "d", "files", "The shared folder; downloads land here too."],
+        ["port", "p", 0, "Port for both UDP and TCP (0: any free port).", int],
+        ["interface", None, "0.0.0.0", "Address to listen on."],
+        ["control", "c", DEFAULT_CONTROL, "Control API port or endpoint (loopback only), or 'none'."],
+        ["advertise", None, None, "Host other peers should use, when the tracker's observed one is wrong."],
+        ["neighbours", "n", 8, "How many neighbours to ask the tracker for.", int],
+        ["refresh", None, 30.0, "Seconds between neighbour refreshes.", float],
+        ["rescan", None, 30.0, "Seconds between rescans of the shared folder.", float],
+        ["ttl", None, 7, f"Hops a query may travel (at most {MAX_TTL}).", int],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["peers"] = []
+
+    def opt_peer(self, value: str) -> None:
+        """A neighbour to use besides the tracker's, HOST:PORT (repeatable)."""
+        self["peers"].append(host_port(value, "--peer"))
+
+    def postOptions(self) -> None:
+        if not self["tracker"] and not self["peers"]:
+            raise usage.UsageError("give --tracker HOST:PORT (or at least one --peer HOST:PORT)")
+        directory = Path(self["dir"])
+        if not directory.is_dir():
+            raise usage.UsageError(f"--dir: {directory} is not a folder")
+        if not 0 <= self["port"] < 65536:
+            raise usage.UsageError("--port must be between 0 and 65535")
+        if not 0 <= self["neighbours"] <= MAX_PEERS_ANSWER:
+            raise usage.UsageError(f"--neighbours must be between 0 and {MAX_PEERS_ANSWER}")
+        if not 1 <= self["ttl"] <= MAX_TTL:
+            raise usage.UsageError(f"--ttl must be between 1 and {MAX_TTL}")
+        for name in ("refresh", "rescan"):
+            if not 0.05 <= self[name] <= 86400:
+                raise usage.UsageError(f"--{name} must be between 0.05 and 86400 seconds")
+        self["control"] = control_endpoint_string(self["control"])
+
+
+def makePeerService(options: PeerOptions, reactor: Any = None) -> IService:
+    from p2pshare.control import ControlService
+    from p2pshare.peer import Peer
+
+    if reactor is None:
+        from twisted.internet import reactor
+    tracker = tracker_endpoint(reactor, options["tracker"]) if options["tracker"] else None
+    peer = Peer(options["dir"], tracker=tracker, port=options["port"], interface=options["interface"],
+                advertise=options["advertise"], peers=tuple(options["peers"]), want=options["neighbours"],
+                refresh=options["refresh"], rescan=options["rescan"], ttl=options["ttl"], reactor=reactor)
+    top = _StopOnFailure(reactor, peer.when_ready)
+    peer.setServiceParent(top)
+    if options["control"] is not None:
+        ControlService(serverFromString(reactor, options["control"]), peer).setServiceParent(top)
+    return top

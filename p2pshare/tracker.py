@@ -1,0 +1,345 @@
+"""The tracker protocol: the server that keeps the table of peers and the peer's client.
+
+One JSON object a line in both directions (``wire.TrackerRequest`` /
+``wire.TrackerReply``); requests carry an ``id`` so a client may pipeline them.
+A registration belongs to the connection that made it: when the connection
+drops, the peer leaves the table at once; a peer that stays connected but stops
+heartbeating is expired after ``EXPIRE_AFTER`` intervals.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Optional
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamClientEndpoint, IStreamServerEndpoint
+from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from p2pshare.errors import MalformedMessage, TrackerError
+from p2pshare.ratelimit import Counters, RateLimitedLog
+from p2pshare.registry import IPeerRegistry, MemoryRegistry
+from p2pshare.wire import MAX_FRAME, MAX_PEERS_ANSWER, PeerInfo, TrackerReply, TrackerRequest
+
+EXPIRE_AFTER = 3  # heartbeat intervals without news before a peer is dropped
+
+
+class TrackerServerProtocol(LineReceiver, TimeoutMixin):
+    """One connected peer (or a one-shot client such as ``p2pshare peers``)."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_FRAME
+
+    def __init__(self, factory: "TrackerFactory") -> None:
+        self.factory = factory
+        self.peer_id: Optional[str] = None
+
+    def connectionMade(self) -> None:
+        self.setTimeout(self.factory.interval * EXPIRE_AFTER)
+
+    def lineReceived(self, line: bytes) -> None:
+        self.resetTimeout()
+        try:
+            request = TrackerRequest.decode(line)
+        except MalformedMessage as e:
+            self._refuse("malformed", str(e))
+            return
+        self.sendLine(self.factory.handle(request, self).encode())
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._refuse("too_long", f"a line may hold at most {MAX_FRAME} bytes")
+
+    def _refuse(self, code: str, message: str) -> None:
+        self.factory.counters.add(f"tracker_{code}")
+        self.factory.bad_input.warn(self.transport.getPeer().host, "closing tracker connection from {peer}: {why}",
+                                    peer=self.transport.getPeer(), why=message)
+        self.sendLine(TrackerReply(0, False, code, message).encode())
+        self.transport.loseConnection()
+
+    def timeoutConnection(self) -> None:
+        self.factory.counters.add("tracker_idle_closed")
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.setTimeout(None)
+        if self.peer_id is not None and self.factory.connections.get(self.peer_id) is self:
+            del self.factory.connections[self.peer_id]
+            self.factory.registry.remove(self.peer_id)
+
+
+class TrackerFactory(Factory):
+    """Holds the registry and answers requests; protocols only frame them."""
+
+    log = Logger()
+    noisy = False
+
+    def __init__(self, clock: IReactorTime, registry: Optional[IPeerRegistry] = None, max_peers: int = 20,
+                 interval: float = 10.0, rng: Optional[random.Random] = None) -> None:
+        self.clock = clock
+        self.interval = interval
+        self.registry = registry if registry is not None else MemoryRegistry(timeout=interval * EXPIRE_AFTER)
+        self.max_peers = max(0, min(max_peers, MAX_PEERS_ANSWER))
+        self.rng = rng or random.SystemRandom()
+        self.connections: dict[str, TrackerServerProtocol] = {}
+        self.counters = Counters()
+        self.bad_input = RateLimitedLog(self.log, clock)
+
+    def buildProtocol(self, addr: Any) -> TrackerServerProtocol:
+        return TrackerServerProtocol(self)
+
+    def handle(self, req: TrackerRequest, conn: TrackerServerProtocol) -> TrackerReply:
+        now = self.clock.seconds()
+        self.counters.add(f"tracker_{req.op}")
+        if req.op == "register":
+            assert req.peer is not None
+            host = req.host or conn.transport.getPeer().host
+            self.registry.register(PeerInfo(req.peer, host, req.udp, req.tcp), now)
+            previous = self.connections.get(req.peer)
+            if previous is not None and previous is not conn:
+                previous.peer_id = None  # the newer connection owns the registration
+            conn.peer_id = req.peer
+            self.connections[req.peer] = conn
+            return TrackerReply(req.id, True, host=host, interval=self.interval)
+        if req.op == "heartbeat":
+            if self.registry.heartbeat(req.peer, now):  # type: ignore[arg-type]
+                return TrackerReply(req.id, True)
+            return TrackerReply(req.id, False, "unknown_peer", "register first")
+        if req.op == "leave":
+            self.registry.remove(req.peer)  # type: ignore[arg-type]
+            self.connections.pop(req.peer, None)  # type: ignore[arg-type]
+            conn.peer_id = None
+            return TrackerReply(req.id, True)
+        exclude = req.peer or conn.peer_id
+        peers = self.registry.sample(min(req.max, self.max_peers), exclude, self.rng)
+        return TrackerReply(req.id, True, peers=tuple(peers))
+
+    def expire(self) -> None:
+        for peer in self.registry.expire(self.clock.seconds()):
+            self.counters.add("tracker_expired")
+            conn = self.connections.pop(peer, None)
+            if conn is not None:
+                conn.peer_id = None
+
+
+class TrackerService(Service):
+    """Listens on an endpoint and expires silent peers once per heartbeat interval."""
+
+    log = Logger()
+
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: TrackerFactory) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port: Optional[IListeningPort] = None
+        self._listening: Deferred[IListeningPort] = Deferred()
+        self._expiry = LoopingCall(self._expire)
+        self._expiry.clock = factory.clock
+
+    def startService(self) -> None:
+        super().startService()
+        d = self.endpoint.listen(self.factory)
+
+        def listening(port: IListeningPort) -> IListeningPort:
+            self.port = port
+            self.log.info("tracker listening on {address}", address=port.getHost())
+            self._listening.callback(port)
+            return port
+
+        d.addCallbacks(listening, self._listening.errback)
+        self._expiry.start(self.factory.interval, now=False)
+
+    def _expire(self) -> None:
+        try:
+            self.factory.expire()
+        except Exception:
+            self.log.failure("expiring peers failed")
+
+    def when_listening(self) -> Deferred[IListeningPort]:
+        if self.port is not None:
+            return succeed(self.port)
+        d: Deferred[IListeningPort] = Deferred()
+        self._listening.addBoth(lambda r: (d.callback(r) if not isinstance(r, Failure) else d.errback(r), r)[1])
+        return d
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._expiry.running:
+            self._expiry.stop()
+        for conn in list(self.factory.connections.values()):
+            conn.transport.loseConnection()
+        if self.port is None:
+            return succeed(None)
+        port, self.port = self.port, None
+        return port.stopListening()  # type: ignore[return-value]
+
+
+class TrackerClientProtocol(LineReceiver):
+    """Sends requests and pairs each reply with its Deferred by id."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_FRAME
+    log = Logger()
+
+    def __init__(self) -> None:
+        self._pending: dict[int, Deferred[TrackerReply]] = {}
+        self._next_id = 1
+        self.connected_d: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.connected_d.callback(None)
+
+    def request(self, op: str, **fields: Any) -> Deferred[TrackerReply]:
+        if not self.connected or self.transport is None:
+            return fail(TrackerError("not connected to the tracker"))
+        rid, self._next_id = self._next_id, (self._next_id % (2**31 - 1)) + 1
+        d: Deferred[TrackerReply] = Deferred()
+        self._pending[rid] = d
+        self.sendLine(TrackerRequest(op, rid, **fields).encode())
+        return d
+
+    def lineReceived(self, line: bytes) -> None:
+        try:
+            reply = TrackerReply.decode(line)
+        except MalformedMessage as e:
+            self.log.warn("closing connection to tracker: {error}", error=e)
+            self.transport.loseConnection()
+            return
+        d = self._pending.pop(reply.id, None)
+        if d is None:
+            if not reply.ok:
+                self.log.warn("tracker refused: {message}", message=reply.message)
+            return
+        if reply.ok:
+            d.callback(reply)
+        else:
+            d.errback(TrackerError(f"tracker refused {reply.error}: {reply.message}"))
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        pending, self._pending = self._pending, {}
+        for d in pending.values():
+            d.errback(TrackerError("the connection to the tracker was lost"))
+
+
+class TrackerClient(Service):
+    """Keeps a peer registered: reconnects with backoff, heartbeats, refreshes neighbours.
+
+    *me* returns ``(peer_id, udp_port, tcp_port, advertise_host_or_None)``;
+    *on_peers* receives each fresh neighbour list.
+    """
+
+    log = Logger()
+
+    def __init__(self, endpoint: IStreamClientEndpoint, clock: IReactorTime,
+                 me: Callable[[], tuple[str, int, int, Optional[str]]],
+                 on_peers: Callable[[list[PeerInfo]], None], want: int = 8, refresh: float = 30.0) -> None:
+        self.clock = clock
+        self.me = me
+        self.on_peers = on_peers
+        self.want = want
+        self.refresh = refresh
+        self.interval = 10.0
+        self.observed_host: Optional[str] = None
+        self.proto: Optional[TrackerClientProtocol] = None
+        self._first_peers: list[Deferred[list[PeerInfo]]] = []
+        self.last_peers: Optional[list[PeerInfo]] = None
+        factory = Factory.forProtocol(TrackerClientProtocol)
+        factory.noisy = False
+        self._client = ClientService(endpoint, factory,
+                                     retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=30.0),
+                                     clock=clock, prepareConnection=self._registered)
+        self._heartbeat = LoopingCall(self._beat)
+        self._heartbeat.clock = clock
+        self._refresher = LoopingCall(self.refresh_now)
+        self._refresher.clock = clock
+
+    @property
+    def registered(self) -> bool:
+        return self.proto is not None and self.proto.connected
+
+    def _registered(self, proto: TrackerClientProtocol) -> Deferred[None]:
+        peer, udp, tcp, host = self.me()
+        d = proto.request("register", peer=peer, udp=udp, tcp=tcp, host=host)
+
+        def done(reply: TrackerReply) -> None:
+            self.proto = proto
+            self.observed_host = reply.host
+            self.log.info("registered with the tracker as {host}:{udp}", host=reply.host, udp=udp)
+            if reply.interval and reply.interval != self.interval or not self._heartbeat.running:
+                self.interval = reply.interval or self.interval
+                if self._heartbeat.running:
+                    self._heartbeat.stop()
+                self._heartbeat.start(self.interval, now=False)
+            self.refresh_now()
+
+        def failed(f: Failure) -> Failure:
+            self.log.warn("registration failed: {error}", error=f.value)
+            proto.transport.loseConnection()
+            return f
+
+        return d.addCallbacks(done, failed)
+
+    def _beat(self) -> Optional[Deferred[Any]]:
+        if not self.registered:
+            return None
+        assert self.proto is not None
+        peer = self.me()[0]
+        d = self.proto.request("heartbeat", peer=peer)
+        d.addErrback(self._lost, self.proto)
+        return None
+
+    def refresh_now(self) -> Deferred[list[PeerInfo]]:
+        """Ask the tracker for neighbours now; fires with the list (empty when unreachable)."""
+        if not self.registered or self.want <= 0:
+            return succeed([])
+        assert self.proto is not None
+        d = self.proto.request("peers", peer=self.me()[0], max=self.want)
+
+        def got(reply: TrackerReply) -> list[PeerInfo]:
+            peers = list(reply.peers)
+            self.on_peers(peers)
+            self.last_peers = peers
+            waiting, self._first_peers = self._first_peers, []
+            for w in waiting:
+                w.callback(peers)
+            return peers
+
+        return d.addCallback(got).addErrback(lambda f: (self._lost(f, self.proto), [])[1])
+
+    def when_peers(self) -> Deferred[list[PeerInfo]]:
+        """Fires with the tracker's neighbour list: the last one, or the first to come."""
+        if self.last_peers is not None:
+            return succeed(self.last_peers)
+        d: Deferred[list[PeerInfo]] = Deferred(lambda d: self._first_peers.remove(d))
+        self._first_peers.append(d)
+        return d
+
+    def _lost(self, f: Failure, proto: Optional[TrackerClientProtocol]) -> None:
+        self.log.warn("tracker request failed: {error}", error=f.value)
+        if f.check(TrackerError) and proto is not None and proto.connected:
+            proto.transport.loseConnection()  # ClientService reconnects and registers again
+
+    def startService(self) -> None:
+        super().startService()
+        self._client.startService()
+        self._refresher.start(self.refresh, now=False)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        for loop in (self._heartbeat, self._refresher):
+            if loop.running:
+                loop.stop()
+        proto = self.proto
+        if proto is not None and proto.connected:
+            d = proto.request("leave", peer=self.me()[0])
+            d.addErrback(lambda f: None)
+        self.proto = None
+        return self._client.stopService()

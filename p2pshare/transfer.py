@@ -1,0 +1,371 @@
+"""The transfer protocol: one TCP connection carries one file, driven by the requester.
+
+Whoever dialled, the first frame says who is who: a holder that dialled sends
+``offer``; a requester that dialled sends ``open`` and the holder answers with
+``offer``.  From there the requester asks for byte ranges (``get``) and the
+holder answers each with a ``data`` line followed by exactly that many raw
+bytes, read from disk by a push producer so that a slow reader stops the disk
+reads instead of filling memory.  The requester writes into a temporary file
+in the state folder and hashes as it goes; the file is renamed into place only
+when size and SHA-256 match the offer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import deque
+from pathlib import Path
+from typing import IO, Callable, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IConsumer, IPushProducer, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+from p2pshare.errors import MalformedMessage, NotFound, TransferFailed, VerificationFailed
+from p2pshare.shares import Entry, Shares
+from p2pshare.wire import MAX_FRAME, MAX_RANGE, Frame
+
+RANGE = 16 * 1024 * 1024  # bytes the requester asks for at a time
+WINDOW = 2  # ranges asked for ahead of the one being received
+CHUNK = 512 * 1024  # bytes the producer reads from disk at a time
+IDLE_TIMEOUT = 30.0
+
+
+class ITransferNode(Interface):
+    """What a transfer connection needs from the peer it belongs to."""
+
+    peer_id: str  # type: ignore[misc]
+
+    def open_for_sending(frame: Frame) -> tuple[Entry, IO[bytes]]:
+        """Open the file an ``open`` frame asks for; raise NotFound if it is not shared."""
+
+    def accept_offer(frame: Frame, proto: "TransferProtocol") -> Optional["Download"]:
+        """The download an ``offer`` frame is for, or None to decline it."""
+
+    def track(proto: "TransferProtocol", alive: bool) -> None:
+        """Note a connection opening or closing, so that stopping the peer can close it."""
+
+
+class Download:
+    """The requester's side of one file: a temporary file, a running hash, progress."""
+
+    log = Logger()
+
+    def __init__(self, shares: Shares, name: str, size: int, sha256: str,
+                 progress: Callable[[int, int], None] = lambda got, size: None) -> None:
+        self.shares, self.name, self.size, self.sha256 = shares, name, size, sha256
+        self.progress = progress
+        self.tmp_path, self._file = shares.new_temporary()
+        self._hash = hashlib.sha256()
+        self.received = 0
+        self.asked = 0
+        self.started = time.monotonic()
+        self.done: Deferred[Path] = Deferred()
+
+    def next_range(self) -> Optional[tuple[int, int]]:
+        if self.asked >= self.size:
+            return None
+        length = min(RANGE, self.size - self.asked)
+        offset, self.asked = self.asked, self.asked + length
+        return offset, length
+
+    def rewind(self) -> None:
+        """Forget ranges asked of a connection that went away."""
+        self.asked = self.received
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+        self.received += len(data)
+        self.progress(self.received, self.size)
+
+    @property
+    def complete(self) -> bool:
+        return self.received >= self.size
+
+    def finish(self) -> None:
+        """Verify and move into place; fires ``done`` with the final path or a failure."""
+        try:
+            self._file.close()
+            if self.received != self.size or self._hash.hexdigest() != self.sha256:
+                raise VerificationFailed(
+                    f"{self.name}: received {self.received} bytes with SHA-256 {self._hash.hexdigest()[:16]}, "
+                    f"expected {self.size} bytes with {self.sha256[:16]}"
+                )
+            path = self.shares.place(self.tmp_path, self.name, self.sha256)
+        except Exception as e:
+            self.fail(e)
+            return
+        self.done.callback(path)
+
+    def fail(self, error: BaseException) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self.tmp_path.unlink(missing_ok=True)
+        if not self.done.called:
+            self.done.errback(Failure(error))
+
+
+@implementer(IPushProducer)
+class RangeProducer:
+    """Streams ``length`` bytes of a file from ``offset`` into a consumer, pausing with it."""
+
+    def __init__(self, file: IO[bytes], offset: int, length: int, consumer: IConsumer,
+                 on_chunk: Callable[[], None] = lambda: None) -> None:
+        self.file, self.offset, self.remaining, self.consumer = file, offset, length, consumer
+        self.on_chunk = on_chunk
+        self.finished: Deferred[None] = Deferred()
+        self._paused = False
+
+    def start(self) -> Deferred[None]:
+        self.consumer.registerProducer(self, True)
+        self.resumeProducing()
+        return self.finished
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        fd = self.file.fileno()
+        while not self._paused and self.remaining > 0:
+            data = os.pread(fd, min(CHUNK, self.remaining), self.offset)
+            if not data:
+                self._end(TransferFailed("the file shrank while it was being sent"))
+                return
+            self.offset += len(data)
+            self.remaining -= len(data)
+            self.on_chunk()
+            self.consumer.write(data)
+        if self.remaining == 0 and not self.finished.called:
+            self._end(None)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def stopProducing(self) -> None:
+        self._paused = True
+        if not self.finished.called:
+            self.remaining = 0
+            d, self.finished = self.finished, Deferred()
+            d.errback(TransferFailed("the connection closed during the transfer"))
+
+    def _end(self, error: Optional[Exception]) -> None:
+        self.consumer.unregisterProducer()
+        d, self.finished = self.finished, Deferred()
+        self.finished.callback(None)  # later stopProducing calls find it fired
+        if error is None:
+            d.callback(None)
+        else:
+            d.errback(error)
+
+
+class TransferProtocol(LineReceiver, TimeoutMixin):
+    """One transfer connection, in either role, whichever side dialled."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_FRAME
+    log = Logger()
+
+    def __init__(self, node: ITransferNode, greeting: Optional[Frame] = None,
+                 sending: Optional[tuple[Entry, IO[bytes]]] = None, idle: float = IDLE_TIMEOUT) -> None:
+        self.node, self.greeting, self.idle = node, greeting, idle
+        self.download: Optional[Download] = None
+        self._sending = sending  # (entry, open file) once we are the holder
+        self._gets: deque[Frame] = deque()
+        self._producer: Optional[RangeProducer] = None
+        self._raw_left = 0
+        self._outstanding: deque[tuple[int, int]] = deque()
+        self.closed: Deferred[None] = Deferred()  # fires when the connection is gone
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        if hasattr(self.transport, "bufferSize"):
+            self.transport.bufferSize = 1024 * 1024  # fewer, larger reads
+        self.setTimeout(self.idle)
+        self.node.track(self, True)
+        if self.greeting is not None:
+            self.send(self.greeting)
+
+    def send(self, frame: Frame) -> None:
+        self.sendLine(frame.encode())
+
+    def refuse(self, code: str, message: str) -> None:
+        self.log.info("closing transfer connection with {peer}: {message}", peer=self.transport.getPeer(),
+                      message=message)
+        self.send(Frame("error", code=code, message=message[:512]))
+        self.transport.loseConnection()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.refuse("too_long", f"a control line may hold at most {MAX_FRAME} bytes")
+
+    def timeoutConnection(self) -> None:
+        self.log.info("transfer connection with {peer} idle for {idle}s", peer=self.transport.getPeer(),
+                      idle=self.idle)
+        self.transport.abortConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        try:
+            frame = Frame.decode(line)
+        except MalformedMessage as e:
+            self.refuse("malformed", str(e))
+            return
+        handler = getattr(self, f"_on_{frame.t}")
+        handler(frame)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.setTimeout(None)
+        self.node.track(self, False)
+        if self._sending is not None:
+            self._sending[1].close()
+            self._sending = None
+        if self.download is not None and not self.download.done.called:
+            got, size = self.download.received, self.download.size
+            self.download.fail(TransferFailed(f"{self.download.name}: connection lost after {got} of {size} bytes"))
+        d, self.closed = self.closed, Deferred()
+        d.callback(None)
+
+    # -- holder's side ------------------------------------------------------------------
+
+    def _on_open(self, frame: Frame) -> None:
+        if self._sending is not None or self.download is not None:
+            return self.refuse("unexpected", "'open' after the transfer started")
+        try:
+            entry, f = self.node.open_for_sending(frame)
+        except NotFound as e:
+            return self.refuse("not_found", str(e))
+        except OSError as e:
+            return self.refuse("unavailable", f"{frame.name}: {e.strerror}")
+        self._sending = (entry, f)
+        self.send(Frame("offer", id=frame.id, name=entry.name, size=entry.size, sha256=entry.sha256,
+                        peer=self.node.peer_id))
+
+    def _on_get(self, frame: Frame) -> None:
+        if self._sending is None:
+            return self.refuse("unexpected", "'get' before an offer")
+        if frame.length == 0 or frame.offset + frame.length > self._sending[0].size:
+            return self.refuse("bad_range", f"range {frame.offset}+{frame.length} is outside the file")
+        if len(self._gets) >= WINDOW * 2:
+            return self.refuse("too_many", "too many ranges asked for ahead")
+        self._gets.append(frame)
+        if self._producer is None:
+            self._send_next_range()
+
+    def _send_next_range(self) -> None:
+        if not self._gets or self._sending is None:
+            return
+        frame = self._gets.popleft()
+        self.send(Frame("data", offset=frame.offset, length=frame.length))
+        self._producer = RangeProducer(self._sending[1], frame.offset, frame.length, self.transport,
+                                       on_chunk=self.resetTimeout)
+        self._producer.start().addCallbacks(self._range_sent, self._range_failed)
+
+    def _range_sent(self, _: None) -> None:
+        self._producer = None
+        self._send_next_range()
+
+    def _range_failed(self, f: Failure) -> None:
+        self._producer = None
+        if self.transport.connected:
+            self.refuse("unavailable", str(f.value))
+
+    def _on_decline(self, frame: Frame) -> None:
+        self.transport.loseConnection()
+
+    def _on_bye(self, frame: Frame) -> None:
+        self.transport.loseConnection()
+
+    # -- requester's side ---------------------------------------------------------------
+
+    def _on_offer(self, frame: Frame) -> None:
+        if self._sending is not None or self.download is not None:
+            return self.refuse("unexpected", "'offer' after the transfer started")
+        download = self.node.accept_offer(frame, self)
+        if download is None:
+            self.send(Frame("decline"))
+            self.transport.loseConnection()
+            return
+        self.download = download
+        if download.size == 0:
+            return self._complete()
+        self._ask()
+
+    def _ask(self) -> None:
+        assert self.download is not None
+        while len(self._outstanding) < WINDOW:
+            rng = self.download.next_range()
+            if rng is None:
+                return
+            self._outstanding.append(rng)
+            self.send(Frame("get", offset=rng[0], length=rng[1]))
+
+    def _on_data(self, frame: Frame) -> None:
+        if self.download is None or not self._outstanding:
+            return self.refuse("unexpected", "'data' that was not asked for")
+        if (frame.offset, frame.length) != self._outstanding[0]:
+            return self.refuse("bad_range", f"data {frame.offset}+{frame.length} is not the range asked for")
+        self._raw_left = frame.length
+        self.setRawMode()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        assert self.download is not None
+        take = data[: self._raw_left] if len(data) > self._raw_left else data
+        self.download.write(take)
+        self._raw_left -= len(take)
+        if self._raw_left:
+            return
+        self._outstanding.popleft()
+        if self.download.complete:
+            self._complete()
+            return
+        self._ask()
+        self.setLineMode(data[len(take):])
+
+    def _complete(self) -> None:
+        assert self.download is not None
+        self.send(Frame("bye"))
+        self.transport.loseConnection()
+        self.download.finish()
+
+    def _on_error(self, frame: Frame) -> None:
+        if self.download is not None:
+            self.download.fail(TransferFailed(f"{self.download.name}: the holder said {frame.code}: {frame.message}"))
+        self.transport.loseConnection()
+
+
+class TransferFactory(Factory):
+    """Accepts connections from holders offering files and requesters opening them."""
+
+    noisy = False
+
+    def __init__(self, node: ITransferNode, idle: float = IDLE_TIMEOUT) -> None:
+        self.node, self.idle = node, idle
+
+    def buildProtocol(self, addr: object) -> TransferProtocol:
+        p = TransferProtocol(self.node, idle=self.idle)
+        p.factory = self
+        return p
+
+
+class _OneShot(Factory):
+    noisy = False
+
+    def __init__(self, proto: TransferProtocol) -> None:
+        self.proto = proto
+
+    def buildProtocol(self, addr: object) -> TransferProtocol:
+        return self.proto
+
+
+def dial(endpoint: IStreamClientEndpoint, proto: TransferProtocol) -> Deferred[TransferProtocol]:
+    """Connect *proto* through *endpoint* (``connectProtocol`` without its log lines)."""
+    return endpoint.connect(_OneShot(proto))

@@ -1,0 +1,409 @@
+"""Every message p2pshare puts on the wire: attrs classes, encode/decode, limits.
+
+Pure: no I/O, no Twisted.  All three protocols carry JSON objects with a
+version field ``"v": 1``; unknown fields are ignored so later versions can add
+some.  ``docs/protocol.md`` is the specification; the limits below are its
+numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from typing import Any, Callable, ClassVar, Optional, Union
+
+from attrs import Attribute, field, frozen
+
+from p2pshare.errors import InvalidName, MalformedMessage, MessageTooLarge, UnsupportedVersion
+
+VERSION = 1
+MAX_DATAGRAM = 2048  # bytes of one search datagram
+MAX_FRAME = 4096  # bytes of one tracker or transfer control line, newline excluded
+MAX_NAME = 1024  # bytes of a file name in UTF-8
+MAX_COMPONENT = 255  # bytes of one path component
+MAX_TTL = 16  # on the wire; peers clamp further (see search.py)
+MAX_PEERS_ANSWER = 100  # peers in one tracker answer
+MAX_RANGE = 64 * 1024 * 1024  # bytes asked for by one "get"
+MAX_SIZE = 2**63 - 1
+STATE_DIR = ".p2pshare"  # hidden per-peer state folder, never shared
+
+Address = tuple[str, int]
+
+_HEX32 = re.compile(r"[0-9a-f]{32}\Z")
+_HEX64 = re.compile(r"[0-9a-f]{64}\Z")
+_HOST = re.compile(r"[0-9A-Za-z.:%_-]{0,253}\Z")
+
+
+def validate_name(name: object) -> str:
+    """Return *name* if it is an acceptable shared-file name, else raise InvalidName.
+
+    A name is a relative path with ``/`` separators: no empty, ``.`` or ``..``
+    component, no backslash, no NUL or other control character, NFC-normalised,
+    at most MAX_NAME bytes, and not inside the state folder.
+    """
+    if not isinstance(name, str) or not name:
+        raise InvalidName("the file name is empty")
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidName("the file name is not valid UTF-8") from None
+    if len(encoded) > MAX_NAME:
+        raise InvalidName(f"the file name is longer than {MAX_NAME} bytes")
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name):
+        raise InvalidName(f"the file name {name[:80]!r} contains a control character")
+    if "\\" in name:
+        raise InvalidName(f"the file name {name!r} contains a backslash")
+    if name.startswith("/"):
+        raise InvalidName(f"the file name {name!r} is absolute")
+    if unicodedata.normalize("NFC", name) != name:
+        raise InvalidName(f"the file name {name!r} is not in Unicode normal form C")
+    parts = name.split("/")
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise InvalidName(f"the file name {name!r} has an empty, '.' or '..' component")
+        if len(part.encode("utf-8")) > MAX_COMPONENT:
+            raise InvalidName(f"a component of {name[:80]!r} is longer than {MAX_COMPONENT} bytes")
+    if parts[0] == STATE_DIR:
+        raise InvalidName(f"the file name {name!r} is inside the state folder")
+    return name
+
+
+# -- attrs validators: exact types (a bool is not an int), bounded values ------------------
+
+
+def _int(lo: int, hi: int) -> Callable[[Any, Attribute, Any], None]:
+    def check(_: Any, a: Attribute, v: Any) -> None:
+        if type(v) is not int or not lo <= v <= hi:
+            raise ValueError(f"{a.name} must be an integer in [{lo}, {hi}]")
+
+    return check
+
+
+def _match(pattern: re.Pattern[str]) -> Callable[[Any, Attribute, Any], None]:
+    def check(_: Any, a: Attribute, v: Any) -> None:
+        if type(v) is not str or not pattern.match(v):
+            raise ValueError(f"{a.name} is not well formed")
+
+    return check
+
+
+def _name(_: Any, a: Attribute, v: Any) -> None:
+    try:
+        validate_name(v)
+    except InvalidName as e:
+        raise ValueError(str(e)) from None
+
+
+def _bool(_: Any, a: Attribute, v: Any) -> None:
+    if type(v) is not bool:
+        raise ValueError(f"{a.name} must be true or false")
+
+
+def _address(_: Any, a: Attribute, v: Any) -> None:
+    if (
+        type(v) is not tuple
+        or len(v) != 2
+        or type(v[0]) is not str
+        or not _HOST.match(v[0])
+        or type(v[1]) is not int
+        or not 0 < v[1] < 65536
+    ):
+        raise ValueError(f"{a.name} must be [host, port]")
+
+
+def _to_address(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
+
+
+_peer_id = _match(_HEX32)
+_request_id = _match(_HEX32)
+_sha256 = _match(_HEX64)
+_host = _match(_HOST)
+_port = _int(1, 65535)
+_size = _int(0, MAX_SIZE)
+
+
+def _loads(data: bytes, limit: int) -> dict[str, Any]:
+    """Parse one JSON object of at most *limit* bytes and check its version."""
+    if len(data) > limit:
+        raise MessageTooLarge(f"{len(data)} bytes, limit {limit}")
+    try:
+        obj = json.loads(data, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise MalformedMessage(f"not JSON: {data[:64]!r}") from e
+    if not isinstance(obj, dict):
+        raise MalformedMessage("not a JSON object")
+    if obj.get("v") != VERSION:
+        raise UnsupportedVersion(f"version {obj.get('v')!r}, this peer speaks {VERSION}")
+    return obj
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _dumps(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _build(cls: type, obj: dict[str, Any], names: tuple[str, ...], optional: tuple[str, ...] = ()) -> Any:
+    """Construct *cls* from the named keys of *obj*; attrs validators do the checking."""
+    try:
+        kwargs = {n: obj[n] for n in names}
+        kwargs.update({n: obj[n] for n in optional if n in obj})
+        return cls(**kwargs)
+    except (KeyError, TypeError, ValueError) as e:
+        raise MalformedMessage(f"bad {obj.get('t') or obj.get('op')!r} message: {e}") from e
+
+
+# -- search datagrams (UDP) -------------------------------------------------------------
+
+
+def _maybe_empty_host(_: Any, a: Attribute, v: Any) -> None:
+    """An address whose host may be empty: "the host this datagram came from"."""
+    if type(v) is tuple and len(v) == 2 and v[0] == "":
+        _address(_, a, ("0", v[1]))
+    else:
+        _address(_, a, v)
+
+
+
+@frozen
+class Query:
+    """Who has *name*?  Sent to neighbours, forwarded with ttl - 1 and hops + 1."""
+
+    id: str = field(validator=_request_id)
+    name: str = field(validator=_name)
+    udp: Address = field(converter=_to_address, validator=_maybe_empty_host)
+    tcp: Address = field(converter=_to_address, validator=_maybe_empty_host)
+    ttl: int = field(validator=_int(0, 255))
+    hops: int = field(default=0, validator=_int(0, 255))
+    fetch: bool = field(default=False, validator=_bool)
+    TYPE: ClassVar[str] = "query"
+
+    def encode(self) -> bytes:
+        return _dumps(
+            {"v": VERSION, "t": "query", "id": self.id, "name": self.name, "udp": list(self.udp),
+             "tcp": list(self.tcp), "ttl": self.ttl, "hops": self.hops, "fetch": self.fetch}
+        )
+
+    def forwarded(self) -> "Query":
+        return Query(self.id, self.name, self.udp, self.tcp, self.ttl - 1, min(self.hops + 1, 255), self.fetch)
+
+    def with_sender(self, host: str) -> "Query":
+        """Fill in an empty requester host with the address the datagram came from."""
+        udp = (self.udp[0] or host, self.udp[1])
+        tcp = (self.tcp[0] or host, self.tcp[1])
+        return Query(self.id, self.name, udp, tcp, self.ttl, self.hops, self.fetch)
+
+
+@frozen
+class Hit:
+    """I have *name*: sent straight to the requester's UDP address."""
+
+    id: str = field(validator=_request_id)
+    name: str = field(validator=_name)
+    size: int = field(validator=_size)
+    sha256: str = field(validator=_sha256)
+    tcp: Address = field(converter=_to_address, validator=_maybe_empty_host)
+    peer: str = field(validator=_peer_id)
+    hops: int = field(default=0, validator=_int(0, 255))
+    TYPE: ClassVar[str] = "hit"
+
+    def encode(self) -> bytes:
+        return _dumps(
+            {"v": VERSION, "t": "hit", "id": self.id, "name": self.name, "size": self.size,
+             "sha256": self.sha256, "tcp": list(self.tcp), "peer": self.peer, "hops": self.hops}
+        )
+
+    def with_sender(self, host: str) -> "Hit":
+        if self.tcp[0]:
+            return self
+        return Hit(self.id, self.name, self.size, self.sha256, (host, self.tcp[1]), self.peer, self.hops)
+
+
+Datagram = Union[Query, Hit]
+
+
+def decode_datagram(data: bytes) -> Datagram:
+    """Decode one search datagram; raise MalformedMessage (or a subclass) for anything else."""
+    obj = _loads(data, MAX_DATAGRAM)
+    t = obj.get("t")
+    if t == "query":
+        return _build(Query, obj, ("id", "name", "udp", "tcp", "ttl", "hops", "fetch"))
+    if t == "hit":
+        return _build(Hit, obj, ("id", "name", "size", "sha256", "tcp", "peer", "hops"))
+    raise MalformedMessage(f"unknown datagram type {t!r}")
+
+
+# -- tracker (TCP, one JSON object a line) --------------------------------------------
+
+
+@frozen
+class PeerInfo:
+    """One peer as the tracker knows it: id and the addresses others reach it at."""
+
+    peer: str = field(validator=_peer_id)
+    host: str = field(validator=_host)
+    udp: int = field(validator=_port)
+    tcp: int = field(validator=_port)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"peer": self.peer, "host": self.host, "udp": self.udp, "tcp": self.tcp}
+
+
+TRACKER_OPS = ("register", "heartbeat", "leave", "peers")
+
+
+@frozen
+class TrackerRequest:
+    """A request to the tracker; ``id`` pairs it with its reply (requests may be pipelined)."""
+
+    op: str = field(validator=lambda _, a, v: _check_op(v))
+    id: int = field(validator=_int(0, 2**31 - 1))
+    peer: Optional[str] = field(default=None)
+    udp: int = field(default=0, validator=_int(0, 65535))
+    tcp: int = field(default=0, validator=_int(0, 65535))
+    host: Optional[str] = field(default=None)
+    max: int = field(default=20, validator=_int(0, MAX_PEERS_ANSWER))
+
+    def __attrs_post_init__(self) -> None:
+        if self.op in ("register", "heartbeat", "leave"):
+            _peer_id(None, TrackerRequest.__attrs_attrs__.peer, self.peer)
+        elif self.peer is not None:
+            _peer_id(None, TrackerRequest.__attrs_attrs__.peer, self.peer)
+        if self.op == "register":
+            _port(None, TrackerRequest.__attrs_attrs__.udp, self.udp)
+            _port(None, TrackerRequest.__attrs_attrs__.tcp, self.tcp)
+        if self.host is not None:
+            _host(None, TrackerRequest.__attrs_attrs__.host, self.host)
+
+    def encode(self) -> bytes:
+        obj: dict[str, Any] = {"v": VERSION, "op": self.op, "id": self.id}
+        if self.peer is not None:
+            obj["peer"] = self.peer
+        if self.op == "register":
+            obj.update(udp=self.udp, tcp=self.tcp)
+            if self.host:
+                obj["host"] = self.host
+        if self.op == "peers":
+            obj["max"] = self.max
+        return _dumps(obj)
+
+    @classmethod
+    def decode(cls, data: bytes) -> "TrackerRequest":
+        obj = _loads(data, MAX_FRAME)
+        return _build(cls, obj, ("op", "id"), ("peer", "udp", "tcp", "host", "max"))
+
+
+def _check_op(op: Any) -> None:
+    if op not in TRACKER_OPS:
+        raise ValueError(f"unknown op {op!r}")
+
+
+@frozen
+class TrackerReply:
+    """The tracker's answer: ``ok`` with op-specific fields, or an error code and message."""
+
+    id: int = field(validator=_int(0, 2**31 - 1))
+    ok: bool = field(validator=_bool)
+    error: str = ""
+    message: str = ""
+    host: str = ""
+    interval: float = 0.0
+    peers: tuple[PeerInfo, ...] = ()
+
+    def encode(self) -> bytes:
+        obj: dict[str, Any] = {"v": VERSION, "id": self.id, "ok": self.ok}
+        if not self.ok:
+            obj.update(error=self.error, message=self.message)
+        if self.host:
+            obj["host"] = self.host
+        if self.interval:
+            obj["interval"] = self.interval
+        if self.peers:
+            obj["peers"] = [p.to_json() for p in self.peers]
+        return _dumps(obj)
+
+    @classmethod
+    def decode(cls, data: bytes) -> "TrackerReply":
+        obj = _loads(data, MAX_FRAME)
+        try:
+            raw = obj.get("peers", [])
+            if not isinstance(raw, list) or len(raw) > MAX_PEERS_ANSWER:
+                raise ValueError("peers must be a list of at most %d" % MAX_PEERS_ANSWER)
+            peers = tuple(PeerInfo(p["peer"], p["host"], p["udp"], p["tcp"]) for p in raw)
+            interval = obj.get("interval", 0.0)
+            if type(interval) not in (int, float) or not 0 <= interval <= 3600:
+                raise ValueError("interval out of range")
+            texts = [obj.get(k, "") for k in ("error", "message", "host")]
+            if any(type(t) is not str or len(t) > 512 for t in texts):
+                raise ValueError("error, message and host must be short strings")
+            return cls(obj["id"], obj["ok"], *texts, float(interval), peers)
+        except (KeyError, TypeError, ValueError) as e:
+            raise MalformedMessage(f"bad tracker reply: {e}") from e
+
+
+# -- transfer (TCP: JSON control lines, raw bytes after a "data" line) -------------------
+
+
+@frozen
+class Frame:
+    """One transfer control line.  ``t`` is one of FRAME_FIELDS; unused fields keep defaults."""
+
+    t: str = field(validator=lambda _, a, v: _check_frame(v))
+    id: str = field(default="", validator=lambda _, a, v: v == "" or _request_id(_, a, v))
+    name: str = field(default="", validator=lambda _, a, v: v == "" or _name(_, a, v))
+    size: int = field(default=0, validator=_size)
+    sha256: str = field(default="", validator=lambda _, a, v: v == "" or _sha256(_, a, v))
+    offset: int = field(default=0, validator=_size)
+    length: int = field(default=0, validator=_int(0, MAX_RANGE))
+    peer: str = field(default="", validator=lambda _, a, v: v == "" or _peer_id(_, a, v))
+    code: str = field(default="", validator=_match(re.compile(r"[a-z_]{0,32}\Z")))
+    message: str = field(default="", validator=lambda _, a, v: type(v) is str and len(v) <= 512)
+
+    def __attrs_post_init__(self) -> None:
+        for required in FRAME_FIELDS[self.t]:
+            if getattr(self, required) == "":
+                raise ValueError(f"{self.t!r} frame needs {required!r}")
+
+    def encode(self) -> bytes:
+        obj: dict[str, Any] = {"v": VERSION, "t": self.t}
+        for name in FRAME_FIELDS[self.t] + FRAME_OPTIONAL[self.t]:
+            obj[name] = getattr(self, name)
+        return _dumps(obj)
+
+    @classmethod
+    def decode(cls, data: bytes) -> "Frame":
+        obj = _loads(data, MAX_FRAME)
+        t = obj.get("t")
+        if t not in FRAME_FIELDS:
+            raise MalformedMessage(f"unknown frame type {t!r}")
+        return _build(cls, obj, ("t",) + FRAME_FIELDS[t], FRAME_OPTIONAL[t])
+
+
+# Required and optional fields of each frame type.
+FRAME_FIELDS: dict[str, tuple[str, ...]] = {
+    "open": ("name",),
+    "offer": ("name", "size", "sha256", "peer"),
+    "get": ("offset", "length"),
+    "data": ("offset", "length"),
+    "decline": (),
+    "bye": (),
+    "error": ("code",),
+}
+FRAME_OPTIONAL: dict[str, tuple[str, ...]] = {
+    "open": ("id", "sha256"),
+    "offer": ("id",),
+    "get": (),
+    "data": (),
+    "decline": (),
+    "bye": (),
+    "error": ("message",),
+}
+
+
+def _check_frame(t: Any) -> None:
+    if t not in FRAME_FIELDS:
+        raise ValueError(f"unknown frame type {t!r}")
