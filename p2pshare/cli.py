@@ -213,7 +213,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
     reply = TrackerReply.decode(data.strip())
     if not reply.ok:
         raise P2PError(f"the tracker refused: {reply.message}")
-    for p in reply.peers:
+    for p in reply.peers or ():
         print(f"{p.peer}\t{p.host}\tudp {p.udp}\ttcp {p.tcp}")
     return 0
 

@@ -187,7 +187,9 @@ class ControlService(Service):
         def failed(f: Failure) -> None:
             self.log.critical("the control API could not listen ({error}); stopping. Use --control to pick "
                               "another port, or --control none.", error=f.getErrorMessage())
-            self.peer.reactor.stop()
+            from p2pshare.tap import stop_when_running
+
+            stop_when_running(self.peer.reactor)
 
         self.endpoint.listen(control_site(self.peer)).addCallbacks(listening, failed)
 

@@ -205,11 +205,13 @@ class Peer(MultiService):
         for rid, (d, call) in list(self._searches.items()):
             call.cancel()
             self._end_search(rid)
+        closing = []
         for conn in list(self._connections):
+            closing.append(conn.closed)
             conn.transport.abortConnection()
         d = super().stopService()
         ports, self._ports = self._ports, []
-        stops = [d] + [p.stopListening() for p in ports]
+        stops = [d, *closing] + [p.stopListening() for p in ports]
         return DeferredList([x for x in stops if isinstance(x, Deferred)])
 
     def _rescan(self) -> None:

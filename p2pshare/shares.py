@@ -191,16 +191,20 @@ class Shares:
         return fd_path, f
 
     def place(self, tmp_path: Path, name: str, sha256: str) -> Path:
-        """Move a verified temporary file into place without overwriting anything."""
-        target = self.destination(name)
+        """Move a verified temporary file into place without overwriting anything.
+
+        The temporary file is gone afterwards, whether or not it was placed.
+        """
         try:
-            os.link(tmp_path, target)  # atomic, and fails if the target appeared meanwhile
-        except FileExistsError:
+            target = self.destination(name)
+            try:
+                os.link(tmp_path, target)  # atomic, and fails if the target appeared meanwhile
+            except FileExistsError:
+                raise AlreadyExists(f"{name} already exists in {self.root}") from None
+            except OSError:
+                os.rename(tmp_path, target)  # a file system without hard links
+        finally:
             tmp_path.unlink(missing_ok=True)
-            raise AlreadyExists(f"{name} already exists in {self.root}") from None
-        except OSError:
-            os.rename(tmp_path, target)  # a file system without hard links
-        tmp_path.unlink(missing_ok=True)
         st = target.stat()
         self.entries[name] = Entry(name, st.st_size, st.st_mtime_ns, sha256)
         return target

@@ -102,8 +102,17 @@ class _StopOnFailure(MultiService):
 
     def _failed(self, f: Failure) -> None:
         self.log.critical("could not start: {error}", error=f.getErrorMessage())
-        if self.reactor.running:
-            self.reactor.stop()
+        stop_when_running(self.reactor)
+
+
+def stop_when_running(reactor: Any) -> None:
+    """Stop *reactor*, also when called before it runs (twistd starts services before ``run()``)."""
+
+    def stop() -> None:
+        if reactor.running:
+            reactor.stop()
+
+    reactor.callWhenRunning(stop)
 
 
 def makeTrackerService(options: TrackerOptions, reactor: Any = None) -> IService:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamClientEndpoint, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
@@ -40,8 +40,10 @@ class TrackerServerProtocol(LineReceiver, TimeoutMixin):
     def __init__(self, factory: "TrackerFactory") -> None:
         self.factory = factory
         self.peer_id: Optional[str] = None
+        self.closed: Deferred[None] = Deferred()
 
     def connectionMade(self) -> None:
+        self.factory.open.add(self)
         self.setTimeout(self.factory.interval * EXPIRE_AFTER)
 
     def lineReceived(self, line: bytes) -> None:
@@ -69,9 +71,12 @@ class TrackerServerProtocol(LineReceiver, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.setTimeout(None)
+        self.factory.open.discard(self)
         if self.peer_id is not None and self.factory.connections.get(self.peer_id) is self:
             del self.factory.connections[self.peer_id]
             self.factory.registry.remove(self.peer_id)
+        d, self.closed = self.closed, Deferred()
+        d.callback(None)
 
 
 class TrackerFactory(Factory):
@@ -87,7 +92,8 @@ class TrackerFactory(Factory):
         self.registry = registry if registry is not None else MemoryRegistry(timeout=interval * EXPIRE_AFTER)
         self.max_peers = max(0, min(max_peers, MAX_PEERS_ANSWER))
         self.rng = rng or random.SystemRandom()
-        self.connections: dict[str, TrackerServerProtocol] = {}
+        self.connections: dict[str, TrackerServerProtocol] = {}  # by the peer each registered
+        self.open: set[TrackerServerProtocol] = set()
         self.counters = Counters()
         self.bad_input = RateLimitedLog(self.log, clock)
 
@@ -171,12 +177,14 @@ class TrackerService(Service):
         super().stopService()
         if self._expiry.running:
             self._expiry.stop()
-        for conn in list(self.factory.connections.values()):
-            conn.transport.loseConnection()
-        if self.port is None:
-            return succeed(None)
+        closing = []
+        for conn in list(self.factory.open):
+            closing.append(conn.closed)
+            conn.transport.abortConnection()
         port, self.port = self.port, None
-        return port.stopListening()  # type: ignore[return-value]
+        if port is not None:
+            closing.append(maybeDeferred(port.stopListening))
+        return DeferredList(closing).addCallback(lambda _: None)
 
 
 class TrackerClientProtocol(LineReceiver):
@@ -304,7 +312,7 @@ class TrackerClient(Service):
         d = self.proto.request("peers", peer=self.me()[0], max=self.want)
 
         def got(reply: TrackerReply) -> list[PeerInfo]:
-            peers = list(reply.peers)
+            peers = list(reply.peers or ())
             self.on_peers(peers)
             self.last_peers = peers
             waiting, self._first_peers = self._first_peers, []

@@ -312,7 +312,7 @@ class TrackerReply:
     message: str = ""
     host: str = ""
     interval: float = 0.0
-    peers: tuple[PeerInfo, ...] = ()
+    peers: Optional[tuple[PeerInfo, ...]] = None  # present in every answer to "peers"
 
     def encode(self) -> bytes:
         obj: dict[str, Any] = {"v": VERSION, "id": self.id, "ok": self.ok}
@@ -322,7 +322,7 @@ class TrackerReply:
             obj["host"] = self.host
         if self.interval:
             obj["interval"] = self.interval
-        if self.peers:
+        if self.peers is not None:
             obj["peers"] = [p.to_json() for p in self.peers]
         return _dumps(obj)
 
@@ -330,10 +330,12 @@ class TrackerReply:
     def decode(cls, data: bytes) -> "TrackerReply":
         obj = _loads(data, MAX_FRAME)
         try:
-            raw = obj.get("peers", [])
-            if not isinstance(raw, list) or len(raw) > MAX_PEERS_ANSWER:
-                raise ValueError("peers must be a list of at most %d" % MAX_PEERS_ANSWER)
-            peers = tuple(PeerInfo(p["peer"], p["host"], p["udp"], p["tcp"]) for p in raw)
+            raw = obj.get("peers")
+            peers = None
+            if raw is not None:
+                if not isinstance(raw, list) or len(raw) > MAX_PEERS_ANSWER:
+                    raise ValueError(f"peers must be a list of at most {MAX_PEERS_ANSWER}")
+                peers = tuple(PeerInfo(p["peer"], p["host"], p["udp"], p["tcp"]) for p in raw)
             interval = obj.get("interval", 0.0)
             if type(interval) not in (int, float) or not 0 <= interval <= 3600:
                 raise ValueError("interval out of range")

@@ -1,0 +1,84 @@
+"""The tracker's table: pure, driven by explicit times and a seeded random generator."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from zope.interface.verify import verifyObject
+
+from p2pshare.registry import IPeerRegistry, MemoryRegistry
+from p2pshare.wire import PeerInfo
+
+
+def info(n: int) -> PeerInfo:
+    return PeerInfo(f"{n:032x}", f"10.0.0.{n % 250}", 4000 + n, 4000 + n)
+
+
+def filled(n: int, timeout: float = 30.0) -> MemoryRegistry:
+    reg = MemoryRegistry(timeout=timeout)
+    for i in range(n):
+        reg.register(info(i), now=0.0)
+    return reg
+
+
+def test_memory_registry_provides_the_interface() -> None:
+    assert verifyObject(IPeerRegistry, MemoryRegistry())
+
+
+def test_sample_is_a_subset_of_at_most_k_distinct_peers() -> None:
+    reg = filled(100)
+    picked = reg.sample(20, None, random.Random(1))
+    assert len(picked) == 20
+    assert len({p.peer for p in picked}) == 20
+
+
+def test_sample_never_returns_the_asker() -> None:
+    reg = filled(5)
+    asker = info(3).peer
+    for seed in range(200):
+        assert asker not in {p.peer for p in reg.sample(4, asker, random.Random(seed))}
+    assert len(reg.sample(10, asker, random.Random(0))) == 4
+
+
+def test_sample_is_roughly_uniform() -> None:
+    reg = filled(10)
+    rng = random.Random(7)
+    counts = Counter(p.peer for _ in range(5000) for p in reg.sample(2, None, rng))
+    assert len(counts) == 10
+    assert max(counts.values()) < 1.25 * min(counts.values())
+
+
+def test_remove_keeps_sampling_consistent() -> None:
+    reg = filled(10)
+    for i in (0, 9, 4):
+        assert reg.remove(info(i).peer)
+    assert not reg.remove(info(4).peer)
+    assert len(reg) == 7
+    remaining = {p.peer for p in reg.sample(100, None, random.Random(0))}
+    assert remaining == {info(i).peer for i in range(10) if i not in (0, 9, 4)}
+
+
+def test_reregistering_replaces_addresses() -> None:
+    reg = filled(1)
+    reg.register(PeerInfo(info(0).peer, "10.9.9.9", 1, 2), now=1.0)
+    assert len(reg) == 1
+    assert reg.get(info(0).peer) == PeerInfo(info(0).peer, "10.9.9.9", 1, 2)
+
+
+def test_silent_peers_expire_and_heartbeats_keep_others() -> None:
+    reg = filled(3, timeout=30.0)
+    assert reg.heartbeat(info(1).peer, now=20.0)
+    assert reg.expire(now=29.0) == []
+    gone = reg.expire(now=31.0)
+    assert sorted(gone) == [info(0).peer, info(2).peer]
+    assert [p.peer for p in reg.sample(5, None, random.Random(0))] == [info(1).peer]
+
+
+def test_heartbeat_of_an_unknown_peer_is_refused() -> None:
+    assert not MemoryRegistry().heartbeat(info(1).peer, now=0.0)
+
+
+def test_empty_registry_samples_nothing() -> None:
+    assert MemoryRegistry().sample(5, None, random.Random(0)) == []
+    assert filled(3).sample(0, None, random.Random(0)) == []

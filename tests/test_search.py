@@ -1,0 +1,230 @@
+"""Flooding: the pure core, the datagram protocol's handling of bad input, and a flood in memory."""
+
+from __future__ import annotations
+
+import random
+from typing import Optional
+
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs
+
+from p2pshare.ratelimit import Counters
+from p2pshare.search import DedupCache, SearchCore, SearchProtocol
+from p2pshare.shares import Entry
+from p2pshare.testing import DatagramNetwork, UDPMemoryReactorClock
+from p2pshare.wire import MAX_DATAGRAM, Address, Hit, Query, decode_datagram
+
+RID = "1" * 32
+ME = "a" * 32
+SHA = "c" * 64
+REQUESTER: Address = ("10.0.0.1", 5000)
+
+
+def core(files: dict[str, Entry] | None = None, neighbours: list[Address] | None = None,
+         max_ttl: int = 7) -> SearchCore:
+    files = files or {}
+    return SearchCore(files.get, lambda: list(neighbours or []), lambda: (ME, ("", 6000)), max_ttl=max_ttl)
+
+
+def query(ttl: int = 3, fetch: bool = False, name: str = "f.txt", rid: str = RID) -> Query:
+    return Query(rid, name, REQUESTER, REQUESTER, ttl, 0, fetch)
+
+
+# -- DedupCache --------------------------------------------------------------------------
+
+
+def test_dedup_cache_reports_the_first_sighting_only() -> None:
+    cache = DedupCache()
+    assert cache.add("x", 0.0)
+    assert not cache.add("x", 1.0)
+
+
+def test_dedup_cache_forgets_after_max_age() -> None:
+    cache = DedupCache(max_age=10.0)
+    cache.add("x", 0.0)
+    assert cache.add("x", 10.5)
+
+
+def test_dedup_cache_is_bounded_in_entries() -> None:
+    cache = DedupCache(max_entries=100, max_age=1e9)
+    for i in range(10_000):
+        cache.add(f"{i}", float(i))
+    assert len(cache) == 100
+
+
+# -- SearchCore --------------------------------------------------------------------------
+
+
+def test_holder_answers_with_a_hit_to_the_requester_and_does_not_forward() -> None:
+    entry = Entry("f.txt", 10, 1, SHA)
+    c = core({"f.txt": entry}, neighbours=[("10.0.0.2", 1), ("10.0.0.3", 1)])
+    reaction = c.on_query(query(), ("10.0.0.9", 1), now=0.0)
+    assert len(reaction.sends) == 1
+    payload, dest = reaction.sends[0]
+    assert dest == REQUESTER
+    hit = decode_datagram(payload)
+    assert isinstance(hit, Hit)
+    assert (hit.id, hit.name, hit.size, hit.sha256, hit.peer, hit.tcp, hit.hops) == (
+        RID, "f.txt", 10, SHA, ME, ("", 6000), 1)
+    assert reaction.offer is None
+
+
+def test_holder_offers_the_file_when_the_query_is_a_fetch() -> None:
+    entry = Entry("f.txt", 10, 1, SHA)
+    reaction = core({"f.txt": entry}).on_query(query(fetch=True), ("10.0.0.9", 1), now=0.0)
+    assert reaction.offer is not None and reaction.offer[1] == entry
+
+
+def test_non_holder_forwards_to_neighbours_except_sender_and_requester() -> None:
+    sender = ("10.0.0.9", 1)
+    c = core(neighbours=[sender, REQUESTER, ("10.0.0.2", 1), ("10.0.0.3", 1)])
+    reaction = c.on_query(query(ttl=3), sender, now=0.0)
+    assert [dest for _, dest in reaction.sends] == [("10.0.0.2", 1), ("10.0.0.3", 1)]
+    forwarded = decode_datagram(reaction.sends[0][0])
+    assert isinstance(forwarded, Query)
+    assert (forwarded.ttl, forwarded.hops) == (2, 1)
+
+
+def test_duplicate_queries_are_dropped_and_counted() -> None:
+    c = core(neighbours=[("10.0.0.2", 1)])
+    assert c.on_query(query(), ("10.0.0.9", 1), now=0.0).sends
+    assert c.on_query(query(), ("10.0.0.8", 1), now=1.0).sends == []
+    assert c.counters["dropped_duplicate"] == 1
+
+
+def test_expired_queries_are_not_forwarded() -> None:
+    c = core(neighbours=[("10.0.0.2", 1)])
+    assert c.on_query(query(ttl=0), ("10.0.0.9", 1), now=0.0).sends == []
+    assert c.counters["dropped_expired"] == 1
+
+
+def test_a_huge_ttl_is_clamped_to_the_peers_maximum() -> None:
+    c = core(neighbours=[("10.0.0.2", 1)], max_ttl=4)
+    payload, _ = c.on_query(query(ttl=200), ("10.0.0.9", 1), now=0.0).sends[0]
+    forwarded = decode_datagram(payload)
+    assert isinstance(forwarded, Query) and forwarded.ttl == 3
+
+
+def test_an_empty_requester_host_is_replaced_by_the_senders() -> None:
+    c = core({"f.txt": Entry("f.txt", 1, 1, SHA)})
+    q = Query(RID, "f.txt", ("", 5000), ("", 5001), 3)
+    (_, dest), = c.on_query(q, ("192.0.2.7", 5000), now=0.0).sends
+    assert dest == ("192.0.2.7", 5000)
+
+
+def test_own_query_coming_back_is_a_duplicate() -> None:
+    c = core(neighbours=[("10.0.0.2", 1)])
+    rid, reaction = c.start_query("f.txt", REQUESTER, REQUESTER, False, 0.0, lambda h: None)
+    assert len(reaction.sends) == 1
+    echoed = decode_datagram(reaction.sends[0][0])
+    assert isinstance(echoed, Query)
+    assert c.on_query(echoed, ("10.0.0.2", 1), now=0.1).sends == []
+
+
+def test_hits_reach_the_search_that_asked_and_late_ones_are_counted() -> None:
+    c = core()
+    got: list[Hit] = []
+    rid, _ = c.start_query("f.txt", REQUESTER, REQUESTER, False, 0.0, got.append)
+    hit = Hit(rid, "f.txt", 1, SHA, ("10.0.0.5", 1), ME, 1)
+    c.on_hit(hit)
+    c.finish_query(rid)
+    c.on_hit(hit)
+    assert got == [hit]
+    assert c.counters["dropped_unknown_hit"] == 1
+
+
+def test_request_ids_carry_128_random_bits() -> None:
+    c = core()
+    ids = {c.start_query("f", REQUESTER, REQUESTER, False, 0.0, lambda h: None)[0] for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(len(i) == 32 for i in ids)
+
+
+# -- SearchProtocol ----------------------------------------------------------------------
+
+
+def protocol_on_fake_port(c: Optional[SearchCore] = None) -> tuple[SearchProtocol, UDPMemoryReactorClock]:
+    reactor = UDPMemoryReactorClock()
+    proto = SearchProtocol(c or core(neighbours=[("10.0.0.2", 1)]), reactor)
+    reactor.listenUDP(0, proto, maxPacketSize=MAX_DATAGRAM + 1)
+    return proto, reactor
+
+
+def test_bad_datagrams_are_counted_by_kind_and_dropped() -> None:
+    proto, reactor = protocol_on_fake_port()
+    for data in (b"", b"garbage", b'{"v":1,"t":"nope"}', b'{"v":9,"t":"query"}', b"x" * (MAX_DATAGRAM + 1)):
+        proto.datagramReceived(data, ("10.0.0.3", 1))
+    counters = proto.counters
+    assert (counters["dropped_malformed"], counters["dropped_unsupported_version"],
+            counters["dropped_oversized"]) == (3, 1, 1)
+    assert reactor.udpPorts[40000].written == []
+
+
+def test_bad_input_logging_is_rate_limited_per_source() -> None:
+    proto, _ = protocol_on_fake_port()
+    with capturedLogs() as events:
+        for _ in range(100):
+            proto.datagramReceived(b"garbage", ("10.0.0.3", 1))
+    warnings = [e for e in events if e["log_level"] == LogLevel.warn]
+    assert 1 <= len(warnings) <= 5
+    assert proto.counters["dropped_malformed"] == 100
+
+
+def test_suppressed_messages_are_reported_when_the_window_reopens() -> None:
+    proto, reactor = protocol_on_fake_port()
+    for _ in range(20):
+        proto.datagramReceived(b"garbage", ("10.0.0.3", 1))
+    reactor.advance(61)
+    with capturedLogs() as events:
+        proto.datagramReceived(b"garbage", ("10.0.0.3", 1))
+    assert any(e.get("suppressed") == 15 for e in events)
+
+
+def test_a_query_is_forwarded_through_the_port() -> None:
+    proto, reactor = protocol_on_fake_port()
+    proto.datagramReceived(query().encode(), ("10.0.0.9", 1))
+    (payload, dest), = reactor.udpPorts[40000].written
+    assert dest == ("10.0.0.2", 1)
+    assert isinstance(decode_datagram(payload), Query)
+
+
+def test_send_errors_are_counted_not_raised() -> None:
+    proto, reactor = protocol_on_fake_port(core(neighbours=[("not-an-ip", 1)]))
+
+    class Refusing:
+        def write(self, data: bytes, addr: Address) -> None:
+            raise ValueError("write() only accepts IP addresses, not hostnames")
+
+    proto.transport = Refusing()  # type: ignore[assignment]
+    proto.datagramReceived(query().encode(), ("10.0.0.9", 1))
+    assert proto.counters["send_errors"] == 1
+
+
+# -- a flood across many peers in memory ----------------------------------------------------
+
+
+def test_flood_finds_a_file_several_hops_away_and_each_peer_sees_the_query_once() -> None:
+    net = DatagramNetwork()
+    clock = Clock()
+    n = 30
+    addrs = [(f"127.0.0.{i + 1}", 7000) for i in range(n)]
+    rng = random.Random(3)
+    # A ring (so everyone is reachable) plus two random chords per peer.
+    links = {a: {addrs[(i + 1) % n], *rng.sample(addrs, 2)} - {a} for i, a in enumerate(addrs)}
+    holder = addrs[n // 2]
+    cores = {}
+    for a in addrs:
+        files = {"f.txt": Entry("f.txt", 5, 1, SHA)} if a == holder else {}
+        c = SearchCore(files.get, lambda a=a: sorted(links[a]), lambda: (ME, ("", 6000)), max_ttl=16)
+        cores[a] = c
+        net.attach(SearchProtocol(c, clock), a)
+    hits: list[Hit] = []
+    requester = addrs[0]
+    rid, reaction = cores[requester].start_query("f.txt", requester, requester, False, 0.0, hits.append)
+    proto = net.ports[requester].protocol
+    assert isinstance(proto, SearchProtocol)
+    proto.send_all(reaction)
+    net.run()
+    assert len(hits) == 1 and hits[0].hops >= 2
+    assert all(c.counters["queries_received"] <= 1 for c in cores.values())
+    assert not clock.getDelayedCalls()

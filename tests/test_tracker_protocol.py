@@ -1,0 +1,179 @@
+"""The tracker on in-memory transports and a fake clock."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest_twisted
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from p2pshare.tap import TrackerOptions, makeTrackerService
+from p2pshare.tracker import EXPIRE_AFTER, TrackerClientProtocol, TrackerFactory, TrackerServerProtocol
+from p2pshare.wire import MAX_FRAME, TrackerReply, TrackerRequest
+
+
+def peer_id(n: int) -> str:
+    return f"{n:032x}"
+
+
+class Conn:
+    """One client connection to a TrackerFactory, seen from a given address."""
+
+    def __init__(self, factory: TrackerFactory, host: str) -> None:
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", host, 50000))
+        self.proto = factory.buildProtocol(self.transport.getPeer())
+        assert isinstance(self.proto, TrackerServerProtocol)
+        self.proto.callLater = factory.clock.callLater  # type: ignore[attr-defined, method-assign]
+        self.proto.makeConnection(self.transport)
+        self._next = 1
+
+    def ask(self, op: str, **fields) -> dict:
+        self.transport.clear()
+        self.proto.dataReceived(TrackerRequest(op, self._next, **fields).encode() + b"\n")
+        self._next += 1
+        return json.loads(self.transport.value())
+
+    def lose(self) -> None:
+        self.proto.connectionLost(None)
+
+
+def factory(**kw) -> TrackerFactory:
+    return TrackerFactory(Clock(), rng=random.Random(1), **kw)
+
+
+def register(f: TrackerFactory, n: int, host: str = "10.0.0.1", **extra) -> Conn:
+    c = Conn(f, host)
+    reply = c.ask("register", peer=peer_id(n), udp=4000 + n, tcp=4000 + n, **extra)
+    assert reply["ok"], reply
+    return c
+
+
+def test_register_records_the_observed_address() -> None:
+    f = factory(interval=5.0)
+    c = Conn(f, "192.0.2.44")
+    reply = c.ask("register", peer=peer_id(1), udp=4001, tcp=4002)
+    assert reply == {"v": 1, "id": 1, "ok": True, "host": "192.0.2.44", "interval": 5.0}
+    assert f.registry.get(peer_id(1)).host == "192.0.2.44"  # type: ignore[attr-defined, union-attr]
+
+
+def test_an_advertised_host_overrides_the_observed_one() -> None:
+    f = factory()
+    c = Conn(f, "192.0.2.44")
+    assert c.ask("register", peer=peer_id(1), udp=1, tcp=1, host="peer.example")["host"] == "peer.example"
+
+
+def test_peers_answer_is_a_random_subset_without_the_asker() -> None:
+    f = factory(max_peers=5)
+    conns = [register(f, n) for n in range(30)]
+    answers = set()
+    for _ in range(20):
+        reply = conns[0].ask("peers", peer=peer_id(0), max=50)
+        ids = [p["peer"] for p in reply["peers"]]
+        assert len(ids) == 5 == len(set(ids))
+        assert peer_id(0) not in ids
+        answers.add(tuple(sorted(ids)))
+    assert len(answers) > 1  # random, not the same first five each time
+
+
+def test_the_asker_is_excluded_even_without_naming_itself() -> None:
+    f = factory()
+    conns = [register(f, n) for n in range(3)]
+    ids = {p["peer"] for p in conns[1].ask("peers", max=10)["peers"]}
+    assert ids == {peer_id(0), peer_id(2)}
+
+
+def test_a_dropped_connection_removes_its_peer_at_once() -> None:
+    f = factory()
+    a, b = register(f, 1), register(f, 2)
+    a.lose()
+    assert [p["peer"] for p in b.ask("peers", max=10)["peers"]] == []
+
+
+def test_silent_peers_expire_after_three_intervals() -> None:
+    f = factory(interval=10.0)
+    register(f, 1)
+    other = register(f, 2)
+    for _ in range(EXPIRE_AFTER * 10 + 1):
+        f.clock.advance(1)  # type: ignore[attr-defined]
+        if f.clock.seconds() % 5 == 0:  # type: ignore[attr-defined]
+            other.ask("heartbeat", peer=peer_id(2))
+    f.expire()
+    assert len(f.registry) == 1
+    assert f.counters["tracker_expired"] == 1
+
+
+def test_heartbeat_from_an_unknown_peer_is_an_error() -> None:
+    reply = Conn(factory(), "10.0.0.1").ask("heartbeat", peer=peer_id(9))
+    assert (reply["ok"], reply["error"]) == (False, "unknown_peer")
+
+
+def test_leave_removes_the_peer() -> None:
+    f = factory()
+    c = register(f, 1)
+    assert c.ask("leave", peer=peer_id(1))["ok"]
+    assert len(f.registry) == 0
+
+
+def test_malformed_requests_get_an_error_and_the_connection_closes() -> None:
+    f = factory()
+    c = Conn(f, "10.0.0.1")
+    c.proto.dataReceived(b'{"v":1,"op":"register","id":1}\n')
+    assert json.loads(c.transport.value())["error"] == "malformed"
+    assert c.transport.disconnecting
+    assert f.counters["tracker_malformed"] == 1
+
+
+def test_an_oversized_line_closes_the_connection() -> None:
+    c = Conn(factory(), "10.0.0.1")
+    c.proto.dataReceived(b"x" * (MAX_FRAME + 100))
+    assert json.loads(c.transport.value())["error"] == "too_long"
+    assert c.transport.disconnecting
+
+
+def test_an_idle_connection_is_closed() -> None:
+    f = factory(interval=10.0)
+    c = Conn(f, "10.0.0.1")
+    f.clock.advance(EXPIRE_AFTER * 10 + 1)  # type: ignore[attr-defined]
+    assert c.transport.disconnecting
+    c.lose()
+    assert not f.clock.getDelayedCalls()  # type: ignore[attr-defined]
+
+
+def test_client_pairs_replies_with_requests_by_id() -> None:
+    client = TrackerClientProtocol()
+    transport = StringTransport()
+    client.makeConnection(transport)
+    first = client.request("peers", max=1)
+    second = client.request("heartbeat", peer=peer_id(1))
+    results: list = []
+    first.addCallback(results.append)
+    second.addErrback(results.append)
+    client.dataReceived(TrackerReply(2, False, "unknown_peer", "register first").encode() + b"\n")
+    client.dataReceived(TrackerReply(1, True).encode() + b"\n")
+    assert "unknown_peer" in str(results[0].value)
+    assert results[1] == TrackerReply(1, True)
+
+
+def test_client_fails_pending_requests_when_the_connection_drops() -> None:
+    client = TrackerClientProtocol()
+    client.makeConnection(StringTransport())
+    d = client.request("peers", max=1)
+    errors: list = []
+    d.addErrback(errors.append)
+    client.connectionLost(None)
+    assert "lost" in str(errors[0].value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tracker_service_listens_and_leaves_no_timers() -> None:
+    reactor, opts = MemoryReactorClock(), TrackerOptions()
+    opts.parseOptions(["--port", "8000"])
+    svc = makeTrackerService(opts, reactor=reactor)
+    svc.startService()
+    assert [port for port, *_ in reactor.tcpServers] == [8000]
+    reactor.advance(60)  # the expiry loop runs
+    await svc.stopService()
+    assert reactor.getDelayedCalls() == []

@@ -1,0 +1,309 @@
+"""The transfer protocol on in-memory transports: both roles, ranges, verification, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import IO, Optional
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from zope.interface import implementer
+
+from p2pshare.errors import NotFound, TransferFailed, VerificationFailed
+from p2pshare.shares import Entry, Shares, scan
+from p2pshare.transfer import RANGE, Download, ITransferNode, TransferFactory, TransferProtocol
+from p2pshare.wire import MAX_FRAME, Frame
+
+PEER = "b" * 32
+RID = "d" * 32
+
+
+@implementer(ITransferNode)
+class Node:
+    """A node backed by a real shared folder; offers are accepted into ``self.download``."""
+
+    peer_id = PEER
+
+    def __init__(self, shares: Shares, accept: bool = True) -> None:
+        self.shares, self.accept = shares, accept
+        self.download: Optional[Download] = None
+        self.tracked: set[TransferProtocol] = set()
+
+    def open_for_sending(self, frame: Frame) -> tuple[Entry, IO[bytes]]:
+        return self.shares.open_for_reading(frame.name)
+
+    def accept_offer(self, frame: Frame, proto: TransferProtocol) -> Optional[Download]:
+        if not self.accept:
+            return None
+        self.download = Download(self.shares, frame.name, frame.size, frame.sha256)
+        return self.download
+
+    def track(self, proto: TransferProtocol, alive: bool) -> None:
+        (self.tracked.add if alive else self.tracked.discard)(proto)
+
+
+def connect(node: Node, proto: Optional[TransferProtocol] = None,
+            clock: Optional[Clock] = None) -> tuple[TransferProtocol, StringTransport]:
+    proto = proto or TransferFactory(node).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    proto.callLater = (clock or Clock()).callLater  # type: ignore[method-assign]  # idle timer
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def frames(transport: StringTransport) -> list[dict]:
+    out = []
+    for line in transport.value().split(b"\n"):
+        if line.startswith(b"{"):
+            out.append(json.loads(line))
+    return out
+
+
+def holder(share: Path, payload: bytes, name: str = "blob.bin") -> Node:
+    (share / name).write_bytes(payload)
+    s = Shares(share)
+    s.entries = scan(share, {})
+    return Node(s)
+
+
+def drain(transport: StringTransport) -> None:
+    """Act as the consumer's event loop: resume the producer until it unregisters."""
+    while transport.producer is not None:
+        transport.producer.resumeProducing()
+
+
+# -- the holder's side ------------------------------------------------------------------
+
+
+def test_open_is_answered_with_an_offer(share: Path) -> None:
+    payload = b"x" * 1000
+    proto, transport = connect(holder(share, payload))
+    proto.dataReceived(Frame("open", id=RID, name="blob.bin").encode() + b"\n")
+    (offer,) = frames(transport)
+    assert offer == {"v": 1, "t": "offer", "name": "blob.bin", "size": 1000,
+                     "sha256": hashlib.sha256(payload).hexdigest(), "peer": PEER, "id": RID}
+
+
+class SlowTransport(StringTransport):
+    """A transport whose buffer is full after every write: it pauses its producer each time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.registrations: list[bool] = []
+
+    def registerProducer(self, producer: object, streaming: bool) -> None:
+        super().registerProducer(producer, streaming)
+        self.registrations.append(streaming)
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self.producer is not None:
+            self.producer.pauseProducing()
+
+
+def test_ranges_are_streamed_through_a_registered_push_producer(share: Path) -> None:
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    node = holder(share, payload)
+    proto = TransferFactory(node).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    proto.callLater = Clock().callLater  # type: ignore[method-assign]
+    transport = SlowTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(Frame("open", name="blob.bin").encode() + b"\n")
+    transport.clear()
+    proto.dataReceived(Frame("get", offset=100, length=700_000).encode() + b"\n")
+    assert transport.registrations == [True]
+    drain(transport)
+    header, _, body = transport.value().partition(b"\n")
+    assert json.loads(header) == {"v": 1, "t": "data", "offset": 100, "length": 700_000}
+    assert body == payload[100:700_100]
+
+
+def test_a_paused_producer_stops_reading_the_file(share: Path) -> None:
+    payload = b"y" * (4 * 1024 * 1024)
+    proto = TransferFactory(holder(share, payload)).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    proto.callLater = Clock().callLater  # type: ignore[method-assign]
+    transport = SlowTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(Frame("open", name="blob.bin").encode() + b"\n")
+    transport.clear()
+    proto.dataReceived(Frame("get", offset=0, length=len(payload)).encode() + b"\n")
+    sent_before = len(transport.value())
+    assert sent_before < 1024 * 1024  # one chunk, then paused
+    transport.producer.resumeProducing()
+    assert sent_before < len(transport.value()) < 2 * 1024 * 1024
+
+
+def test_a_range_outside_the_file_closes_the_connection(share: Path) -> None:
+    proto, transport = connect(holder(share, b"z" * 10))
+    proto.dataReceived(Frame("open", name="blob.bin").encode() + b"\n")
+    transport.clear()
+    proto.dataReceived(Frame("get", offset=5, length=6).encode() + b"\n")
+    assert frames(transport)[0]["code"] == "bad_range"
+    assert transport.disconnecting
+
+
+def test_opening_a_file_that_is_not_shared_is_refused(share: Path) -> None:
+    proto, transport = connect(holder(share, b"z"))
+    proto.dataReceived(Frame("open", name="other.bin").encode() + b"\n")
+    assert frames(transport)[0]["code"] == "not_found"
+    assert transport.disconnecting
+
+
+def test_get_before_open_is_refused(share: Path) -> None:
+    proto, transport = connect(holder(share, b"z"))
+    proto.dataReceived(Frame("get", offset=0, length=1).encode() + b"\n")
+    assert frames(transport)[0]["code"] == "unexpected"
+    assert transport.disconnecting
+
+
+@pytest.mark.parametrize("line", [b"garbage", b'{"v":1,"t":"open","name":"../../etc/passwd"}', b"{}"])
+def test_malformed_lines_close_the_connection(share: Path, line: bytes) -> None:
+    proto, transport = connect(holder(share, b"z"))
+    proto.dataReceived(line + b"\n")
+    assert frames(transport)[0]["code"] == "malformed"
+    assert transport.disconnecting
+
+
+def test_an_oversized_line_closes_the_connection(share: Path) -> None:
+    proto, transport = connect(holder(share, b"z"))
+    proto.dataReceived(b"x" * (MAX_FRAME + 10))
+    assert frames(transport)[0]["code"] == "too_long"
+    assert transport.disconnecting
+
+
+def test_an_idle_connection_times_out(share: Path) -> None:
+    clock = Clock()
+    proto, transport = connect(holder(share, b"z"), clock=clock)
+    clock.advance(29)
+    assert not transport.disconnecting
+    proto.dataReceived(Frame("open", name="blob.bin").encode() + b"\n")
+    clock.advance(29)
+    assert not transport.disconnecting
+    clock.advance(2)
+    assert transport.disconnecting
+    proto.connectionLost(None)
+    assert not clock.getDelayedCalls()
+
+
+# -- the requester's side ---------------------------------------------------------------
+
+
+def offer_for(payload: bytes, name: str = "got.bin", sha: Optional[str] = None) -> bytes:
+    sha = sha or hashlib.sha256(payload).hexdigest()
+    return Frame("offer", id=RID, name=name, size=len(payload), sha256=sha, peer=PEER).encode() + b"\n"
+
+
+def serve(proto: TransferProtocol, transport: StringTransport, payload: bytes) -> None:
+    """Play the holder: answer every 'get' the requester sent, in order."""
+    done = 0
+    while True:
+        gets = [f for f in frames(transport) if f["t"] == "get"]
+        if done == len(gets):
+            return
+        for g in gets[done:]:
+            chunk = payload[g["offset"]: g["offset"] + g["length"]]
+            header = Frame("data", offset=g["offset"], length=g["length"]).encode() + b"\n"
+            data = header + chunk
+            for i in range(0, len(data), 65536):  # arrive in TCP-sized pieces
+                proto.dataReceived(data[i: i + 65536])
+        done = len(gets)
+
+
+def test_an_accepted_offer_is_fetched_by_ranges_verified_and_placed(share: Path) -> None:
+    payload = bytes(range(256)) * (RANGE // 256 * 2 + 10)  # more than two ranges
+    node = Node(Shares(share))
+    proto, transport = connect(node)
+    proto.dataReceived(offer_for(payload))
+    first = [f for f in frames(transport) if f["t"] == "get"]
+    assert [(g["offset"], g["length"]) for g in first] == [(0, RANGE), (RANGE, RANGE)]
+    placed: list[Path] = []
+    assert node.download is not None
+    node.download.done.addCallback(placed.append)
+    serve(proto, transport, payload)
+    assert placed == [share / "got.bin"]
+    assert (share / "got.bin").read_bytes() == payload
+    assert frames(transport)[-1]["t"] == "bye"
+    assert list((share / ".p2pshare" / "tmp").iterdir()) == []
+
+
+def test_an_empty_file_needs_no_ranges(share: Path) -> None:
+    node = Node(Shares(share))
+    proto, transport = connect(node)
+    proto.dataReceived(offer_for(b"", name="empty"))
+    assert (share / "empty").read_bytes() == b""
+
+
+def test_content_that_does_not_match_the_hash_is_never_placed(share: Path) -> None:
+    payload = b"p" * 5000
+    node = Node(Shares(share))
+    proto, transport = connect(node)
+    proto.dataReceived(offer_for(payload, sha="0" * 64))
+    failures: list = []
+    assert node.download is not None
+    node.download.done.addErrback(failures.append)
+    serve(proto, transport, payload)
+    assert failures and failures[0].check(VerificationFailed)
+    assert not (share / "got.bin").exists()
+    assert list((share / ".p2pshare" / "tmp").iterdir()) == []
+
+
+def test_a_connection_lost_mid_transfer_fails_and_leaves_nothing(share: Path) -> None:
+    payload = b"q" * 100_000
+    node = Node(Shares(share))
+    proto, transport = connect(node)
+    proto.dataReceived(offer_for(payload))
+    proto.dataReceived(Frame("data", offset=0, length=len(payload)).encode() + b"\n" + payload[:5000])
+    failures: list = []
+    assert node.download is not None
+    node.download.done.addErrback(failures.append)
+    proto.connectionLost(None)
+    assert failures and failures[0].check(TransferFailed)
+    assert "5000 of 100000" in str(failures[0].value)
+    assert not (share / "got.bin").exists()
+    assert list((share / ".p2pshare" / "tmp").iterdir()) == []
+
+
+def test_data_that_was_not_asked_for_closes_the_connection(share: Path) -> None:
+    node = Node(Shares(share))
+    proto, transport = connect(node)
+    proto.dataReceived(offer_for(b"r" * 100))
+    transport.clear()
+    proto.dataReceived(Frame("data", offset=50, length=50).encode() + b"\n")
+    assert frames(transport)[0]["code"] == "bad_range"
+    assert transport.disconnecting
+
+
+def test_a_declined_offer_is_answered_with_decline(share: Path) -> None:
+    proto, transport = connect(Node(Shares(share), accept=False))
+    proto.dataReceived(offer_for(b"s"))
+    assert frames(transport) == [{"v": 1, "t": "decline"}]
+    assert transport.disconnecting
+
+
+def test_the_greeting_is_sent_on_connect(share: Path) -> None:
+    node = Node(Shares(share))
+    proto = TransferProtocol(node, greeting=Frame("open", id=RID, name="x"))
+    _, transport = connect(node, proto)
+    assert frames(transport) == [{"v": 1, "t": "open", "name": "x", "id": RID, "sha256": ""}]
+    assert node.tracked == {proto}
+
+
+def test_the_holders_error_fails_the_download(share: Path) -> None:
+    node = Node(Shares(share))
+    proto, transport = connect(node)
+    proto.dataReceived(offer_for(b"t" * 10))
+    failures: list = []
+    assert node.download is not None
+    node.download.done.addErrback(failures.append)
+    proto.dataReceived(Frame("error", code="unavailable", message="disk on fire").encode() + b"\n")
+    proto.connectionLost(None)
+    assert "disk on fire" in str(failures[0].value)
+
+
+def test_open_for_reading_raises_not_found_through_the_node(share: Path) -> None:
+    with pytest.raises(NotFound):
+        holder(share, b"u").open_for_sending(Frame("open", name="missing"))
