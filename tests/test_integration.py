@@ -1,0 +1,222 @@
+"""A tracker and several peers in one reactor, over real loopback sockets."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, task
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+
+from p2pshare import NotFound, Peer, start_peer, start_tracker
+from p2pshare.errors import AlreadyExists, TransferFailed
+from p2pshare.wire import MAX_DATAGRAM
+
+
+def reactor() -> Any:
+    from twisted.internet import reactor as r
+
+    return r
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait until *check* holds, polling the real reactor."""
+    for _ in range(int(timeout / 0.02)):
+        if check():
+            return
+        await task.deferLater(reactor(), 0.02, lambda: None)
+    assert check()
+
+
+class Network:
+    """A tracker and peers on 127.0.0.1; every one is stopped at teardown."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.tracker: Any = None
+        self.peers: list[Peer] = []
+
+    async def start_tracker(self) -> str:
+        self.tracker = await start_tracker(reactor(), "tcp:0:interface=127.0.0.1", interval=1.0)
+        return f"127.0.0.1:{self.tracker.port.getHost().port}"
+
+    async def add(self, files: dict[str, bytes] | None = None, **options: Any) -> Peer:
+        folder = self.base / f"peer{len(self.peers)}"
+        folder.mkdir()
+        for name, data in (files or {}).items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(data)
+        options.setdefault("interface", "127.0.0.1")
+        options.setdefault("refresh", 0.5)
+        options.setdefault("dial_wait", 0.3)
+        peer = await start_peer(reactor(), folder, **options)
+        self.peers.append(peer)
+        return peer
+
+    async def chain(self, n: int, holder_files: dict[str, bytes], tracker: str | None = None) -> list[Peer]:
+        """Peers 0..n-1 where peer i knows only peer i+1; the last one holds *holder_files*."""
+        peers: list[Peer] = []
+        for i in reversed(range(n)):
+            nxt = [("127.0.0.1", peers[0].udp_port)] if peers else []
+            files = holder_files if i == n - 1 else {}
+            peers.insert(0, await self.add(files, peers=tuple(nxt), tracker=tracker, want=0))
+        return peers
+
+    async def stop(self) -> None:
+        for p in self.peers:
+            await p.stopService()
+        if self.tracker is not None:
+            await self.tracker.stopService()
+
+
+@pytest_twisted.async_yield_fixture
+async def net(tmp_path: Path) -> AsyncIterator[Network]:
+    network = Network(tmp_path)
+    yield network
+    await network.stop()
+
+
+def payload(size: int) -> bytes:
+    return os.urandom(size)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_three_hops_away_is_found_and_fetched_with_a_tracker(net: Network) -> None:
+    address = await net.start_tracker()
+    data = payload(3_000_000)
+    peers = await net.chain(4, {"deep/data.bin": data}, tracker=address)
+    for _ in range(3):
+        peers.append(await net.add(tracker=address, want=0))  # bystanders: six peers and more
+    await eventually(lambda: len(net.tracker.factory.registry) == 7)
+    hits = await peers[0].search("deep/data.bin", timeout=1.0)
+    assert [(h.name, h.size, h.hops) for h in hits] == [("deep/data.bin", len(data), 3)]
+    result = await peers[0].fetch("deep/data.bin", timeout=5.0)
+    assert (peers[0].shares.root / "deep" / "data.bin").read_bytes() == data
+    assert result.dialled_by == "holder"
+    assert result.holder_peer == peers[3].peer_id
+    assert list((peers[0].shares.root / ".p2pshare" / "tmp").iterdir()) == []
+    assert peers[0].shares.lookup("deep/data.bin") is not None  # and now it shares it
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_requester_the_holder_cannot_reach_dials_the_holder_itself(net: Network) -> None:
+    data = payload(1_000_000)
+    peers = await net.chain(3, {"f.bin": data})
+    requester = peers[0]
+    await requester._ports[0].stopListening()  # its TCP port is closed: offers cannot reach it
+    result = await requester.fetch("f.bin", timeout=5.0)
+    assert result.dialled_by == "requester"
+    assert (requester.shares.root / "f.bin").read_bytes() == data
+    assert peers[2].counters["offers_dialled"] == 1
+    assert requester.counters["dials_to_holders"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_neighbours_from_the_tracker_are_enough_to_find_a_file(net: Network) -> None:
+    address = await net.start_tracker()
+    data = payload(10_000)
+    holder = await net.add({"x.txt": data}, tracker=address)
+    others = [await net.add(tracker=address) for _ in range(3)]
+    await eventually(lambda: all(len(p.neighbours()) == 3 for p in others))
+    assert ("127.0.0.1", holder.udp_port) in others[0].neighbours()
+    result = await others[0].fetch("x.txt", timeout=5.0)
+    assert result.size == len(data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_missing_file_fails_with_not_found_after_the_timeout(net: Network) -> None:
+    peers = await net.chain(2, {})
+    with pytest.raises(NotFound, match="nothing.bin"):
+        await peers[0].fetch("nothing.bin", timeout=0.5)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_that_exists_is_not_fetched_again(net: Network) -> None:
+    peers = await net.chain(2, {"a": b"1"})
+    (peers[0].shares.root / "a").write_bytes(b"mine")
+    with pytest.raises(AlreadyExists):
+        await peers[0].fetch("a", timeout=0.5)
+    assert (peers[0].shares.root / "a").read_bytes() == b"mine"
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_fetches_of_one_name_share_one_download(net: Network) -> None:
+    data = payload(2_000_000)
+    peers = await net.chain(2, {"same.bin": data})
+    first, second = peers[0].fetch("same.bin", 5.0), peers[0].fetch("same.bin", 5.0)
+    a, b = await defer.gatherResults([first, second])
+    assert a == b
+    assert peers[0].counters["downloads_completed"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_holders_one_download_and_the_other_offer_declined(net: Network) -> None:
+    data = payload(500_000)
+    h1 = await net.add({"dup.bin": data})
+    h2 = await net.add({"dup.bin": data})
+    requester = await net.add(peers=(("127.0.0.1", h1.udp_port), ("127.0.0.1", h2.udp_port)))
+    await requester.fetch("dup.bin", timeout=5.0)
+    await eventually(lambda: requester.counters["offers_declined"] == 1)
+    assert requester.counters["downloads_completed"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_holder_that_vanishes_mid_transfer_leaves_nothing_behind(net: Network) -> None:
+    data = payload(40_000_000)
+    peers = await net.chain(2, {"big.bin": data})
+    requester, holder = peers
+    started: list[int] = []
+
+    def progress(got: int, size: int) -> None:
+        if not started:
+            started.append(got)
+            for conn in list(holder._connections):
+                conn.transport.abortConnection()
+
+    with pytest.raises(TransferFailed):
+        await requester.fetch("big.bin", timeout=2.0, progress=progress)
+    assert started
+    assert not (requester.shares.root / "big.bin").exists()
+    assert list((requester.shares.root / ".p2pshare" / "tmp").iterdir()) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_datagrams_on_a_real_socket_are_counted_and_dropped(net: Network) -> None:
+    peer = await net.add()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for data in (b"", b"junk", b'{"v":7}', b"{" * (MAX_DATAGRAM + 500)):
+            s.sendto(data, ("127.0.0.1", peer.udp_port))
+    await eventually(lambda: sum(peer.counters[k] for k in (
+        "dropped_malformed", "dropped_unsupported_version", "dropped_oversized")) == 4)
+    assert peer.counters["dropped_oversized"] == 1
+    assert peer.counters["dropped_unsupported_version"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idle_transfer_connection_is_closed(net: Network) -> None:
+    peer = await net.add(idle=0.3)
+    lost: defer.Deferred[None] = defer.Deferred()
+
+    class Silent(Protocol):
+        def connectionLost(self, reason: Any = None) -> None:
+            lost.callback(None)
+
+    endpoint = TCP4ClientEndpoint(reactor(), "127.0.0.1", peer.tcp_port)
+    await endpoint.connect(Factory.forProtocol(Silent))
+    await lost.addTimeout(3, reactor())
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_a_peer_leaves_the_tracker_table(net: Network) -> None:
+    address = await net.start_tracker()
+    a = await net.add(tracker=address)
+    await net.add(tracker=address)
+    await eventually(lambda: len(net.tracker.factory.registry) == 2)
+    await a.stopService()
+    net.peers.remove(a)
+    await eventually(lambda: len(net.tracker.factory.registry) == 1)
