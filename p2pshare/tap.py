@@ -42,7 +42,7 @@ def control_endpoint_string(value: str) -> Optional[str]:
     desc = server_endpoint_string(value, "--control")
     if not desc.startswith("tcp:"):
         raise usage.UsageError("--control: only tcp endpoints are supported")
-    match = re.search(r":interface=([^:]+)", desc)
+    match = re.search(r":interface=((?:\\:|[^:])+)", desc)
     if match is None:
         return desc + ":interface=127.0.0.1"
     if match.group(1) not in LOOPBACK:

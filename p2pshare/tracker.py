@@ -2,8 +2,9 @@
 
 One JSON object a line in both directions (``wire.TrackerRequest`` /
 ``wire.TrackerReply``); requests carry an ``id`` so a client may pipeline them.
-A registration belongs to the connection that made it: when the connection
-drops, the peer leaves the table at once; a peer that stays connected but stops
+A registration belongs to the connection that made it (one connection may
+register several peer ids): when the connection drops, its peers leave the
+table at once; a peer that stays connected but stops
 heartbeating is expired after ``EXPIRE_AFTER`` intervals.
 """
 
@@ -39,7 +40,7 @@ class TrackerServerProtocol(LineReceiver, TimeoutMixin):
 
     def __init__(self, factory: "TrackerFactory") -> None:
         self.factory = factory
-        self.peer_id: Optional[str] = None
+        self.peer_ids: set[str] = set()  # registered through this connection
         self.closed: Deferred[None] = Deferred()
 
     def connectionMade(self) -> None:
@@ -72,9 +73,10 @@ class TrackerServerProtocol(LineReceiver, TimeoutMixin):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.setTimeout(None)
         self.factory.open.discard(self)
-        if self.peer_id is not None and self.factory.connections.get(self.peer_id) is self:
-            del self.factory.connections[self.peer_id]
-            self.factory.registry.remove(self.peer_id)
+        for peer in self.peer_ids:
+            if self.factory.connections.get(peer) is self:
+                del self.factory.connections[peer]
+                self.factory.registry.remove(peer)
         d, self.closed = self.closed, Deferred()
         d.callback(None)
 
@@ -109,8 +111,8 @@ class TrackerFactory(Factory):
             self.registry.register(PeerInfo(req.peer, host, req.udp, req.tcp), now)
             previous = self.connections.get(req.peer)
             if previous is not None and previous is not conn:
-                previous.peer_id = None  # the newer connection owns the registration
-            conn.peer_id = req.peer
+                previous.peer_ids.discard(req.peer)  # the newer connection owns the registration
+            conn.peer_ids.add(req.peer)
             self.connections[req.peer] = conn
             return TrackerReply(req.id, True, host=host, interval=self.interval)
         if req.op == "heartbeat":
@@ -119,10 +121,11 @@ class TrackerFactory(Factory):
             return TrackerReply(req.id, False, "unknown_peer", "register first")
         if req.op == "leave":
             self.registry.remove(req.peer)  # type: ignore[arg-type]
-            self.connections.pop(req.peer, None)  # type: ignore[arg-type]
-            conn.peer_id = None
+            owner = self.connections.pop(req.peer, None)  # type: ignore[arg-type]
+            if owner is not None:
+                owner.peer_ids.discard(req.peer)  # type: ignore[arg-type]
             return TrackerReply(req.id, True)
-        exclude = req.peer or conn.peer_id
+        exclude = req.peer or next(iter(conn.peer_ids), None)
         peers = self.registry.sample(min(req.max, self.max_peers), exclude, self.rng)
         return TrackerReply(req.id, True, peers=tuple(peers))
 
@@ -131,7 +134,7 @@ class TrackerFactory(Factory):
             self.counters.add("tracker_expired")
             conn = self.connections.pop(peer, None)
             if conn is not None:
-                conn.peer_id = None
+                conn.peer_ids.discard(peer)
 
 
 class TrackerService(Service):

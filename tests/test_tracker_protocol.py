@@ -92,6 +92,25 @@ def test_a_dropped_connection_removes_its_peer_at_once() -> None:
     assert [p["peer"] for p in b.ask("peers", max=10)["peers"]] == []
 
 
+def test_one_connection_may_register_several_peers_and_they_leave_with_it() -> None:
+    f = factory()
+    gateway = Conn(f, "10.0.0.7")
+    for n in range(3):
+        assert gateway.ask("register", peer=peer_id(n), udp=1, tcp=1)["ok"]
+    watcher = register(f, 9)
+    assert len(watcher.ask("peers", max=10)["peers"]) == 3
+    gateway.lose()
+    assert watcher.ask("peers", max=10)["peers"] == []
+
+
+def test_a_peer_that_reconnects_is_owned_by_its_new_connection() -> None:
+    f = factory()
+    old = register(f, 1)
+    register(f, 1)
+    old.lose()
+    assert len(f.registry) == 1
+
+
 def test_silent_peers_expire_after_three_intervals() -> None:
     f = factory(interval=10.0)
     register(f, 1)

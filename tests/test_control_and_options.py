@@ -1,0 +1,208 @@
+"""The control API over loopback HTTP, the plugins' option parsing, and the CLI's own behaviour."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest
+import pytest_twisted
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.python import usage
+from twisted.web.client import Agent, readBody
+from twisted.web.http_headers import Headers
+
+from p2pshare import cli, start_peer
+from p2pshare.control import ControlService
+from p2pshare.tap import PeerOptions, TrackerOptions, control_endpoint_string
+
+
+def reactor() -> Any:
+    from twisted.internet import reactor as r
+
+    return r
+
+
+@pytest_twisted.async_yield_fixture
+async def api(tmp_path: Path) -> AsyncIterator[tuple[str, Any, Any]]:
+    """A holder and a requester linked directly; the requester's control API on a free port."""
+    (tmp_path / "h").mkdir()
+    (tmp_path / "r").mkdir()
+    (tmp_path / "h" / "doc.txt").write_bytes(b"contents " * 1000)
+    holder = await start_peer(reactor(), tmp_path / "h", interface="127.0.0.1", dial_wait=0.2)
+    requester = await start_peer(reactor(), tmp_path / "r", interface="127.0.0.1",
+                                 peers=(("127.0.0.1", holder.udp_port),), dial_wait=0.2)
+    control = ControlService(TCP4ServerEndpoint(reactor(), 0, interface="127.0.0.1"), requester)
+    control.startService()
+    while control.port is None:
+        from twisted.internet import task
+
+        await task.deferLater(reactor(), 0.01, lambda: None)
+    yield control.url, requester, holder
+    await control.stopService()
+    await requester.stopService()
+    await holder.stopService()
+
+
+async def call(url: str, method: bytes = b"GET", body: bytes | None = None,
+               host: bytes | None = None) -> tuple[int, bytes]:
+    from twisted.web.client import FileBodyProducer
+
+    headers = Headers({b"host": [host]}) if host else None
+    producer = FileBodyProducer(io.BytesIO(body)) if body is not None else None
+    response = await Agent(reactor()).request(method, url.encode(), headers, producer)
+    return response.code, await readBody(response)
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_reports_identity_addresses_and_counters(api: Any) -> None:
+    url, requester, _ = api
+    code, body = await call(url + "/v1/status")
+    status = json.loads(body)
+    assert code == 200
+    assert (status["peer"], status["udp"], status["tcp"]) == (requester.peer_id, requester.udp_port,
+                                                               requester.tcp_port)
+    assert status["neighbours"] and status["files"] == 0 and isinstance(status["counters"], dict)
+    written = json.loads((requester.shares.state / "control.json").read_text())
+    assert written == {"url": url}
+
+
+@pytest_twisted.ensureDeferred
+async def test_search_lists_the_holders(api: Any) -> None:
+    url, _, holder = api
+    code, body = await call(url + "/v1/search?name=doc.txt&timeout=0.5")
+    hits = json.loads(body)["hits"]
+    assert code == 200
+    assert [(h["name"], h["size"], h["peer"]) for h in hits] == [("doc.txt", 9000, holder.peer_id)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_get_streams_progress_then_done(api: Any) -> None:
+    url, requester, _ = api
+    code, body = await call(url + "/v1/get", b"POST", json.dumps({"name": "doc.txt", "timeout": 5}).encode())
+    events = [json.loads(line) for line in body.splitlines()]
+    assert code == 200
+    assert events[0] == {"event": "searching", "name": "doc.txt"}
+    assert events[-2] == {"event": "progress", "received": 9000, "size": 9000}
+    assert events[-1]["event"] == "done" and events[-1]["size"] == 9000
+    assert (requester.shares.root / "doc.txt").read_bytes() == b"contents " * 1000
+
+
+@pytest_twisted.ensureDeferred
+async def test_get_of_a_missing_name_ends_with_an_error_event(api: Any) -> None:
+    url, _, _ = api
+    _, body = await call(url + "/v1/get", b"POST", json.dumps({"name": "nope", "timeout": 0.3}).encode())
+    last = json.loads(body.splitlines()[-1])
+    assert last["event"] == "error" and "nope" in last["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_requests_are_answered_400(api: Any) -> None:
+    url, _, _ = api
+    assert (await call(url + "/v1/search?timeout=1"))[0] == 400
+    assert (await call(url + "/v1/search?name=x&timeout=-4"))[0] == 400
+    assert (await call(url + "/v1/get", b"POST", b"not json"))[0] == 400
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_foreign_host_header_is_refused(api: Any) -> None:
+    url, _, _ = api
+    code, body = await call(url + "/v1/status", host=b"evil.example:7878")
+    assert code == 403
+
+
+@pytest_twisted.ensureDeferred
+async def test_rescan_finds_files_added_later(api: Any) -> None:
+    url, requester, _ = api
+    (requester.shares.root / "new.txt").write_bytes(b"n")
+    code, body = await call(url + "/v1/rescan", b"POST")
+    assert (code, json.loads(body)) == (200, {"files": 1})
+
+
+# -- options ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("7878", "tcp:7878:interface=127.0.0.1"),
+    ("tcp:0", "tcp:0:interface=127.0.0.1"),
+    ("tcp:9000:interface=\\:\\:1", "tcp:9000:interface=\\:\\:1"),
+    ("none", None),
+])
+def test_control_endpoints_stay_on_loopback(value: str, expected: str | None) -> None:
+    assert control_endpoint_string(value) == expected
+
+
+@pytest.mark.parametrize("value", ["tcp:9000:interface=0.0.0.0", "unix:/tmp/x", "banana", "99999"])
+def test_control_endpoints_off_loopback_are_usage_errors(value: str) -> None:
+    with pytest.raises(usage.UsageError):
+        control_endpoint_string(value)
+
+
+def test_tracker_port_accepts_numbers_and_endpoint_strings() -> None:
+    for value, expected in (("8000", "tcp:8000"), ("tcp:8000:interface=127.0.0.1", "tcp:8000:interface=127.0.0.1")):
+        opts = TrackerOptions()
+        opts.parseOptions(["--port", value])
+        assert opts["port"] == expected
+
+
+def test_peer_options_need_a_tracker_or_a_peer_and_an_existing_folder(tmp_path: Path) -> None:
+    with pytest.raises(usage.UsageError, match="tracker"):
+        PeerOptions().parseOptions(["--dir", str(tmp_path)])
+    with pytest.raises(usage.UsageError, match="not a folder"):
+        PeerOptions().parseOptions(["--tracker", "localhost:8000", "--dir", str(tmp_path / "missing")])
+    opts = PeerOptions()
+    opts.parseOptions(["--tracker", "localhost:8000", "--dir", str(tmp_path), "--peer", "10.0.0.1:5000",
+                       "--peer", "[::1]:6000"])
+    assert opts["peers"] == [("10.0.0.1", 5000), ("::1", 6000)]
+    assert opts["control"] == "tcp:7878:interface=127.0.0.1"
+
+
+# -- CLI ----------------------------------------------------------------------------------
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["frobnicate"])
+    assert exit_info.value.code == 2
+
+
+def test_an_unreachable_daemon_is_one_line_and_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--control", "127.0.0.1:1", "status"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no peer answers" in err and "Traceback" not in err
+
+
+def test_a_folder_without_a_running_peer_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--dir", str(tmp_path), "status"]) == 1
+    assert "no running peer" in capsys.readouterr().err
+
+
+def test_the_progress_bar_is_quiet_when_not_a_terminal() -> None:
+    stream = io.StringIO()
+    bar = cli.Progress("f", stream)
+    bar.update(50, 100)
+    bar.close()
+    assert stream.getvalue() == ""
+
+
+def test_the_progress_bar_draws_on_a_terminal() -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Tty()
+    bar = cli.Progress("file.bin", stream)
+    bar.update(50, 100)
+    bar.close()
+    assert "file.bin" in stream.getvalue() and "50.0%" in stream.getvalue()
+    assert stream.getvalue().endswith("\n")
+
+
+def test_peers_against_a_dead_tracker_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["peers", "--tracker", "127.0.0.1:1", "--timeout", "1"]) == 1
+    assert "no tracker answers" in capsys.readouterr().err
+
+
