@@ -29,7 +29,8 @@ from p2pshare.ratelimit import Counters
 from p2pshare.search import DEFAULT_TTL, SearchCore, SearchProtocol
 from p2pshare.shares import Entry, Shares
 from p2pshare.tracker import TrackerClient
-from p2pshare.transfer import IDLE_TIMEOUT, Download, ITransferNode, TransferFactory, TransferProtocol, dial
+from p2pshare.download import Download, in_thread
+from p2pshare.transfer import IDLE_TIMEOUT, ITransferNode, TransferFactory, TransferProtocol, dial
 from p2pshare.wire import MAX_DATAGRAM, Address, Frame, Hit, PeerInfo, Query, validate_name
 
 MAX_LEARNED = 32  # neighbours learned from incoming queries
@@ -341,7 +342,7 @@ class Peer(MultiService):
         if f.download is not None or f.id not in self._by_id:
             self.counters.add("offers_declined")
             return None
-        download = Download(self.shares, f.name, frame.size, frame.sha256, f.report)
+        download = Download(self.shares, f.name, frame.size, frame.sha256, f.report, in_thread(self.reactor))
         f.download = download
         if f.dial_timer is not None:
             f.dial_timer.cancel()

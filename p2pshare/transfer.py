@@ -12,11 +12,8 @@ when size and SHA-256 match the offer.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import time
 from collections import deque
-from pathlib import Path
 from typing import IO, Callable, Optional
 
 from twisted.internet.defer import Deferred
@@ -28,11 +25,11 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from p2pshare.errors import MalformedMessage, NotFound, TransferFailed, VerificationFailed
-from p2pshare.shares import Entry, Shares
-from p2pshare.wire import MAX_FRAME, MAX_RANGE, Frame
+from p2pshare.download import Download
+from p2pshare.errors import MalformedMessage, NotFound, TransferFailed
+from p2pshare.shares import Entry
+from p2pshare.wire import MAX_FRAME, Frame
 
-RANGE = 16 * 1024 * 1024  # bytes the requester asks for at a time
 WINDOW = 2  # ranges asked for ahead of the one being received
 CHUNK = 512 * 1024  # bytes the producer reads from disk at a time
 IDLE_TIMEOUT = 30.0
@@ -51,66 +48,6 @@ class ITransferNode(Interface):
 
     def track(proto: "TransferProtocol", alive: bool) -> None:
         """Note a connection opening or closing, so that stopping the peer can close it."""
-
-
-class Download:
-    """The requester's side of one file: a temporary file, a running hash, progress."""
-
-    log = Logger()
-
-    def __init__(self, shares: Shares, name: str, size: int, sha256: str,
-                 progress: Callable[[int, int], None] = lambda got, size: None) -> None:
-        self.shares, self.name, self.size, self.sha256 = shares, name, size, sha256
-        self.progress = progress
-        self.tmp_path, self._file = shares.new_temporary()
-        self._hash = hashlib.sha256()
-        self.received = 0
-        self.asked = 0
-        self.started = time.monotonic()
-        self.done: Deferred[Path] = Deferred()
-
-    def next_range(self) -> Optional[tuple[int, int]]:
-        if self.asked >= self.size:
-            return None
-        length = min(RANGE, self.size - self.asked)
-        offset, self.asked = self.asked, self.asked + length
-        return offset, length
-
-    def rewind(self) -> None:
-        """Forget ranges asked of a connection that went away."""
-        self.asked = self.received
-
-    def write(self, data: bytes) -> None:
-        self._file.write(data)
-        self._hash.update(data)
-        self.received += len(data)
-        self.progress(self.received, self.size)
-
-    @property
-    def complete(self) -> bool:
-        return self.received >= self.size
-
-    def finish(self) -> None:
-        """Verify and move into place; fires ``done`` with the final path or a failure."""
-        try:
-            self._file.close()
-            if self.received != self.size or self._hash.hexdigest() != self.sha256:
-                raise VerificationFailed(
-                    f"{self.name}: received {self.received} bytes with SHA-256 {self._hash.hexdigest()[:16]}, "
-                    f"expected {self.size} bytes with {self.sha256[:16]}"
-                )
-            path = self.shares.place(self.tmp_path, self.name, self.sha256)
-        except Exception as e:
-            self.fail(e)
-            return
-        self.done.callback(path)
-
-    def fail(self, error: BaseException) -> None:
-        if not self._file.closed:
-            self._file.close()
-        self.tmp_path.unlink(missing_ok=True)
-        if not self.done.called:
-            self.done.errback(Failure(error))
 
 
 @implementer(IPushProducer)
@@ -228,7 +165,7 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
         if self._sending is not None:
             self._sending[1].close()
             self._sending = None
-        if self.download is not None and not self.download.done.called:
+        if self.download is not None and not self.download.complete:
             got, size = self.download.received, self.download.size
             self.download.fail(TransferFailed(f"{self.download.name}: connection lost after {got} of {size} bytes"))
         d, self.closed = self.closed, Deferred()
@@ -295,6 +232,7 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
             self.transport.loseConnection()
             return
         self.download = download
+        download.attach(self.transport)
         if download.size == 0:
             return self._complete()
         self._ask()

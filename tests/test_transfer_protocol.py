@@ -15,7 +15,8 @@ from zope.interface import implementer
 
 from p2pshare.errors import NotFound, TransferFailed, VerificationFailed
 from p2pshare.shares import Entry, Shares, scan
-from p2pshare.transfer import RANGE, Download, ITransferNode, TransferFactory, TransferProtocol
+from p2pshare.download import RANGE, Download, synchronously
+from p2pshare.transfer import ITransferNode, TransferFactory, TransferProtocol
 from p2pshare.wire import MAX_FRAME, Frame
 
 PEER = "b" * 32
@@ -39,7 +40,7 @@ class Node:
     def accept_offer(self, frame: Frame, proto: TransferProtocol) -> Optional[Download]:
         if not self.accept:
             return None
-        self.download = Download(self.shares, frame.name, frame.size, frame.sha256)
+        self.download = Download(self.shares, frame.name, frame.size, frame.sha256, executor=synchronously)
         return self.download
 
     def track(self, proto: TransferProtocol, alive: bool) -> None:
