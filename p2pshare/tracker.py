@@ -235,6 +235,7 @@ class TrackerClientProtocol(LineReceiver):
         self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.connected = False  # Protocol leaves it set; ``registered`` relies on it
         pending, self._pending = self._pending, {}
         for d in pending.values():
             d.errback(TrackerError("the connection to the tracker was lost"))

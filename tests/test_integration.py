@@ -220,3 +220,17 @@ async def test_stopping_a_peer_leaves_the_tracker_table(net: Network) -> None:
     await a.stopService()
     net.peers.remove(a)
     await eventually(lambda: len(net.tracker.factory.registry) == 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_peers_register_again_with_a_restarted_tracker(net: Network) -> None:
+    address = await net.start_tracker()
+    port = net.tracker.port.getHost().port
+    a = await net.add(tracker=address)
+    b = await net.add(tracker=address)
+    await eventually(lambda: len(net.tracker.factory.registry) == 2)
+    await net.tracker.stopService()
+    await eventually(lambda: not a.tracker.registered and not b.tracker.registered)
+    net.tracker = await start_tracker(reactor(), f"tcp:{port}:interface=127.0.0.1", interval=1.0)
+    await eventually(lambda: len(net.tracker.factory.registry) == 2, timeout=10.0)
+    await eventually(lambda: ("127.0.0.1", b.udp_port) in a.neighbours())
