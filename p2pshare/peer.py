@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections import OrderedDict
+import random
 from pathlib import Path
 from typing import IO, Any, Callable, Optional
 
@@ -26,14 +26,14 @@ from zope.interface import implementer
 
 from p2pshare.errors import AlreadyExists, NotFound, P2PError, TransferFailed
 from p2pshare.ratelimit import Counters
-from p2pshare.search import DEFAULT_TTL, SearchCore, SearchProtocol
+from p2pshare.neighbours import Neighbourhood
+from p2pshare.search import DEFAULT_TTL, Reaction, SearchCore, SearchProtocol
 from p2pshare.shares import Entry, Shares
 from p2pshare.tracker import TrackerClient
 from p2pshare.download import Download, in_thread
 from p2pshare.transfer import IDLE_TIMEOUT, ITransferNode, TransferFactory, TransferProtocol, dial
-from p2pshare.wire import MAX_DATAGRAM, Address, Frame, Hit, PeerInfo, Query, validate_name
+from p2pshare.wire import MAX_DATAGRAM, Address, Frame, Hello, Hit, PeerInfo, Query, validate_name
 
-MAX_LEARNED = 32  # neighbours learned from incoming queries
 MAX_OFFERS = 16  # connections a holder opens to requesters at once
 
 
@@ -54,7 +54,9 @@ class FetchResult:
 class _Fetch:
     def __init__(self, name: str, timeout: float) -> None:
         self.name, self.timeout = name, timeout
-        self.id = ""
+        self.ids: list[str] = []  # one per query sent: the first, then re-queries
+        self.active = True
+        self.requery: Optional[IDelayedCall] = None
         self.waiters: list[Deferred[FetchResult]] = []
         self.progress: list[Callable[[int, int], None]] = []
         self.hits: list[Hit] = []
@@ -70,6 +72,16 @@ class _Fetch:
     def report(self, got: int, size: int) -> None:
         for listener in self.progress:
             listener(got, size)
+
+
+class _Search:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.ids: list[str] = []
+        self.hits: dict[tuple[str, str], Hit] = {}
+        self.done: Deferred[list[Hit]] = Deferred()
+        self.end: Optional[IDelayedCall] = None
+        self.again: Optional[IDelayedCall] = None
 
 
 @implementer(ITransferNode)
@@ -101,7 +113,8 @@ class Peer(MultiService):
     def __init__(self, directory: str | Path, tracker: Optional[IStreamClientEndpoint] = None, port: int = 0,
                  interface: str = "0.0.0.0", advertise: Optional[str] = None, peers: tuple[Address, ...] = (),
                  want: int = 8, refresh: float = 30.0, rescan: float = 30.0, ttl: int = DEFAULT_TTL,
-                 dial_wait: float = 0.5, idle: float = IDLE_TIMEOUT, reactor: Any = None) -> None:
+                 dial_wait: float = 0.5, idle: float = IDLE_TIMEOUT, requery: float = 3.0,
+                 reactor: Any = None) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
@@ -110,25 +123,27 @@ class Peer(MultiService):
         self.peer_id = self._load_peer_id()
         self.port, self.interface, self.advertise = port, interface, advertise
         self.static_peers = list(peers)
-        self.dial_wait, self.idle = dial_wait, idle
+        self.dial_wait, self.idle, self.requery = dial_wait, idle, requery
         self.counters = Counters()
         self.udp_port = self.tcp_port = 0
-        self.tracker_peers: list[Address] = []
-        self.learned: OrderedDict[Address, float] = OrderedDict()
-        self.learn_for = refresh * 3
+        self.hood = Neighbourhood(expire_after=refresh * 3)
+        self.rng = random.SystemRandom()
         self.core = SearchCore(self.shares.lookup, self.neighbours, self._me, self.counters, max_ttl=ttl)
-        self.search_proto = SearchProtocol(self.core, reactor, self._offer, self._learn)
+        self.search_proto = SearchProtocol(self.core, reactor, self._offer, self._heard_from, self._hello)
         self.tracker: Optional[TrackerClient] = None
         if tracker is not None:
             self.tracker = TrackerClient(tracker, reactor, self._registration, self._set_tracker_peers, want,
                                          refresh)
         self._rescan_loop = LoopingCall(self._rescan)
         self._rescan_loop.clock = reactor
+        self._hello_loop = LoopingCall(self._say_hello)
+        self._hello_loop.clock = reactor
+        self._refresh = refresh
         self._rescan_every = rescan
         self._ports: list[IListeningPort] = []
         self._fetches: dict[str, _Fetch] = {}  # by name
         self._by_id: dict[str, _Fetch] = {}
-        self._searches: dict[str, tuple[Deferred[list[Hit]], IDelayedCall]] = {}
+        self._searches: set[_Search] = set()
         self._connections: set[TransferProtocol] = set()
         self._offering = 0
         self._ready: Optional[Deferred[Peer]] = None
@@ -169,11 +184,13 @@ class Peer(MultiService):
         for host, port in self.static_peers:  # datagrams go to IP addresses only
             resolved.append((await self.reactor.resolve(host), port))
         self.static_peers = resolved
+        self.hood.static = resolved
         await self._listen()
         await self.shares.rescan()
         if self.tracker is not None:
             self.tracker.setServiceParent(self)
         self._rescan_loop.start(self._rescan_every, now=False)
+        self._hello_loop.start(self._refresh, now=True)
         info = {"peer": self.peer_id, "udp": self.udp_port, "tcp": self.tcp_port, "pid": os.getpid()}
         (self.shares.state / "peer.json").write_text(json.dumps(info) + "\n")
         self.log.info("peer {peer} sharing {n} files from {root} on port {port}", peer=self.peer_id[:8],
@@ -199,13 +216,13 @@ class Peer(MultiService):
         raise CannotListenError(self.interface, 0, "no port free for both TCP and UDP")
 
     def stopService(self) -> Deferred[Any]:
-        if self._rescan_loop.running:
-            self._rescan_loop.stop()
+        for loop in (self._rescan_loop, self._hello_loop):
+            if loop.running:
+                loop.stop()
         for f in list(self._fetches.values()):
             self._finish(f, Failure(TransferFailed(f"{f.name}: the peer is shutting down")))
-        for rid, (d, call) in list(self._searches.items()):
-            call.cancel()
-            self._end_search(rid)
+        for state in list(self._searches):
+            self._end_search(state)
         closing = []
         for conn in list(self._connections):
             closing.append(conn.closed)
@@ -236,25 +253,35 @@ class Peer(MultiService):
         return self.peer_id, (self.host_for_others, self.tcp_port)
 
     def _set_tracker_peers(self, peers: list[PeerInfo]) -> None:
-        self.tracker_peers = [(p.host, p.udp) for p in peers if p.peer != self.peer_id]
+        fresh = [(p.host, p.udp) for p in peers if p.peer != self.peer_id]
+        new = [a for a in fresh if a not in self.hood.tracker]
+        self.hood.tracker = fresh
+        self._say_hello(new)
 
-    def _learn(self, addr: Address) -> None:
-        """A peer that sends us queries is our neighbour too: queries flow both ways."""
-        self.learned[addr] = self.reactor.seconds()
-        self.learned.move_to_end(addr)
-        while len(self.learned) > MAX_LEARNED:
-            self.learned.popitem(last=False)
+    def _heard_from(self, addr: Address) -> None:
+        self.hood.heard_from(addr, self.reactor.seconds())
+
+    def _hello(self, hello: Hello, sender: Address) -> None:
+        """A neighbour says hello: link back to it, and note the peers it knows."""
+        self.counters.add("hellos_received")
+        now = self.reactor.seconds()
+        self.hood.heard_from(sender, now)
+        self.hood.told_about(hello.peers, now)
+
+    def _say_hello(self, to: Optional[list[Address]] = None) -> None:
+        """Tell neighbours we exist (so they forward to us) and whom we know (peer exchange)."""
+        now = self.reactor.seconds()
+        for addr in self.neighbours() if to is None else to:
+            hello = Hello(self.peer_id, self.hood.sample(8, self.rng, now, exclude=addr))
+            self.search_proto.send_all(Reaction([(hello.encode(), addr)]))
+
+    @property
+    def _own_addresses(self) -> set[Address]:
+        return {(self.host_for_others, self.udp_port), ("127.0.0.1", self.udp_port)}
 
     def neighbours(self) -> list[Address]:
-        cutoff = self.reactor.seconds() - self.learn_for
-        for addr in [a for a, t in self.learned.items() if t < cutoff]:
-            del self.learned[addr]
-        own = {(self.host_for_others, self.udp_port), ("127.0.0.1", self.udp_port)}
-        seen: dict[Address, None] = {}
-        for addr in (*self.static_peers, *self.tracker_peers, *self.learned):
-            if addr not in own:
-                seen[addr] = None
-        return list(seen)
+        self.hood.own = self._own_addresses
+        return self.hood.current(self.reactor.seconds(), tracker_up=bool(self.tracker and self.tracker.registered))
 
     # -- search -------------------------------------------------------------------------
 
@@ -270,18 +297,28 @@ class Peer(MultiService):
             validate_name(name)
         except P2PError as e:
             return fail(e)
-        hits: dict[tuple[str, str], Hit] = {}
-        rid = self._query(name, False, lambda h: hits.setdefault((h.peer, h.sha256), h))
-        d: Deferred[list[Hit]] = Deferred()
-        call = self.reactor.callLater(timeout, self._end_search, rid)
-        self._searches[rid] = (d, call)
-        d.addCallback(lambda _: list(hits.values()))
-        return d
+        state = _Search(name)
+        self._searches.add(state)
+        self._search_query(state)
+        state.end = self.reactor.callLater(timeout, self._end_search, state)
+        return state.done
 
-    def _end_search(self, rid: str) -> None:
-        d, _ = self._searches.pop(rid)
-        self.core.finish_query(rid)
-        d.callback(None)
+    def _search_query(self, state: "_Search") -> None:
+        """Query (again, with a new request ID, while nothing has answered)."""
+        state.again = None
+        if state.hits:
+            return
+        state.ids.append(self._query(state.name, False, lambda h: state.hits.setdefault((h.peer, h.sha256), h)))
+        state.again = self.reactor.callLater(self.requery, self._search_query, state)
+
+    def _end_search(self, state: "_Search") -> None:
+        self._searches.discard(state)
+        for call in (state.end, state.again):
+            if call is not None and call.active():
+                call.cancel()
+        for rid in state.ids:
+            self.core.finish_query(rid)
+        state.done.callback(list(state.hits.values()))
 
     # -- fetch: the requester's side ----------------------------------------------------
 
@@ -297,14 +334,23 @@ class Peer(MultiService):
         f = self._fetches.get(name)
         if f is None:
             f = self._fetches[name] = _Fetch(name, timeout)
-            f.id = self._query(name, True, lambda hit: self._fetch_hit(f, hit))  # type: ignore[arg-type]
-            self._by_id[f.id] = f
+            self._fetch_query(f)
             f.timer = self.reactor.callLater(timeout, self._fetch_expired, f)
         if progress is not None:
             f.progress.append(progress)
         d: Deferred[FetchResult] = Deferred()
         f.waiters.append(d)
         return d
+
+    def _fetch_query(self, f: _Fetch) -> None:
+        """Query (again, with a new request ID, while no holder has answered)."""
+        f.requery = None
+        if f.hits or not f.active:
+            return
+        rid = self._query(f.name, True, lambda hit: self._fetch_hit(f, hit))
+        f.ids.append(rid)
+        self._by_id[rid] = f
+        f.requery = self.reactor.callLater(self.requery, self._fetch_query, f)
 
     def _fetch_hit(self, f: _Fetch, hit: Hit) -> None:
         f.hits.append(hit)
@@ -314,7 +360,7 @@ class Peer(MultiService):
     def _dial_next(self, f: _Fetch) -> None:
         """No holder has connected to us (we may be unreachable): connect to one ourselves."""
         f.dial_timer = None
-        if f.download is not None or f.dialing is not None or f.id not in self._by_id:
+        if f.download is not None or f.dialing is not None or not f.active:
             return
         hit = next((h for h in f.hits if h.tcp not in f.tried), None)
         if hit is None:
@@ -323,7 +369,7 @@ class Peer(MultiService):
             return
         f.tried.add(hit.tcp)
         self.counters.add("dials_to_holders")
-        greeting = Frame("open", id=f.id, name=f.name, sha256=hit.sha256)
+        greeting = Frame("open", id=hit.id, name=f.name, sha256=hit.sha256)
         proto = TransferProtocol(_Dialer(self, f, hit), greeting=greeting, idle=self.idle)
         f.dialing = proto
         endpoint = TCP4ClientEndpoint(self.reactor, hit.tcp[0], hit.tcp[1], timeout=10)
@@ -339,7 +385,7 @@ class Peer(MultiService):
         dial(endpoint, proto).addCallbacks(lambda p: p.closed.addBoth(ended), ended)
 
     def _accept(self, f: _Fetch, frame: Frame, proto: TransferProtocol, dialled_by: str) -> Optional[Download]:
-        if f.download is not None or f.id not in self._by_id:
+        if f.download is not None or not f.active:
             self.counters.add("offers_declined")
             return None
         download = Download(self.shares, f.name, frame.size, frame.sha256, f.report, in_thread(self.reactor))
@@ -393,12 +439,14 @@ class Peer(MultiService):
 
     def _finish(self, f: _Fetch, result: Any) -> None:
         self._fetches.pop(f.name, None)
-        self._by_id.pop(f.id, None)
-        self.core.finish_query(f.id)
-        for call in (f.timer, f.dial_timer):
+        f.active = False
+        for rid in f.ids:
+            self._by_id.pop(rid, None)
+            self.core.finish_query(rid)
+        for call in (f.timer, f.dial_timer, f.requery):
             if call is not None and call.active():
                 call.cancel()
-        f.timer = f.dial_timer = None
+        f.timer = f.dial_timer = f.requery = None
         if f.download is not None and not f.download.done.called:
             f.download.fail(TransferFailed(f"{f.name}: cancelled"))
         waiters, f.waiters = f.waiters, []

@@ -1,7 +1,9 @@
 """Search over UDP: flood a query to neighbours, drop duplicates by request ID, answer hits.
 
 ``SearchCore`` decides (pure: the clock reading is an argument); the
-``SearchProtocol`` only decodes, counts and sends what the core returns.
+``SearchProtocol`` only decodes, counts, sends what the core returns and wakes
+the core when a retransmission is due.  Queries and hits travel hop by hop
+with acknowledgements (see reliable.py); acks and hellos are sent once.
 """
 
 from __future__ import annotations
@@ -11,14 +13,15 @@ from collections import OrderedDict
 from typing import Callable, Optional
 
 from attrs import define, field
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from p2pshare.errors import MalformedMessage, MessageTooLarge, UnsupportedVersion
 from p2pshare.ratelimit import Counters, RateLimitedLog
+from p2pshare.reliable import Retransmitter
 from p2pshare.shares import Entry
-from p2pshare.wire import MAX_DATAGRAM, Address, Hit, Query, decode_datagram
+from p2pshare.wire import MAX_DATAGRAM, Ack, Address, Hello, Hit, Query, decode_datagram
 
 DEFAULT_TTL = 7  # hops a query may travel; larger values on the wire are clamped to this
 
@@ -54,10 +57,18 @@ class DedupCache:
 
 @define
 class Reaction:
-    """What the core wants done with one datagram."""
+    """What the core wants done with one datagram.
+
+    ``sends`` go once; ``tracked`` are (kind, request id, payload, destination)
+    and are resent until acknowledged.
+    """
 
     sends: list[tuple[bytes, Address]] = field(factory=list)
+    tracked: list[tuple[str, str, bytes, Address]] = field(factory=list)
     offer: Optional[tuple[Query, Entry]] = None
+
+    def all_datagrams(self) -> list[tuple[bytes, Address]]:
+        return self.sends + [(payload, dest) for _, _, payload, dest in self.tracked]
 
 
 @define
@@ -76,6 +87,11 @@ class SearchCore:
     seen: DedupCache = field(factory=DedupCache)
     max_ttl: int = DEFAULT_TTL
     waiting: dict[str, Callable[[Hit], None]] = field(factory=dict)
+    retransmitter: Retransmitter = field(default=None)
+
+    def __attrs_post_init__(self) -> None:
+        if self.retransmitter is None:
+            self.retransmitter = Retransmitter(self.counters)
 
     def start_query(self, name: str, udp: Address, tcp: Address, fetch: bool, now: float,
                     on_hit: Callable[[Hit], None], request_id: Optional[str] = None) -> tuple[str, Reaction]:
@@ -86,56 +102,73 @@ class SearchCore:
         q = Query(rid, name, udp, tcp, self.max_ttl, 0, fetch)
         payload = q.encode()
         self.counters.add("queries_started")
-        return rid, Reaction([(payload, n) for n in self.neighbours()])
+        return rid, Reaction(tracked=[("query", rid, payload, n) for n in self.neighbours()])
 
     def finish_query(self, request_id: str) -> None:
-        """Stop listening for hits to *request_id*; later ones count as unknown."""
+        """Stop listening for hits to *request_id* (later ones count as unknown) and resending it."""
         self.waiting.pop(request_id, None)
+        self.retransmitter.forget(request_id)
 
     def on_query(self, q: Query, sender: Address, now: float) -> Reaction:
+        ack = [(Ack(q.id, "query").encode(), sender)]  # duplicates too: our last ack may have been lost
         q = q.with_sender(sender[0])
         if not self.seen.add(q.id, now):
             self.counters.add("dropped_duplicate")
-            return Reaction()
+            return Reaction(ack)
         self.counters.add("queries_received")
         entry = self.lookup(q.name)
         if entry is not None:
             peer, tcp = self.me()
             hit = Hit(q.id, entry.name, entry.size, entry.sha256, tcp, peer, min(q.hops + 1, 255))
             self.counters.add("hits_sent")
-            return Reaction([(hit.encode(), q.udp)], (q, entry) if q.fetch else None)
+            return Reaction(ack, [("hit", q.id, hit.encode(), q.udp)], (q, entry) if q.fetch else None)
         ttl = min(q.ttl, self.max_ttl)
         if ttl <= 0:
             self.counters.add("dropped_expired")
-            return Reaction()
+            return Reaction(ack)
         fwd = Query(q.id, q.name, q.udp, q.tcp, ttl, q.hops, q.fetch).forwarded().encode()
         targets = [n for n in self.neighbours() if n != sender and n != q.udp]
         self.counters.add("queries_forwarded", len(targets))
-        return Reaction([(fwd, n) for n in targets])
+        return Reaction(ack, [("query", q.id, fwd, n) for n in targets])
 
-    def on_hit(self, hit: Hit) -> None:
+    def on_hit(self, hit: Hit, sender: Address, now: float) -> Reaction:
+        """Deliver a hit to the search that asked (each holder once) and acknowledge it."""
+        ack = Reaction([(Ack(hit.id, "hit").encode(), sender)])
         handler = self.waiting.get(hit.id)
         if handler is None:
             self.counters.add("dropped_unknown_hit")
-            return
+            return ack
+        if not self.seen.add(f"hit:{hit.id}:{hit.peer}", now):
+            self.counters.add("dropped_duplicate_hit")
+            return ack
         self.counters.add("hits_received")
         handler(hit)
+        return ack
+
+    def on_ack(self, ack: Ack, sender: Address) -> None:
+        self.retransmitter.ack(ack.kind, ack.id, sender)
+
+    def due(self, now: float) -> list[tuple[bytes, Address]]:
+        return self.retransmitter.due(now)
 
 
 class SearchProtocol(DatagramProtocol):
-    """The UDP socket: decode, count, hand to the core, send what it returns."""
+    """The UDP socket: decode, count, hand to the core, send what it returns, resend when due."""
 
     log = Logger()
     noisy = False
 
     def __init__(self, core: SearchCore, clock: IReactorTime,
                  on_offer: Callable[[Query, Entry], None] = lambda q, e: None,
-                 on_sender: Callable[[Address], None] = lambda a: None) -> None:
+                 on_sender: Callable[[Address], None] = lambda a: None,
+                 on_hello: Callable[[Hello, Address], None] = lambda h, a: None) -> None:
         self.core = core
         self.clock = clock
         self.on_offer = on_offer
         self.on_sender = on_sender
+        self.on_hello = on_hello
         self.bad_input = RateLimitedLog(self.log, clock)
+        self._timer: Optional[IDelayedCall] = None
 
     @property
     def counters(self) -> Counters:
@@ -153,21 +186,58 @@ class SearchProtocol(DatagramProtocol):
             self.bad_input.warn(addr[0], "dropped {kind} datagram from {addr}: {error}", kind=kind, addr=addr,
                                 error=e)
             return
-        if isinstance(msg, Hit):
-            self.core.on_hit(msg.with_sender(addr[0]))
-            return
-        self.on_sender(addr)
-        reaction = self.core.on_query(msg, addr, self.clock.seconds())
-        self.send_all(reaction)
-        if reaction.offer is not None:
-            self.on_offer(*reaction.offer)
+        now = self.clock.seconds()
+        if isinstance(msg, Ack):
+            self.core.on_ack(msg, addr)
+        elif isinstance(msg, Hello):
+            self.on_hello(msg, addr)
+        elif isinstance(msg, Hit):
+            self.send_all(self.core.on_hit(msg.with_sender(addr[0]), addr, now))
+        else:
+            self.on_sender(addr)
+            reaction = self.core.on_query(msg, addr, now)
+            self.send_all(reaction)
+            if reaction.offer is not None:
+                self.on_offer(*reaction.offer)
 
     def send_all(self, reaction: Reaction) -> None:
+        now = self.clock.seconds()
         for payload, dest in reaction.sends:
-            try:
-                self.transport.write(payload, dest)
-            except Exception as e:  # unroutable or invalid address: this datagram only
-                self.counters.add("send_errors")
-                self.bad_input.warn(("send", dest[0]), "could not send to {dest}: {error}", dest=dest, error=e)
-            else:
-                self.counters.add("datagrams_sent")
+            self._send(payload, dest)
+        for kind, rid, payload, dest in reaction.tracked:
+            if self._send(payload, dest):
+                self.core.retransmitter.track(kind, rid, payload, dest, now)
+        self._schedule()
+
+    def _send(self, payload: bytes, dest: Address) -> bool:
+        if self.transport is None:
+            return False
+        try:
+            self.transport.write(payload, dest)
+        except Exception as e:  # unroutable or invalid address: this datagram only
+            self.counters.add("send_errors")
+            self.bad_input.warn(("send", dest[0]), "could not send to {dest}: {error}", dest=dest, error=e)
+            return False
+        self.counters.add("datagrams_sent")
+        return True
+
+    def _schedule(self) -> None:
+        deadline = self.core.retransmitter.next_deadline()
+        if deadline is None or self.transport is None:
+            return
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= deadline:
+                return
+            self._timer.cancel()
+        self._timer = self.clock.callLater(max(0.0, deadline - self.clock.seconds()), self._resend)
+
+    def _resend(self) -> None:
+        self._timer = None
+        for payload, dest in self.core.due(self.clock.seconds()):
+            self._send(payload, dest)
+        self._schedule()
+
+    def stopProtocol(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None

@@ -223,7 +223,47 @@ class Hit:
         return Hit(self.id, self.name, self.size, self.sha256, (host, self.tcp[1]), self.peer, self.hops)
 
 
-Datagram = Union[Query, Hit]
+@frozen
+class Ack:
+    """Received: stops the sender retransmitting the ``kind`` datagram with this ``id``."""
+
+    id: str = field(validator=_request_id)
+    kind: str = field(validator=lambda _, a, v: _check_ack_kind(v))
+    TYPE: ClassVar[str] = "ack"
+
+    def encode(self) -> bytes:
+        return _dumps({"v": VERSION, "t": "ack", "id": self.id, "kind": self.kind})
+
+
+def _check_ack_kind(v: Any) -> None:
+    if v not in ("query", "hit"):
+        raise ValueError("kind must be 'query' or 'hit'")
+
+
+MAX_HELLO_PEERS = 16
+
+
+def _peer_addresses(_: Any, a: Attribute, v: Any) -> None:
+    if type(v) is not tuple or len(v) > MAX_HELLO_PEERS:
+        raise ValueError(f"{a.name} must be a list of at most {MAX_HELLO_PEERS} addresses")
+    for addr in v:
+        _address(_, a, addr)
+
+
+@frozen
+class Hello:
+    """I am your neighbour (keeps links two-way), and here are some of mine (peer exchange)."""
+
+    peer: str = field(validator=_peer_id)
+    peers: tuple[Address, ...] = field(converter=lambda v: tuple(_to_address(x) for x in v) if isinstance(
+        v, (list, tuple)) else v, validator=_peer_addresses)
+    TYPE: ClassVar[str] = "hello"
+
+    def encode(self) -> bytes:
+        return _dumps({"v": VERSION, "t": "hello", "peer": self.peer, "peers": [list(p) for p in self.peers]})
+
+
+Datagram = Union[Query, Hit, Ack, Hello]
 
 
 def decode_datagram(data: bytes) -> Datagram:
@@ -234,6 +274,10 @@ def decode_datagram(data: bytes) -> Datagram:
         return _build(Query, obj, ("id", "name", "udp", "tcp", "ttl", "hops", "fetch"))
     if t == "hit":
         return _build(Hit, obj, ("id", "name", "size", "sha256", "tcp", "peer", "hops"))
+    if t == "ack":
+        return _build(Ack, obj, ("id", "kind"))
+    if t == "hello":
+        return _build(Hello, obj, ("peer", "peers"))
     raise MalformedMessage(f"unknown datagram type {t!r}")
 
 

@@ -12,7 +12,7 @@ from p2pshare.ratelimit import Counters
 from p2pshare.search import DedupCache, SearchCore, SearchProtocol
 from p2pshare.shares import Entry
 from p2pshare.testing import DatagramNetwork, UDPMemoryReactorClock
-from p2pshare.wire import MAX_DATAGRAM, Address, Hit, Query, decode_datagram
+from p2pshare.wire import MAX_DATAGRAM, Ack, Address, Hit, Query, decode_datagram
 
 RID = "1" * 32
 ME = "a" * 32
@@ -55,14 +55,22 @@ def test_dedup_cache_is_bounded_in_entries() -> None:
 # -- SearchCore --------------------------------------------------------------------------
 
 
+def tracked_to(reaction) -> list[tuple[str, Address]]:  # type: ignore[no-untyped-def]
+    return [(kind, dest) for kind, _, _, dest in reaction.tracked]
+
+
+def test_every_query_is_acknowledged_to_its_sender() -> None:
+    sender = ("10.0.0.9", 1)
+    reaction = core().on_query(query(), sender, now=0.0)
+    assert reaction.sends == [(Ack(RID, "query").encode(), sender)]
+
+
 def test_holder_answers_with_a_hit_to_the_requester_and_does_not_forward() -> None:
     entry = Entry("f.txt", 10, 1, SHA)
     c = core({"f.txt": entry}, neighbours=[("10.0.0.2", 1), ("10.0.0.3", 1)])
     reaction = c.on_query(query(), ("10.0.0.9", 1), now=0.0)
-    assert len(reaction.sends) == 1
-    payload, dest = reaction.sends[0]
-    assert dest == REQUESTER
-    hit = decode_datagram(payload)
+    assert tracked_to(reaction) == [("hit", REQUESTER)]
+    hit = decode_datagram(reaction.tracked[0][2])
     assert isinstance(hit, Hit)
     assert (hit.id, hit.name, hit.size, hit.sha256, hit.peer, hit.tcp, hit.hops) == (
         RID, "f.txt", 10, SHA, ME, ("", 6000), 1)
@@ -79,46 +87,45 @@ def test_non_holder_forwards_to_neighbours_except_sender_and_requester() -> None
     sender = ("10.0.0.9", 1)
     c = core(neighbours=[sender, REQUESTER, ("10.0.0.2", 1), ("10.0.0.3", 1)])
     reaction = c.on_query(query(ttl=3), sender, now=0.0)
-    assert [dest for _, dest in reaction.sends] == [("10.0.0.2", 1), ("10.0.0.3", 1)]
-    forwarded = decode_datagram(reaction.sends[0][0])
+    assert tracked_to(reaction) == [("query", ("10.0.0.2", 1)), ("query", ("10.0.0.3", 1))]
+    forwarded = decode_datagram(reaction.tracked[0][2])
     assert isinstance(forwarded, Query)
     assert (forwarded.ttl, forwarded.hops) == (2, 1)
 
 
-def test_duplicate_queries_are_dropped_and_counted() -> None:
+def test_duplicate_queries_are_acknowledged_but_not_forwarded_again() -> None:
     c = core(neighbours=[("10.0.0.2", 1)])
-    assert c.on_query(query(), ("10.0.0.9", 1), now=0.0).sends
-    assert c.on_query(query(), ("10.0.0.8", 1), now=1.0).sends == []
+    assert c.on_query(query(), ("10.0.0.9", 1), now=0.0).tracked
+    again = c.on_query(query(), ("10.0.0.8", 1), now=1.0)
+    assert again.tracked == [] and again.sends == [(Ack(RID, "query").encode(), ("10.0.0.8", 1))]
     assert c.counters["dropped_duplicate"] == 1
 
 
 def test_expired_queries_are_not_forwarded() -> None:
     c = core(neighbours=[("10.0.0.2", 1)])
-    assert c.on_query(query(ttl=0), ("10.0.0.9", 1), now=0.0).sends == []
+    assert c.on_query(query(ttl=0), ("10.0.0.9", 1), now=0.0).tracked == []
     assert c.counters["dropped_expired"] == 1
 
 
 def test_a_huge_ttl_is_clamped_to_the_peers_maximum() -> None:
     c = core(neighbours=[("10.0.0.2", 1)], max_ttl=4)
-    payload, _ = c.on_query(query(ttl=200), ("10.0.0.9", 1), now=0.0).sends[0]
-    forwarded = decode_datagram(payload)
+    forwarded = decode_datagram(c.on_query(query(ttl=200), ("10.0.0.9", 1), now=0.0).tracked[0][2])
     assert isinstance(forwarded, Query) and forwarded.ttl == 3
 
 
 def test_an_empty_requester_host_is_replaced_by_the_senders() -> None:
     c = core({"f.txt": Entry("f.txt", 1, 1, SHA)})
     q = Query(RID, "f.txt", ("", 5000), ("", 5001), 3)
-    (_, dest), = c.on_query(q, ("192.0.2.7", 5000), now=0.0).sends
-    assert dest == ("192.0.2.7", 5000)
+    assert tracked_to(c.on_query(q, ("192.0.2.7", 5000), now=0.0)) == [("hit", ("192.0.2.7", 5000))]
 
 
 def test_own_query_coming_back_is_a_duplicate() -> None:
     c = core(neighbours=[("10.0.0.2", 1)])
     rid, reaction = c.start_query("f.txt", REQUESTER, REQUESTER, False, 0.0, lambda h: None)
-    assert len(reaction.sends) == 1
-    echoed = decode_datagram(reaction.sends[0][0])
+    assert tracked_to(reaction) == [("query", ("10.0.0.2", 1))]
+    echoed = decode_datagram(reaction.tracked[0][2])
     assert isinstance(echoed, Query)
-    assert c.on_query(echoed, ("10.0.0.2", 1), now=0.1).sends == []
+    assert c.on_query(echoed, ("10.0.0.2", 1), now=0.1).tracked == []
 
 
 def test_hits_reach_the_search_that_asked_and_late_ones_are_counted() -> None:
@@ -126,11 +133,15 @@ def test_hits_reach_the_search_that_asked_and_late_ones_are_counted() -> None:
     got: list[Hit] = []
     rid, _ = c.start_query("f.txt", REQUESTER, REQUESTER, False, 0.0, got.append)
     hit = Hit(rid, "f.txt", 1, SHA, ("10.0.0.5", 1), ME, 1)
-    c.on_hit(hit)
+    holder = ("10.0.0.5", 1)
+    c.on_hit(hit, holder, 0.1)
+    c.on_hit(hit, holder, 0.2)  # a retransmission whose ack was lost
     c.finish_query(rid)
-    c.on_hit(hit)
+    late = c.on_hit(hit, holder, 0.3)
     assert got == [hit]
+    assert c.counters["dropped_duplicate_hit"] == 1
     assert c.counters["dropped_unknown_hit"] == 1
+    assert late.sends == [(Ack(rid, "hit").encode(), holder)]  # acknowledged all the same
 
 
 def test_request_ids_carry_128_random_bits() -> None:
@@ -183,7 +194,8 @@ def test_suppressed_messages_are_reported_when_the_window_reopens() -> None:
 def test_a_query_is_forwarded_through_the_port() -> None:
     proto, reactor = protocol_on_fake_port()
     proto.datagramReceived(query().encode(), ("10.0.0.9", 1))
-    (payload, dest), = reactor.udpPorts[40000].written
+    (ack, sender), (payload, dest) = reactor.udpPorts[40000].written
+    assert (decode_datagram(ack), sender) == (Ack(RID, "query"), ("10.0.0.9", 1))
     assert dest == ("10.0.0.2", 1)
     assert isinstance(decode_datagram(payload), Query)
 
@@ -197,7 +209,8 @@ def test_send_errors_are_counted_not_raised() -> None:
 
     proto.transport = Refusing()  # type: ignore[assignment]
     proto.datagramReceived(query().encode(), ("10.0.0.9", 1))
-    assert proto.counters["send_errors"] == 1
+    assert proto.counters["send_errors"] == 2  # the ack and the forwarded query
+    assert len(proto.core.retransmitter) == 0  # what was never sent is not resent
 
 
 # -- a flood across many peers in memory ----------------------------------------------------
@@ -227,4 +240,7 @@ def test_flood_finds_a_file_several_hops_away_and_each_peer_sees_the_query_once(
     net.run()
     assert len(hits) == 1 and hits[0].hops >= 2
     assert all(c.counters["queries_received"] <= 1 for c in cores.values())
+    clock.advance(1)  # retransmission timers wake, find everything acknowledged, and stop
+    net.run()
+    assert sum(c.counters["retries_query"] + c.counters["retries_hit"] for c in cores.values()) == 0
     assert not clock.getDelayedCalls()

@@ -1,0 +1,95 @@
+"""Per-hop retransmission of datagrams until the next hop acknowledges them.
+
+Pure: times are arguments.  Every query a peer sends or forwards, and every
+hit, is kept here until an ``ack`` for it comes back from the address it went
+to, and is resent with exponential backoff otherwise.  The receiver
+acknowledges duplicates too (it has seen the request ID, but its ack may be the
+one that was lost) and processes only the first copy, so a retry never floods
+further.  The bound: a datagram is sent at most ``tries`` times.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from typing import Optional
+
+from attrs import define, field
+
+from p2pshare.ratelimit import Counters
+
+Address = tuple[str, int]
+Key = tuple[str, str, Address]  # (kind, request id, destination)
+
+
+@define
+class _Pending:
+    payload: bytes
+    sent: int
+    timeout: float
+    deadline: float
+
+
+@define
+class Retransmitter:
+    """Datagrams awaiting an ack; ``due`` returns the ones to send again."""
+
+    counters: Counters = field(factory=Counters)
+    first_timeout: float = 0.25
+    max_timeout: float = 2.0
+    tries: int = 7  # sends in all, the first included
+    max_pending: int = 8192
+    _pending: dict[Key, _Pending] = field(factory=dict)
+    _heap: list[tuple[float, int, Key]] = field(factory=list)
+    _seq: itertools.count = field(factory=itertools.count)
+
+    def track(self, kind: str, request_id: str, payload: bytes, dest: Address, now: float) -> None:
+        """Remember a datagram just sent, to be resent until acknowledged."""
+        key = (kind, request_id, dest)
+        if key in self._pending or self.tries <= 1:
+            return
+        if len(self._pending) >= self.max_pending:
+            self.counters.add("retransmit_queue_full")
+            return
+        deadline = now + self.first_timeout
+        self._pending[key] = _Pending(payload, 1, self.first_timeout, deadline)
+        heapq.heappush(self._heap, (deadline, next(self._seq), key))
+
+    def ack(self, kind: str, request_id: str, sender: Address) -> bool:
+        """The datagram reached *sender*; True if it was still waiting."""
+        found = self._pending.pop((kind, request_id, sender), None) is not None
+        self.counters.add("acks_received" if found else "acks_unmatched")
+        return found
+
+    def due(self, now: float) -> list[tuple[bytes, Address]]:
+        """Datagrams whose ack is late: send them again now."""
+        resend = []
+        while self._heap and self._heap[0][0] <= now:
+            deadline, _, key = heapq.heappop(self._heap)
+            p = self._pending.get(key)
+            if p is None or p.deadline != deadline:
+                continue  # acknowledged, or rescheduled
+            if p.sent >= self.tries:
+                del self._pending[key]
+                self.counters.add(f"gave_up_{key[0]}")
+                continue
+            p.sent += 1
+            p.timeout = min(p.timeout * 2, self.max_timeout)
+            p.deadline = now + p.timeout
+            heapq.heappush(self._heap, (p.deadline, next(self._seq), key))
+            self.counters.add(f"retries_{key[0]}")
+            resend.append((p.payload, key[2]))
+        return resend
+
+    def next_deadline(self) -> Optional[float]:
+        while self._heap and self._heap[0][2] not in self._pending:
+            heapq.heappop(self._heap)
+        return self._heap[0][0] if self._heap else None
+
+    def forget(self, request_id: str) -> None:
+        """Stop retransmitting everything about *request_id* (the search is over)."""
+        for key in [k for k in self._pending if k[1] == request_id]:
+            del self._pending[key]
+
+    def __len__(self) -> int:
+        return len(self._pending)
