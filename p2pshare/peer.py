@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import random
 from pathlib import Path
 from typing import IO, Any, Callable, Optional
 
-from attrs import asdict, frozen
+from attrs import asdict
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IStreamClientEndpoint
@@ -24,54 +23,18 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from p2pshare.errors import AlreadyExists, NotFound, P2PError, TransferFailed
-from p2pshare.ratelimit import Counters
+from p2pshare.download import Download
+from p2pshare.errors import NotFound, P2PError
+from p2pshare.fetch import Fetcher, FetchResult
 from p2pshare.neighbours import Neighbourhood
+from p2pshare.ratelimit import Counters
 from p2pshare.search import DEFAULT_TTL, Reaction, SearchCore, SearchProtocol
 from p2pshare.shares import Entry, Shares
 from p2pshare.tracker import TrackerClient
-from p2pshare.download import Download, in_thread
 from p2pshare.transfer import IDLE_TIMEOUT, ITransferNode, TransferFactory, TransferProtocol, dial
 from p2pshare.wire import MAX_DATAGRAM, Address, Frame, Hello, Hit, PeerInfo, Query, validate_name
 
 MAX_OFFERS = 16  # connections a holder opens to requesters at once
-
-
-@frozen
-class FetchResult:
-    """What ``Peer.fetch`` fires with: the verified file in place, and how it came."""
-
-    name: str
-    path: str
-    size: int
-    sha256: str
-    holder: str  # host:port of the holder's transfer socket
-    holder_peer: str
-    dialled_by: str  # "holder" (the original design) or "requester" (dial-back)
-    seconds: float
-
-
-class _Fetch:
-    def __init__(self, name: str, timeout: float) -> None:
-        self.name, self.timeout = name, timeout
-        self.ids: list[str] = []  # one per query sent: the first, then re-queries
-        self.active = True
-        self.requery: Optional[IDelayedCall] = None
-        self.waiters: list[Deferred[FetchResult]] = []
-        self.progress: list[Callable[[int, int], None]] = []
-        self.hits: list[Hit] = []
-        self.tried: set[Address] = set()
-        self.download: Optional[Download] = None
-        self.dialing: Optional[TransferProtocol] = None
-        self.timer: Optional[IDelayedCall] = None
-        self.dial_timer: Optional[IDelayedCall] = None
-        self.expired = False
-        self.error: Optional[BaseException] = None
-        self.started = time.monotonic()
-
-    def report(self, got: int, size: int) -> None:
-        for listener in self.progress:
-            listener(got, size)
 
 
 class _Search:
@@ -82,26 +45,6 @@ class _Search:
         self.done: Deferred[list[Hit]] = Deferred()
         self.end: Optional[IDelayedCall] = None
         self.again: Optional[IDelayedCall] = None
-
-
-@implementer(ITransferNode)
-class _Dialer:
-    """The node for a connection a requester dialled to a holder it heard from."""
-
-    def __init__(self, peer: "Peer", fetch: _Fetch, hit: Hit) -> None:
-        self.peer, self.fetch, self.hit = peer, fetch, hit
-        self.peer_id = peer.peer_id
-
-    def open_for_sending(self, frame: Frame) -> tuple[Entry, IO[bytes]]:
-        raise NotFound("this connection only receives")
-
-    def accept_offer(self, frame: Frame, proto: TransferProtocol) -> Optional[Download]:
-        if frame.name != self.fetch.name or frame.sha256 != self.hit.sha256 or frame.size != self.hit.size:
-            return None
-        return self.peer._accept(self.fetch, frame, proto, "requester")
-
-    def track(self, proto: TransferProtocol, alive: bool) -> None:
-        self.peer.track(proto, alive)
 
 
 @implementer(ITransferNode)
@@ -141,8 +84,7 @@ class Peer(MultiService):
         self._refresh = refresh
         self._rescan_every = rescan
         self._ports: list[IListeningPort] = []
-        self._fetches: dict[str, _Fetch] = {}  # by name
-        self._by_id: dict[str, _Fetch] = {}
+        self.fetcher = Fetcher(self)
         self._searches: set[_Search] = set()
         self._connections: set[TransferProtocol] = set()
         self._offering = 0
@@ -219,8 +161,7 @@ class Peer(MultiService):
         for loop in (self._rescan_loop, self._hello_loop):
             if loop.running:
                 loop.stop()
-        for f in list(self._fetches.values()):
-            self._finish(f, Failure(TransferFailed(f"{f.name}: the peer is shutting down")))
+        self.fetcher.stop()
         for state in list(self._searches):
             self._end_search(state)
         closing = []
@@ -325,136 +266,7 @@ class Peer(MultiService):
     def fetch(self, name: str, timeout: float = 10.0,
               progress: Optional[Callable[[int, int], None]] = None) -> Deferred[FetchResult]:
         """Find *name*, download it from a holder, verify it and put it in the shared folder."""
-        try:
-            validate_name(name)
-            if os.path.lexists(self.shares.root / name):
-                raise AlreadyExists(f"{name} already exists in {self.shares.root}")
-        except P2PError as e:
-            return fail(e)
-        f = self._fetches.get(name)
-        if f is None:
-            f = self._fetches[name] = _Fetch(name, timeout)
-            self._fetch_query(f)
-            f.timer = self.reactor.callLater(timeout, self._fetch_expired, f)
-        if progress is not None:
-            f.progress.append(progress)
-        d: Deferred[FetchResult] = Deferred()
-        f.waiters.append(d)
-        return d
-
-    def _fetch_query(self, f: _Fetch) -> None:
-        """Query (again, with a new request ID, while no holder has answered)."""
-        f.requery = None
-        if f.hits or not f.active:
-            return
-        rid = self._query(f.name, True, lambda hit: self._fetch_hit(f, hit))
-        f.ids.append(rid)
-        self._by_id[rid] = f
-        f.requery = self.reactor.callLater(self.requery, self._fetch_query, f)
-
-    def _fetch_hit(self, f: _Fetch, hit: Hit) -> None:
-        f.hits.append(hit)
-        if f.download is None and f.dialing is None and f.dial_timer is None:
-            f.dial_timer = self.reactor.callLater(self.dial_wait, self._dial_next, f)
-
-    def _dial_next(self, f: _Fetch) -> None:
-        """No holder has connected to us (we may be unreachable): connect to one ourselves."""
-        f.dial_timer = None
-        if f.download is not None or f.dialing is not None or not f.active:
-            return
-        hit = next((h for h in f.hits if h.tcp not in f.tried), None)
-        if hit is None:
-            if f.expired:
-                self._give_up(f)
-            return
-        f.tried.add(hit.tcp)
-        self.counters.add("dials_to_holders")
-        greeting = Frame("open", id=hit.id, name=f.name, sha256=hit.sha256)
-        proto = TransferProtocol(_Dialer(self, f, hit), greeting=greeting, idle=self.idle)
-        f.dialing = proto
-        endpoint = TCP4ClientEndpoint(self.reactor, hit.tcp[0], hit.tcp[1], timeout=10)
-
-        def ended(result: Any) -> None:
-            if f.dialing is proto:
-                f.dialing = None
-                if isinstance(result, Failure):
-                    f.error = TransferFailed(f"{f.name}: could not connect to {hit.tcp[0]}:{hit.tcp[1]}")
-                if f.download is None:
-                    self._dial_next(f)
-
-        dial(endpoint, proto).addCallbacks(lambda p: p.closed.addBoth(ended), ended)
-
-    def _accept(self, f: _Fetch, frame: Frame, proto: TransferProtocol, dialled_by: str) -> Optional[Download]:
-        if f.download is not None or not f.active:
-            self.counters.add("offers_declined")
-            return None
-        download = Download(self.shares, f.name, frame.size, frame.sha256, f.report, in_thread(self.reactor))
-        f.download = download
-        if f.dial_timer is not None:
-            f.dial_timer.cancel()
-            f.dial_timer = None
-        holder = proto.transport.getPeer()
-        listening = next((h.tcp for h in f.hits if h.peer == frame.peer), (holder.host, holder.port))
-        address = f"{listening[0]}:{listening[1]}"
-        self.counters.add(f"downloads_dialled_by_{dialled_by}")
-
-        def done(path: Path) -> None:
-            result = FetchResult(f.name, str(path), frame.size, frame.sha256, address, frame.peer, dialled_by,
-                                 round(time.monotonic() - f.started, 3))
-            self.counters.add("downloads_completed")
-            self.counters.add("bytes_received", frame.size)
-            self._finish(f, result)
-
-        def failed(failure: Failure) -> None:
-            self.counters.add("downloads_failed")
-            self.log.warn("download of {name} from {holder} failed: {error}", name=f.name, holder=address,
-                          error=failure.value)
-            f.download = None
-            f.error = failure.value
-            f.tried.add(listening)
-            if f.dialing is proto:
-                f.dialing = None
-            if any(h.tcp not in f.tried for h in f.hits):
-                self._dial_next(f)
-            elif f.expired or not f.hits:
-                self._give_up(f)
-
-        download.done.addCallbacks(done, failed)
-        return download
-
-    def _fetch_expired(self, f: _Fetch) -> None:
-        f.timer = None
-        f.expired = True
-        if f.download is None and f.dialing is None and f.dial_timer is None:
-            self._give_up(f)
-
-    def _give_up(self, f: _Fetch) -> None:
-        if f.error is not None:
-            error: BaseException = f.error
-        elif f.hits:
-            error = TransferFailed(f"{f.name}: {len(f.hits)} holder(s) answered but none delivered the file")
-        else:
-            error = NotFound(f"{f.name}: no peer answered within {f.timeout:g}s")
-        self._finish(f, Failure(error))
-
-    def _finish(self, f: _Fetch, result: Any) -> None:
-        self._fetches.pop(f.name, None)
-        f.active = False
-        for rid in f.ids:
-            self._by_id.pop(rid, None)
-            self.core.finish_query(rid)
-        for call in (f.timer, f.dial_timer, f.requery):
-            if call is not None and call.active():
-                call.cancel()
-        f.timer = f.dial_timer = f.requery = None
-        if f.download is not None and not f.download.done.called:
-            f.download.fail(TransferFailed(f"{f.name}: cancelled"))
-        waiters, f.waiters = f.waiters, []
-        for d in waiters:
-            if isinstance(result, Failure):
-                d.errback(result)
-            else:
-                d.callback(result)
+        return self.fetcher.fetch(name, timeout, progress)
 
     # -- ITransferNode: the holder's side and offers arriving -----------------------------
 
@@ -467,11 +279,7 @@ class Peer(MultiService):
         return entry, f
 
     def accept_offer(self, frame: Frame, proto: TransferProtocol) -> Optional[Download]:
-        f = self._by_id.get(frame.id)
-        if f is None or frame.name != f.name:
-            self.counters.add("offers_declined")
-            return None
-        return self._accept(f, frame, proto, "holder")
+        return self.fetcher.accept_offer(frame, proto)
 
     def track(self, proto: TransferProtocol, alive: bool) -> None:
         (self._connections.add if alive else self._connections.discard)(proto)
@@ -513,8 +321,7 @@ class Peer(MultiService):
             "tracker": {"connected": bool(self.tracker and self.tracker.registered)} if self.tracker else None,
             "neighbours": [list(a) for a in self.neighbours()],
             "files": len(self.shares.entries),
-            "fetching": {name: {"received": f.download.received if f.download else 0,
-                                "size": f.download.size if f.download else None} for name, f in self._fetches.items()},
+            "fetching": self.fetcher.status(),
             "counters": dict(sorted(self.counters.items())),
         }
 

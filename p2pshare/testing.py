@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from attrs import define, field
 from twisted.internet.address import IPv4Address

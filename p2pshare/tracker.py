@@ -266,7 +266,7 @@ class TrackerClient(Service):
         factory = Factory.forProtocol(TrackerClientProtocol)
         factory.noisy = False
         self._client = ClientService(endpoint, factory,
-                                     retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=30.0),
+                                     retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=max(1.0, min(30.0, refresh))),
                                      clock=clock, prepareConnection=self._registered)
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = clock

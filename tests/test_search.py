@@ -8,7 +8,6 @@ from typing import Optional
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
 
-from p2pshare.ratelimit import Counters
 from p2pshare.search import DedupCache, SearchCore, SearchProtocol
 from p2pshare.shares import Entry
 from p2pshare.testing import DatagramNetwork, UDPMemoryReactorClock

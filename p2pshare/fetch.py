@@ -1,0 +1,248 @@
+"""The requester's side of a fetch: query, collect hits, accept an offer or dial a holder.
+
+Whoever dialled, one ``Download`` per fetch receives the file; when a holder
+fails, the next holder that answered is dialled; the fetch ends verified and in
+place, or with NotFound / TransferFailed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Callable, Optional
+
+from attrs import frozen
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from p2pshare.download import Download, in_thread
+from p2pshare.errors import AlreadyExists, NotFound, P2PError, TransferFailed
+from p2pshare.shares import Entry
+from p2pshare.transfer import ITransferNode, TransferProtocol, dial
+from p2pshare.wire import Address, Frame, Hit, validate_name
+
+if TYPE_CHECKING:
+    from p2pshare.peer import Peer
+
+
+@frozen
+class FetchResult:
+    """What ``Peer.fetch`` fires with: the verified file in place, and how it came."""
+
+    name: str
+    path: str
+    size: int
+    sha256: str
+    holder: str  # host:port of the holder's transfer socket
+    holder_peer: str
+    dialled_by: str  # "holder" (the original design) or "requester" (dial-back)
+    seconds: float
+
+
+class _Fetch:
+    def __init__(self, name: str, timeout: float) -> None:
+        self.name, self.timeout = name, timeout
+        self.ids: list[str] = []  # one per query sent: the first, then re-queries
+        self.active = True
+        self.requery: Optional[IDelayedCall] = None
+        self.waiters: list[Deferred[FetchResult]] = []
+        self.progress: list[Callable[[int, int], None]] = []
+        self.hits: list[Hit] = []
+        self.tried: set[Address] = set()
+        self.download: Optional[Download] = None
+        self.dialing: Optional[TransferProtocol] = None
+        self.timer: Optional[IDelayedCall] = None
+        self.dial_timer: Optional[IDelayedCall] = None
+        self.expired = False
+        self.error: Optional[BaseException] = None
+        self.started = time.monotonic()
+
+    def report(self, got: int, size: int) -> None:
+        for listener in self.progress:
+            listener(got, size)
+
+
+@implementer(ITransferNode)
+class _Dialer:
+    """The node for a connection a requester dialled to a holder it heard from."""
+
+    def __init__(self, fetcher: "Fetcher", fetch: _Fetch, hit: Hit) -> None:
+        self.fetcher, self.fetch, self.hit = fetcher, fetch, hit
+        self.peer_id = fetcher.peer.peer_id
+
+    def open_for_sending(self, frame: Frame) -> tuple[Entry, IO[bytes]]:
+        raise NotFound("this connection only receives")
+
+    def accept_offer(self, frame: Frame, proto: TransferProtocol) -> Optional[Download]:
+        if frame.name != self.fetch.name or frame.sha256 != self.hit.sha256 or frame.size != self.hit.size:
+            return None
+        return self.fetcher._accept(self.fetch, frame, proto, "requester")
+
+    def track(self, proto: TransferProtocol, alive: bool) -> None:
+        self.fetcher.peer.track(proto, alive)
+
+
+class Fetcher:
+    """All fetches of one peer, by name (two fetches of one name share a download) and by request ID."""
+
+    log = Logger()
+
+    def __init__(self, peer: "Peer") -> None:
+        self.peer = peer
+        self.fetches: dict[str, _Fetch] = {}
+        self.by_id: dict[str, _Fetch] = {}
+
+    def accept_offer(self, frame: Frame, proto: TransferProtocol) -> Optional[Download]:
+        """A holder dialled us with an offer: the download it is for, or None to decline."""
+        f = self.by_id.get(frame.id)
+        if f is None or frame.name != f.name:
+            self.peer.counters.add("offers_declined")
+            return None
+        return self._accept(f, frame, proto, "holder")
+
+    def stop(self) -> None:
+        for f in list(self.fetches.values()):
+            self._finish(f, Failure(TransferFailed(f"{f.name}: the peer is shutting down")))
+
+    def status(self) -> dict[str, Any]:
+        return {name: {"received": f.download.received if f.download else 0,
+                       "size": f.download.size if f.download else None} for name, f in self.fetches.items()}
+
+    def fetch(self, name: str, timeout: float = 10.0,
+              progress: Optional[Callable[[int, int], None]] = None) -> Deferred[FetchResult]:
+        """Find *name*, download it from a holder, verify it and put it in the shared folder."""
+        try:
+            validate_name(name)
+            if os.path.lexists(self.peer.shares.root / name):
+                raise AlreadyExists(f"{name} already exists in {self.peer.shares.root}")
+        except P2PError as e:
+            return fail(e)
+        f = self.fetches.get(name)
+        if f is None:
+            f = self.fetches[name] = _Fetch(name, timeout)
+            self._fetch_query(f)
+            f.timer = self.peer.reactor.callLater(timeout, self._fetch_expired, f)
+        if progress is not None:
+            f.progress.append(progress)
+        d: Deferred[FetchResult] = Deferred()
+        f.waiters.append(d)
+        return d
+
+    def _fetch_query(self, f: _Fetch) -> None:
+        """Query (again, with a new request ID, while no holder has answered)."""
+        f.requery = None
+        if f.hits or not f.active:
+            return
+        rid = self.peer._query(f.name, True, lambda hit: self._fetch_hit(f, hit))
+        f.ids.append(rid)
+        self.by_id[rid] = f
+        f.requery = self.peer.reactor.callLater(self.peer.requery, self._fetch_query, f)
+
+    def _fetch_hit(self, f: _Fetch, hit: Hit) -> None:
+        f.hits.append(hit)
+        if f.download is None and f.dialing is None and f.dial_timer is None:
+            f.dial_timer = self.peer.reactor.callLater(self.peer.dial_wait, self._dial_next, f)
+
+    def _dial_next(self, f: _Fetch) -> None:
+        """No holder has connected to us (we may be unreachable): connect to one ourselves."""
+        f.dial_timer = None
+        if f.download is not None or f.dialing is not None or not f.active:
+            return
+        hit = next((h for h in f.hits if h.tcp not in f.tried), None)
+        if hit is None:
+            if f.expired:
+                self._give_up(f)
+            return
+        f.tried.add(hit.tcp)
+        self.peer.counters.add("dials_to_holders")
+        greeting = Frame("open", id=hit.id, name=f.name, sha256=hit.sha256)
+        proto = TransferProtocol(_Dialer(self, f, hit), greeting=greeting, idle=self.peer.idle)
+        f.dialing = proto
+        endpoint = TCP4ClientEndpoint(self.peer.reactor, hit.tcp[0], hit.tcp[1], timeout=10)
+
+        def ended(result: Any) -> None:
+            if f.dialing is proto:
+                f.dialing = None
+                if isinstance(result, Failure):
+                    f.error = TransferFailed(f"{f.name}: could not connect to {hit.tcp[0]}:{hit.tcp[1]}")
+                if f.download is None:
+                    self._dial_next(f)
+
+        dial(endpoint, proto).addCallbacks(lambda p: p.closed.addBoth(ended), ended)
+
+    def _accept(self, f: _Fetch, frame: Frame, proto: TransferProtocol, dialled_by: str) -> Optional[Download]:
+        if f.download is not None or not f.active:
+            self.peer.counters.add("offers_declined")
+            return None
+        download = Download(self.peer.shares, f.name, frame.size, frame.sha256, f.report, in_thread(self.peer.reactor))
+        f.download = download
+        if f.dial_timer is not None:
+            f.dial_timer.cancel()
+            f.dial_timer = None
+        holder = proto.transport.getPeer()
+        listening = next((h.tcp for h in f.hits if h.peer == frame.peer), (holder.host, holder.port))
+        address = f"{listening[0]}:{listening[1]}"
+        self.peer.counters.add(f"downloads_dialled_by_{dialled_by}")
+
+        def done(path: Path) -> None:
+            result = FetchResult(f.name, str(path), frame.size, frame.sha256, address, frame.peer, dialled_by,
+                                 round(time.monotonic() - f.started, 3))
+            self.peer.counters.add("downloads_completed")
+            self.peer.counters.add("bytes_received", frame.size)
+            self._finish(f, result)
+
+        def failed(failure: Failure) -> None:
+            self.peer.counters.add("downloads_failed")
+            self.log.warn("download of {name} from {holder} failed: {error}", name=f.name, holder=address,
+                          error=failure.value)
+            f.download = None
+            f.error = failure.value
+            f.tried.add(listening)
+            if f.dialing is proto:
+                f.dialing = None
+            if any(h.tcp not in f.tried for h in f.hits):
+                self._dial_next(f)
+            elif f.expired or not f.hits:
+                self._give_up(f)
+
+        download.done.addCallbacks(done, failed)
+        return download
+
+    def _fetch_expired(self, f: _Fetch) -> None:
+        f.timer = None
+        f.expired = True
+        if f.download is None and f.dialing is None and f.dial_timer is None:
+            self._give_up(f)
+
+    def _give_up(self, f: _Fetch) -> None:
+        if f.error is not None:
+            error: BaseException = f.error
+        elif f.hits:
+            error = TransferFailed(f"{f.name}: {len(f.hits)} holder(s) answered but none delivered the file")
+        else:
+            error = NotFound(f"{f.name}: no peer answered within {f.timeout:g}s")
+        self._finish(f, Failure(error))
+
+    def _finish(self, f: _Fetch, result: Any) -> None:
+        self.fetches.pop(f.name, None)
+        f.active = False
+        for rid in f.ids:
+            self.by_id.pop(rid, None)
+            self.peer.core.finish_query(rid)
+        for call in (f.timer, f.dial_timer, f.requery):
+            if call is not None and call.active():
+                call.cancel()
+        f.timer = f.dial_timer = f.requery = None
+        if f.download is not None and not f.download.done.called:
+            f.download.fail(TransferFailed(f"{f.name}: cancelled"))
+        waiters, f.waiters = f.waiters, []
+        for d in waiters:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
