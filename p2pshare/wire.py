@@ -342,7 +342,7 @@ class TrackerRequest:
 
 
 def _check_op(op: Any) -> None:
-    if op not in TRACKER_OPS:
+    if not isinstance(op, str) or op not in TRACKER_OPS:
         raise ValueError(f"unknown op {op!r}")
 
 
@@ -424,7 +424,7 @@ class Frame:
     def decode(cls, data: bytes) -> "Frame":
         obj = _loads(data, MAX_FRAME)
         t = obj.get("t")
-        if t not in FRAME_FIELDS:
+        if not isinstance(t, str) or t not in FRAME_FIELDS:
             raise MalformedMessage(f"unknown frame type {t!r}")
         return _build(cls, obj, ("t",) + FRAME_FIELDS[t], FRAME_OPTIONAL[t])
 
@@ -451,5 +451,5 @@ FRAME_OPTIONAL: dict[str, tuple[str, ...]] = {
 
 
 def _check_frame(t: Any) -> None:
-    if t not in FRAME_FIELDS:
+    if not isinstance(t, str) or t not in FRAME_FIELDS:
         raise ValueError(f"unknown frame type {t!r}")
