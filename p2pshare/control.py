@@ -141,6 +141,8 @@ class RescanResource(_Guarded):
 
     def render_POST(self, request: Request) -> Any:
         def answer(result: Any) -> None:
+            if request.finished or request._disconnected:  # type: ignore[attr-defined]
+                return
             if isinstance(result, Failure):
                 request.write(_error(request, result.value))
             else:
@@ -173,11 +175,13 @@ class ControlService(Service):
         self.endpoint, self.peer = endpoint, peer
         self.port: Optional[IListeningPort] = None
         self.url = ""
+        self._listening: Deferred[None] = Deferred()
 
     def startService(self) -> None:
         super().startService()
 
         def listening(port: IListeningPort) -> None:
+            self._listening.callback(None)
             self.port = port
             host = port.getHost()
             self.url = f"http://{host.host}:{host.port}"
@@ -185,13 +189,17 @@ class ControlService(Service):
             self.log.info("control API on {url}", url=self.url)
 
         def failed(f: Failure) -> None:
-            self.log.critical("the control API could not listen ({error}); stopping. Use --control to pick "
-                              "another port, or --control none.", error=f.getErrorMessage())
-            from p2pshare.tap import stop_when_running
-
-            stop_when_running(self.peer.reactor)
+            self.log.critical("the control API could not listen ({error}). Use --control to pick another "
+                              "port, or --control none.", error=f.getErrorMessage())
+            self._listening.errback(f)
 
         self.endpoint.listen(control_site(self.peer)).addCallbacks(listening, failed)
+
+    def when_listening(self) -> Deferred[None]:
+        """Fires when the API listens, or fails when it cannot."""
+        d: Deferred[None] = Deferred()
+        self._listening.addBoth(lambda r: (d.errback(r) if isinstance(r, Failure) else d.callback(None), None)[1])
+        return d
 
     def stopService(self) -> Deferred[None]:
         super().stopService()

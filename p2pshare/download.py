@@ -125,6 +125,9 @@ class Download:
 
     def _write_failed(self, f: Failure) -> None:
         self._writing = 0
+        if self._ended:  # failed meanwhile: the file is ours to remove now
+            self._discard()
+            return
         error = f.value
         reason = getattr(error, "strerror", None) or str(error)
         self.fail(TransferFailed(f"{self.name}: could not write the temporary file: {reason}"))

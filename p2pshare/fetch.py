@@ -141,7 +141,8 @@ class Fetcher:
         rid = self.peer._query(f.name, True, lambda hit: self._fetch_hit(f, hit))
         f.ids.append(rid)
         self.by_id[rid] = f
-        f.requery = self.peer.reactor.callLater(self.peer.requery, self._fetch_query, f)
+        if self.peer.requery < f.timeout - (time.monotonic() - f.started):
+            f.requery = self.peer.reactor.callLater(self.peer.requery, self._fetch_query, f)
 
     def _fetch_hit(self, f: _Fetch, hit: Hit) -> None:
         f.hits.append(hit)
@@ -161,7 +162,8 @@ class Fetcher:
         f.tried.add(hit.tcp)
         self.peer.counters.add("dials_to_holders")
         greeting = Frame("open", id=hit.id, name=f.name, sha256=hit.sha256)
-        proto = TransferProtocol(_Dialer(self, f, hit), greeting=greeting, idle=self.peer.idle)
+        proto = TransferProtocol(_Dialer(self, f, hit), greeting=greeting, idle=self.peer.idle,
+                                 clock=self.peer.reactor)
         f.dialing = proto
         endpoint = TCP4ClientEndpoint(self.peer.reactor, hit.tcp[0], hit.tcp[1], timeout=10)
 
@@ -185,11 +187,15 @@ class Fetcher:
             f.dial_timer.cancel()
             f.dial_timer = None
         holder = proto.transport.getPeer()
-        listening = next((h.tcp for h in f.hits if h.peer == frame.peer), (holder.host, holder.port))
-        address = f"{listening[0]}:{listening[1]}"
+
+        def listening() -> Address:
+            """The holder's listening address, from its hit (its dial came from another port)."""
+            return next((h.tcp for h in f.hits if h.peer == frame.peer), (holder.host, holder.port))
+
         self.peer.counters.add(f"downloads_dialled_by_{dialled_by}")
 
         def done(path: Path) -> None:
+            address = "%s:%d" % listening()
             result = FetchResult(f.name, str(path), frame.size, frame.sha256, address, frame.peer, dialled_by,
                                  round(time.monotonic() - f.started, 3))
             self.peer.counters.add("downloads_completed")
@@ -198,11 +204,11 @@ class Fetcher:
 
         def failed(failure: Failure) -> None:
             self.peer.counters.add("downloads_failed")
-            self.log.warn("download of {name} from {holder} failed: {error}", name=f.name, holder=address,
+            self.log.warn("download of {name} from {holder} failed: {error}", name=f.name, holder=listening(),
                           error=failure.value)
             f.download = None
             f.error = failure.value
-            f.tried.add(listening)
+            f.tried.add(listening())
             if f.dialing is proto:
                 f.dialing = None
             if any(h.tcp not in f.tried for h in f.hits):

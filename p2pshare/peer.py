@@ -28,11 +28,12 @@ from p2pshare.errors import NotFound, P2PError
 from p2pshare.fetch import Fetcher, FetchResult
 from p2pshare.neighbours import Neighbourhood
 from p2pshare.ratelimit import Counters
+from p2pshare.reliable import Retransmitter
 from p2pshare.search import DEFAULT_TTL, Reaction, SearchCore, SearchProtocol
 from p2pshare.shares import Entry, Shares
 from p2pshare.tracker import TrackerClient
 from p2pshare.transfer import IDLE_TIMEOUT, ITransferNode, TransferFactory, TransferProtocol, dial
-from p2pshare.wire import MAX_DATAGRAM, Address, Frame, Hello, Hit, PeerInfo, Query, validate_name
+from p2pshare.wire import MAX_DATAGRAM, Address, Frame, Hello, Hit, PeerInfo, Query, is_ip, validate_name
 
 MAX_OFFERS = 16  # connections a holder opens to requesters at once
 
@@ -45,6 +46,7 @@ class _Search:
         self.done: Deferred[list[Hit]] = Deferred()
         self.end: Optional[IDelayedCall] = None
         self.again: Optional[IDelayedCall] = None
+        self.deadline = 0.0
 
 
 @implementer(ITransferNode)
@@ -71,7 +73,8 @@ class Peer(MultiService):
         self.udp_port = self.tcp_port = 0
         self.hood = Neighbourhood(expire_after=refresh * 3)
         self.rng = random.SystemRandom()
-        self.core = SearchCore(self.shares.lookup, self.neighbours, self._me, self.counters, max_ttl=ttl)
+        self.core = SearchCore(self.shares.lookup, self.neighbours, self._me, self.counters, max_ttl=ttl,
+                               retransmitter=Retransmitter(self.counters, on_give_up=self._unanswered))
         self.search_proto = SearchProtocol(self.core, reactor, self._offer, self._heard_from, self._hello)
         self.tracker: Optional[TrackerClient] = None
         if tracker is not None:
@@ -110,7 +113,7 @@ class Peer(MultiService):
         self._ready.addErrback(self._start_failed)
 
     def _start_failed(self, f: Failure) -> Failure:
-        self.log.failure("the peer could not start", f)
+        self.log.error("the peer could not start: {error}", error=f.getErrorMessage())
         return f
 
     def when_ready(self) -> Deferred["Peer"]:
@@ -125,6 +128,8 @@ class Peer(MultiService):
         resolved = []
         for host, port in self.static_peers:  # datagrams go to IP addresses only
             resolved.append((await self.reactor.resolve(host), port))
+        if self.advertise and not is_ip(self.advertise):
+            self.advertise = await self.reactor.resolve(self.advertise)
         self.static_peers = resolved
         self.hood.static = resolved
         await self._listen()
@@ -142,7 +147,7 @@ class Peer(MultiService):
     async def _listen(self) -> None:
         for attempt in range(20):
             tcp = await TCP4ServerEndpoint(self.reactor, self.port, interface=self.interface).listen(
-                TransferFactory(self, self.idle))
+                TransferFactory(self, self.idle, self.reactor))
             number = tcp.getHost().port
             try:
                 udp = self.reactor.listenUDP(number, self.search_proto, interface=self.interface,
@@ -199,6 +204,10 @@ class Peer(MultiService):
         self.hood.tracker = fresh
         self._say_hello(new)
 
+    def _unanswered(self, kind: str, request_id: str, dest: Address) -> None:
+        """A neighbour acknowledged nothing through every retry: stop counting on what we learned of it."""
+        self.hood.forget(dest)
+
     def _heard_from(self, addr: Address) -> None:
         self.hood.heard_from(addr, self.reactor.seconds())
 
@@ -211,10 +220,13 @@ class Peer(MultiService):
 
     def _say_hello(self, to: Optional[list[Address]] = None) -> None:
         """Tell neighbours we exist (so they forward to us) and whom we know (peer exchange)."""
-        now = self.reactor.seconds()
-        for addr in self.neighbours() if to is None else to:
-            hello = Hello(self.peer_id, self.hood.sample(8, self.rng, now, exclude=addr))
-            self.search_proto.send_all(Reaction([(hello.encode(), addr)]))
+        try:
+            now = self.reactor.seconds()
+            for addr in self.neighbours() if to is None else to:
+                hello = Hello(self.peer_id, self.hood.sample(8, self.rng, now, exclude=addr))
+                self.search_proto.send_all(Reaction([(hello.encode(), addr)]))
+        except Exception:  # a LoopingCall stops for good on an exception
+            self.log.failure("sending hellos failed")
 
     @property
     def _own_addresses(self) -> set[Address]:
@@ -239,6 +251,7 @@ class Peer(MultiService):
         except P2PError as e:
             return fail(e)
         state = _Search(name)
+        state.deadline = self.reactor.seconds() + timeout
         self._searches.add(state)
         self._search_query(state)
         state.end = self.reactor.callLater(timeout, self._end_search, state)
@@ -250,7 +263,8 @@ class Peer(MultiService):
         if state.hits:
             return
         state.ids.append(self._query(state.name, False, lambda h: state.hits.setdefault((h.peer, h.sha256), h)))
-        state.again = self.reactor.callLater(self.requery, self._search_query, state)
+        if self.reactor.seconds() + self.requery < state.deadline:
+            state.again = self.reactor.callLater(self.requery, self._search_query, state)
 
     def _end_search(self, state: "_Search") -> None:
         self._searches.discard(state)
@@ -295,7 +309,7 @@ class Peer(MultiService):
             return
         greeting = Frame("offer", id=q.id, name=entry.name, size=entry.size, sha256=entry.sha256,
                          peer=self.peer_id)
-        proto = TransferProtocol(self, greeting=greeting, sending=(entry, f), idle=self.idle)
+        proto = TransferProtocol(self, greeting=greeting, sending=(entry, f), idle=self.idle, clock=self.reactor)
         self._offering += 1
         self.counters.add("offers_dialled")
 

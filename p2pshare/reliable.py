@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from typing import Optional
+from typing import Callable, Optional
 
 from attrs import define, field
 
@@ -39,6 +39,7 @@ class Retransmitter:
     max_timeout: float = 2.0
     tries: int = 7  # sends in all, the first included
     max_pending: int = 8192
+    on_give_up: Callable[[str, str, Address], None] = lambda kind, request_id, dest: None
     _pending: dict[Key, _Pending] = field(factory=dict)
     _heap: list[tuple[float, int, Key]] = field(factory=list)
     _seq: itertools.count = field(factory=itertools.count)
@@ -72,6 +73,7 @@ class Retransmitter:
             if p.sent >= self.tries:
                 del self._pending[key]
                 self.counters.add(f"gave_up_{key[0]}")
+                self.on_give_up(*key)
                 continue
             p.sent += 1
             p.timeout = min(p.timeout * 2, self.max_timeout)

@@ -212,6 +212,9 @@ class SearchProtocol(DatagramProtocol):
     def _send(self, payload: bytes, dest: Address) -> bool:
         if self.transport is None:
             return False
+        if len(payload) > MAX_DATAGRAM:  # receivers would drop it
+            self.counters.add("send_oversized")
+            return False
         try:
             self.transport.write(payload, dest)
         except Exception as e:  # unroutable or invalid address: this datagram only

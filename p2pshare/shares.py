@@ -103,6 +103,7 @@ class Shares:
         self._reactor = reactor
         self._threadpool = threadpool
         self._scanning: Optional[Deferred[dict[str, Entry]]] = None
+        self._placed: dict[str, Entry] = {}  # downloads placed while a scan runs
 
     def _load_cache(self) -> dict[str, Entry]:
         try:
@@ -132,6 +133,9 @@ class Shares:
 
         def done(entries: dict[str, Entry]) -> dict[str, Entry]:
             self._scanning = None
+            placed, self._placed = self._placed, {}
+            for name, entry in placed.items():  # placed after the walk passed their folder
+                entries.setdefault(name, entry)
             changed = entries != self.entries
             self.entries = entries
             if changed:
@@ -174,13 +178,16 @@ class Shares:
     def destination(self, name: str) -> Path:
         """Where a download of *name* goes; raise unless it is a new file inside the root."""
         validate_name(name)
-        path = self.root / name
-        parent = path.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        real_parent = parent.resolve(strict=True)
-        if not within(self.root, real_parent) or within(self.state, real_parent):
-            raise InvalidName(f"{name!r} would be written outside the shared folder")
-        target = real_parent / path.name
+        parent = self.root
+        for part in name.split("/")[:-1]:  # check each folder before creating the next one in it
+            parent = parent / part
+            if not os.path.lexists(parent):
+                parent.mkdir()
+            real = parent.resolve(strict=True)
+            if not real.is_dir() or not within(self.root, real) or within(self.state, real):
+                raise InvalidName(f"{name!r} would be written outside the shared folder")
+            parent = real
+        target = parent / name.rsplit("/", 1)[-1]
         if os.path.lexists(target):
             raise AlreadyExists(f"{name} already exists in {self.root}")
         return target
@@ -202,9 +209,17 @@ class Shares:
             except FileExistsError:
                 raise AlreadyExists(f"{name} already exists in {self.root}") from None
             except OSError:
-                os.rename(tmp_path, target)  # a file system without hard links
+                # No hard links here: claim the name with an exclusive create, then replace
+                # our own empty placeholder, so a file that appeared meanwhile is never overwritten.
+                try:
+                    os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                except FileExistsError:
+                    raise AlreadyExists(f"{name} already exists in {self.root}") from None
+                os.replace(tmp_path, target)
         finally:
             tmp_path.unlink(missing_ok=True)
         st = target.stat()
         self.entries[name] = Entry(name, st.st_size, st.st_mtime_ns, sha256)
+        if self._scanning is not None:
+            self._placed[name] = self.entries[name]
         return target

@@ -6,7 +6,10 @@ control.py.
 
 from __future__ import annotations
 
+import atexit
+import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -92,17 +95,30 @@ class _StopOnFailure(MultiService):
 
     log = Logger()
 
-    def __init__(self, reactor: Any, ready: Callable[[], Deferred[Any]]) -> None:
+    def __init__(self, reactor: Any, *ready: Callable[[], Deferred[Any]]) -> None:
         super().__init__()
         self.reactor, self.ready = reactor, ready
+        self.failed = False
 
     def startService(self) -> None:
         super().startService()
-        self.ready().addErrback(self._failed)
+        for ready in self.ready:
+            ready().addErrback(self._failed)
 
     def _failed(self, f: Failure) -> None:
+        if self.failed:
+            return
+        self.failed = True
         self.log.critical("could not start: {error}", error=f.getErrorMessage())
         stop_when_running(self.reactor)
+        atexit.register(_exit_status_1)  # twistd itself exits 0 once the reactor stops
+
+
+def _exit_status_1() -> None:
+    """At interpreter exit, after twistd's own clean-up: make the failure visible to supervisors."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def stop_when_running(reactor: Any) -> None:
@@ -180,8 +196,13 @@ def makePeerService(options: PeerOptions, reactor: Any = None) -> IService:
     peer = Peer(options["dir"], tracker=tracker, port=options["port"], interface=options["interface"],
                 advertise=options["advertise"], peers=tuple(options["peers"]), want=options["neighbours"],
                 refresh=options["refresh"], rescan=options["rescan"], ttl=options["ttl"], reactor=reactor)
-    top = _StopOnFailure(reactor, peer.when_ready)
-    peer.setServiceParent(top)
+    ready = [peer.when_ready]
+    services: list[IService] = [peer]
     if options["control"] is not None:
-        ControlService(serverFromString(reactor, options["control"]), peer).setServiceParent(top)
+        control = ControlService(serverFromString(reactor, options["control"]), peer)
+        ready.append(control.when_listening)
+        services.append(control)
+    top = _StopOnFailure(reactor, *ready)
+    for service in services:
+        service.setServiceParent(top)
     return top

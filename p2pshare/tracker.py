@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from p2pshare.errors import MalformedMessage, TrackerError
 from p2pshare.ratelimit import Counters, RateLimitedLog
 from p2pshare.registry import IPeerRegistry, MemoryRegistry
-from p2pshare.wire import MAX_FRAME, MAX_PEERS_ANSWER, PeerInfo, TrackerReply, TrackerRequest
+from p2pshare.wire import MAX_PEERS_ANSWER, MAX_TRACKER_LINE, PeerInfo, TrackerReply, TrackerRequest
 
 EXPIRE_AFTER = 3  # heartbeat intervals without news before a peer is dropped
 
@@ -36,10 +36,11 @@ class TrackerServerProtocol(LineReceiver, TimeoutMixin):
     """One connected peer (or a one-shot client such as ``p2pshare peers``)."""
 
     delimiter = b"\n"
-    MAX_LENGTH = MAX_FRAME
+    MAX_LENGTH = MAX_TRACKER_LINE
 
     def __init__(self, factory: "TrackerFactory") -> None:
         self.factory = factory
+        self.callLater = factory.clock.callLater  # the idle timer runs on the factory's clock
         self.peer_ids: set[str] = set()  # registered through this connection
         self.closed: Deferred[None] = Deferred()
 
@@ -57,7 +58,7 @@ class TrackerServerProtocol(LineReceiver, TimeoutMixin):
         self.sendLine(self.factory.handle(request, self).encode())
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self._refuse("too_long", f"a line may hold at most {MAX_FRAME} bytes")
+        self._refuse("too_long", f"a line may hold at most {MAX_TRACKER_LINE} bytes")
 
     def _refuse(self, code: str, message: str) -> None:
         self.factory.counters.add(f"tracker_{code}")
@@ -194,7 +195,7 @@ class TrackerClientProtocol(LineReceiver):
     """Sends requests and pairs each reply with its Deferred by id."""
 
     delimiter = b"\n"
-    MAX_LENGTH = MAX_FRAME
+    MAX_LENGTH = MAX_TRACKER_LINE
     log = Logger()
 
     def __init__(self) -> None:
@@ -265,8 +266,13 @@ class TrackerClient(Service):
         self.last_peers: Optional[list[PeerInfo]] = None
         factory = Factory.forProtocol(TrackerClientProtocol)
         factory.noisy = False
+        # A reconnection waits at most max_delay plus a jitter (which spreads the herd after a restart)
+        # of at most half of it, so a restarted tracker hears from every peer within two refresh
+        # intervals; Twisted's default jitter (up to 1 s) alone would break that for refresh <= 1 s.
+        max_delay = max(1.0, min(30.0, refresh))
         self._client = ClientService(endpoint, factory,
-                                     retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=max(1.0, min(30.0, refresh))),
+                                     retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=max_delay,
+                                                               jitter=lambda: random.random() * min(1.0, max_delay / 2)),
                                      clock=clock, prepareConnection=self._registered)
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = clock

@@ -17,7 +17,7 @@ from collections import deque
 from typing import IO, Callable, Optional
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IConsumer, IPushProducer, IStreamClientEndpoint
+from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -33,6 +33,7 @@ from p2pshare.wire import MAX_FRAME, Frame
 WINDOW = 2  # ranges asked for ahead of the one being received
 CHUNK = 512 * 1024  # bytes the producer reads from disk at a time
 IDLE_TIMEOUT = 30.0
+PROGRESS = 64 * 1024  # bytes of file data that count as progress for the idle timer
 
 
 class ITransferNode(Interface):
@@ -62,9 +63,10 @@ class RangeProducer:
         self._paused = False
 
     def start(self) -> Deferred[None]:
+        d = self.finished  # taken first: a range that ends at once replaces it while producing
         self.consumer.registerProducer(self, True)
         self.resumeProducing()
-        return self.finished
+        return d
 
     def resumeProducing(self) -> None:
         self._paused = False
@@ -109,8 +111,12 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
     log = Logger()
 
     def __init__(self, node: ITransferNode, greeting: Optional[Frame] = None,
-                 sending: Optional[tuple[Entry, IO[bytes]]] = None, idle: float = IDLE_TIMEOUT) -> None:
+                 sending: Optional[tuple[Entry, IO[bytes]]] = None, idle: float = IDLE_TIMEOUT,
+                 clock: Optional[IReactorTime] = None) -> None:
         self.node, self.greeting, self.idle = node, greeting, idle
+        if clock is not None:
+            self.callLater = clock.callLater  # the idle timer runs on the injected clock
+        self._unreset = 0  # raw bytes received since the idle timer was last reset
         self.download: Optional[Download] = None
         self._sending = sending  # (entry, open file) once we are the holder
         self._gets: deque[Frame] = deque()
@@ -146,11 +152,10 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
                       idle=self.idle)
         self.transport.abortConnection()
 
-    def dataReceived(self, data: bytes) -> None:
-        self.resetTimeout()
-        super().dataReceived(data)
-
     def lineReceived(self, line: bytes) -> None:
+        # Only whole frames and real progress (PROGRESS bytes of file data) reset the idle
+        # timer, so a peer trickling a byte at a time cannot hold the connection open.
+        self.resetTimeout()
         try:
             frame = Frame.decode(line)
         except MalformedMessage as e:
@@ -256,6 +261,10 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
 
     def rawDataReceived(self, data: bytes) -> None:
         assert self.download is not None
+        self._unreset += len(data)
+        if self._unreset >= PROGRESS:
+            self._unreset = 0
+            self.resetTimeout()
         take = data[: self._raw_left] if len(data) > self._raw_left else data
         self.download.write(take)
         self._raw_left -= len(take)
@@ -285,11 +294,11 @@ class TransferFactory(Factory):
 
     noisy = False
 
-    def __init__(self, node: ITransferNode, idle: float = IDLE_TIMEOUT) -> None:
-        self.node, self.idle = node, idle
+    def __init__(self, node: ITransferNode, idle: float = IDLE_TIMEOUT, clock: Optional[IReactorTime] = None) -> None:
+        self.node, self.idle, self.clock = node, idle, clock
 
     def buildProtocol(self, addr: object) -> TransferProtocol:
-        p = TransferProtocol(self.node, idle=self.idle)
+        p = TransferProtocol(self.node, idle=self.idle, clock=self.clock)
         p.factory = self
         return p
 

@@ -8,6 +8,7 @@ numbers.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import unicodedata
@@ -18,11 +19,12 @@ from attrs import Attribute, field, frozen
 from p2pshare.errors import InvalidName, MalformedMessage, MessageTooLarge, UnsupportedVersion
 
 VERSION = 1
-MAX_DATAGRAM = 2048  # bytes of one search datagram
-MAX_FRAME = 4096  # bytes of one tracker or transfer control line, newline excluded
+MAX_DATAGRAM = 4096  # bytes of one search datagram (a query with the longest name fits)
+MAX_FRAME = 4096  # bytes of one transfer control line, newline excluded
+MAX_TRACKER_LINE = 16384  # bytes of one tracker line, newline excluded (100 peers fit)
 MAX_NAME = 1024  # bytes of a file name in UTF-8
 MAX_COMPONENT = 255  # bytes of one path component
-MAX_TTL = 16  # on the wire; peers clamp further (see search.py)
+MAX_TTL = 16  # the most a peer may be configured to forward (--ttl); larger TTLs on the wire are clamped
 MAX_PEERS_ANSWER = 100  # peers in one tracker answer
 MAX_RANGE = 64 * 1024 * 1024  # bytes asked for by one "get"
 MAX_SIZE = 2**63 - 1
@@ -32,7 +34,15 @@ Address = tuple[str, int]
 
 _HEX32 = re.compile(r"[0-9a-f]{32}\Z")
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
-_HOST = re.compile(r"[0-9A-Za-z.:%_-]{0,253}\Z")
+def is_ip(host: object) -> bool:
+    """An IPv4 or IPv6 address literal (datagrams and peer lists carry addresses, never names)."""
+    if type(host) is not str or not 2 <= len(host) <= 45:
+        return False
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def validate_name(name: object) -> str:
@@ -104,8 +114,7 @@ def _address(_: Any, a: Attribute, v: Any) -> None:
     if (
         type(v) is not tuple
         or len(v) != 2
-        or type(v[0]) is not str
-        or not _HOST.match(v[0])
+        or not is_ip(v[0])
         or type(v[1]) is not int
         or not 0 < v[1] < 65536
     ):
@@ -119,7 +128,12 @@ def _to_address(v: Any) -> Any:
 _peer_id = _match(_HEX32)
 _request_id = _match(_HEX32)
 _sha256 = _match(_HEX64)
-_host = _match(_HOST)
+
+
+def _host(_: Any, a: Attribute, v: Any) -> None:
+    if not is_ip(v):
+        raise ValueError(f"{a.name} must be an IP address")
+
 _port = _int(1, 65535)
 _size = _int(0, MAX_SIZE)
 
@@ -134,7 +148,7 @@ def _loads(data: bytes, limit: int) -> dict[str, Any]:
         raise MalformedMessage(f"not JSON: {data[:64]!r}") from e
     if not isinstance(obj, dict):
         raise MalformedMessage("not a JSON object")
-    if obj.get("v") != VERSION:
+    if type(obj.get("v")) is not int or obj["v"] != VERSION:
         raise UnsupportedVersion(f"version {obj.get('v')!r}, this peer speaks {VERSION}")
     return obj
 
@@ -163,7 +177,7 @@ def _build(cls: type, obj: dict[str, Any], names: tuple[str, ...], optional: tup
 def _maybe_empty_host(_: Any, a: Attribute, v: Any) -> None:
     """An address whose host may be empty: "the host this datagram came from"."""
     if type(v) is tuple and len(v) == 2 and v[0] == "":
-        _address(_, a, ("0", v[1]))
+        _address(_, a, ("0.0.0.0", v[1]))
     else:
         _address(_, a, v)
 
@@ -337,7 +351,7 @@ class TrackerRequest:
 
     @classmethod
     def decode(cls, data: bytes) -> "TrackerRequest":
-        obj = _loads(data, MAX_FRAME)
+        obj = _loads(data, MAX_TRACKER_LINE)
         return _build(cls, obj, ("op", "id"), ("peer", "udp", "tcp", "host", "max"))
 
 
@@ -372,7 +386,7 @@ class TrackerReply:
 
     @classmethod
     def decode(cls, data: bytes) -> "TrackerReply":
-        obj = _loads(data, MAX_FRAME)
+        obj = _loads(data, MAX_TRACKER_LINE)
         try:
             raw = obj.get("peers")
             peers = None
@@ -407,7 +421,7 @@ class Frame:
     length: int = field(default=0, validator=_int(0, MAX_RANGE))
     peer: str = field(default="", validator=lambda _, a, v: v == "" or _peer_id(_, a, v))
     code: str = field(default="", validator=_match(re.compile(r"[a-z_]{0,32}\Z")))
-    message: str = field(default="", validator=lambda _, a, v: type(v) is str and len(v) <= 512)
+    message: str = field(default="", validator=lambda _, a, v: _short_text(a, v))
 
     def __attrs_post_init__(self) -> None:
         for required in FRAME_FIELDS[self.t]:
@@ -448,6 +462,11 @@ FRAME_OPTIONAL: dict[str, tuple[str, ...]] = {
     "bye": (),
     "error": ("message",),
 }
+
+
+def _short_text(a: Attribute, v: Any) -> None:
+    if type(v) is not str or len(v) > 512:
+        raise ValueError(f"{a.name} must be a string of at most 512 characters")
 
 
 def _check_frame(t: Any) -> None:

@@ -127,3 +127,20 @@ def test_without_retransmission_the_same_loss_loses_searches() -> None:
     """The control for the test above: one send per datagram, no repair."""
     found = sum(flood_under_loss(0.4, seed, tries=1)[0] for seed in range(40))
     assert found < 30
+
+
+def test_giving_up_on_a_destination_is_reported() -> None:
+    lost: list[tuple[str, str, Address]] = []
+    r = Retransmitter(tries=2, on_give_up=lambda *key: lost.append(key))
+    r.track("query", "id", b"p", A, now=0.0)
+    r.due(1.0)
+    r.due(10.0)
+    assert lost == [("query", "id", A)]
+
+
+def test_a_neighbour_that_is_forgotten_drops_out_of_learned_and_exchanged() -> None:
+    hood = Neighbourhood(tracker=[B])
+    hood.heard_from(A, now=0.0)
+    hood.told_about([A], now=0.0)
+    hood.forget(A)
+    assert hood.current(1.0, tracker_up=False) == [B]

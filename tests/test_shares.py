@@ -133,3 +133,25 @@ def test_within_compares_components_not_string_prefixes(tmp_path: Path) -> None:
     assert within(tmp_path / "share", tmp_path / "share" / "a")
     assert not within(tmp_path / "share", tmp_path / "share-evil" / "a")
     assert within(tmp_path / "share", tmp_path / "share")
+
+
+def test_a_download_through_a_symlinked_folder_creates_nothing_outside(tmp_path: Path, share: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (share / "door").symlink_to(outside)
+    s = Shares(share)
+    with pytest.raises(InvalidName):
+        s.destination("door/new/sub/file.txt")
+    assert list(outside.iterdir()) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_placed_during_a_scan_stays_in_the_index(share: Path) -> None:
+    s = Shares(share)
+    scanning = s.rescan()  # the walk runs in a thread; place before it reports
+    tmp, f = s.new_temporary()
+    f.write(b"x")
+    f.close()
+    s.place(tmp, "arrived.txt", "0" * 64)
+    await scanning
+    assert s.lookup("arrived.txt") is not None

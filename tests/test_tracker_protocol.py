@@ -12,7 +12,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from p2pshare.tap import TrackerOptions, makeTrackerService
 from p2pshare.tracker import EXPIRE_AFTER, TrackerClientProtocol, TrackerFactory, TrackerServerProtocol
-from p2pshare.wire import MAX_FRAME, TrackerReply, TrackerRequest
+from p2pshare.wire import MAX_PEERS_ANSWER, MAX_TRACKER_LINE, PeerInfo, TrackerReply, TrackerRequest
 
 
 def peer_id(n: int) -> str:
@@ -26,7 +26,6 @@ class Conn:
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", host, 50000))
         self.proto = factory.buildProtocol(self.transport.getPeer())
         assert isinstance(self.proto, TrackerServerProtocol)
-        self.proto.callLater = factory.clock.callLater  # type: ignore[attr-defined, method-assign]
         self.proto.makeConnection(self.transport)
         self._next = 1
 
@@ -62,7 +61,7 @@ def test_register_records_the_observed_address() -> None:
 def test_an_advertised_host_overrides_the_observed_one() -> None:
     f = factory()
     c = Conn(f, "192.0.2.44")
-    assert c.ask("register", peer=peer_id(1), udp=1, tcp=1, host="peer.example")["host"] == "peer.example"
+    assert c.ask("register", peer=peer_id(1), udp=1, tcp=1, host="192.0.2.80")["host"] == "192.0.2.80"
 
 
 def test_peers_answer_is_a_random_subset_without_the_asker() -> None:
@@ -124,6 +123,14 @@ def test_silent_peers_expire_after_three_intervals() -> None:
     assert f.counters["tracker_expired"] == 1
 
 
+def test_a_full_answer_of_ipv6_peers_fits_in_one_line() -> None:
+    peers = tuple(PeerInfo(peer_id(n), "fd00:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 65535, 65535)
+                  for n in range(MAX_PEERS_ANSWER))
+    line = TrackerReply(2**31 - 1, True, peers=peers).encode()
+    assert len(line) <= MAX_TRACKER_LINE
+    assert TrackerReply.decode(line).peers == peers
+
+
 def test_heartbeat_from_an_unknown_peer_is_an_error() -> None:
     reply = Conn(factory(), "10.0.0.1").ask("heartbeat", peer=peer_id(9))
     assert (reply["ok"], reply["error"]) == (False, "unknown_peer")
@@ -147,7 +154,7 @@ def test_malformed_requests_get_an_error_and_the_connection_closes() -> None:
 
 def test_an_oversized_line_closes_the_connection() -> None:
     c = Conn(factory(), "10.0.0.1")
-    c.proto.dataReceived(b"x" * (MAX_FRAME + 100))
+    c.proto.dataReceived(b"x" * (MAX_TRACKER_LINE + 100))
     assert json.loads(c.transport.value())["error"] == "too_long"
     assert c.transport.disconnecting
 

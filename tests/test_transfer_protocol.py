@@ -49,8 +49,10 @@ class Node:
 
 def connect(node: Node, proto: Optional[TransferProtocol] = None,
             clock: Optional[Clock] = None) -> tuple[TransferProtocol, StringTransport]:
-    proto = proto or TransferFactory(node).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
-    proto.callLater = (clock or Clock()).callLater  # type: ignore[method-assign]  # idle timer
+    if proto is None:
+        proto = TransferFactory(node, clock=clock or Clock()).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    else:
+        proto.callLater = (clock or Clock()).callLater  # type: ignore[method-assign]  # idle timer
     transport = StringTransport()
     proto.makeConnection(transport)
     return proto, transport
@@ -109,8 +111,7 @@ class SlowTransport(StringTransport):
 def test_ranges_are_streamed_through_a_registered_push_producer(share: Path) -> None:
     payload = bytes(range(256)) * 4096  # 1 MiB
     node = holder(share, payload)
-    proto = TransferFactory(node).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
-    proto.callLater = Clock().callLater  # type: ignore[method-assign]
+    proto = TransferFactory(node, clock=Clock()).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
     transport = SlowTransport()
     proto.makeConnection(transport)
     proto.dataReceived(Frame("open", name="blob.bin").encode() + b"\n")
@@ -125,8 +126,7 @@ def test_ranges_are_streamed_through_a_registered_push_producer(share: Path) -> 
 
 def test_a_paused_producer_stops_reading_the_file(share: Path) -> None:
     payload = b"y" * (4 * 1024 * 1024)
-    proto = TransferFactory(holder(share, payload)).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
-    proto.callLater = Clock().callLater  # type: ignore[method-assign]
+    proto = TransferFactory(holder(share, payload), clock=Clock()).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
     transport = SlowTransport()
     proto.makeConnection(transport)
     proto.dataReceived(Frame("open", name="blob.bin").encode() + b"\n")
@@ -188,6 +188,27 @@ def test_an_idle_connection_times_out(share: Path) -> None:
     assert transport.disconnecting
     proto.connectionLost(None)
     assert not clock.getDelayedCalls()
+
+
+def test_a_trickle_of_bytes_does_not_hold_the_connection_open(share: Path) -> None:
+    clock = Clock()
+    proto, transport = connect(holder(share, b"z"), clock=clock)
+    for byte in b'{"v":1,"t":"op':  # never a whole line
+        proto.dataReceived(bytes([byte]))
+        clock.advance(3)
+    assert transport.disconnecting  # 30 s after connecting, whatever trickled in
+    proto.connectionLost(None)
+
+
+def test_a_range_that_fails_on_its_first_read_is_reported(share: Path) -> None:
+    node = holder(share, b"w" * 100_000)
+    proto, transport = connect(node)
+    proto.dataReceived(Frame("open", name="blob.bin").encode() + b"\n")
+    (share / "blob.bin").write_bytes(b"")  # the file shrinks after it was opened
+    transport.clear()
+    proto.dataReceived(Frame("get", offset=0, length=100_000).encode() + b"\n")
+    assert frames(transport)[-1]["code"] == "unavailable"
+    assert transport.disconnecting
 
 
 # -- the requester's side ---------------------------------------------------------------

@@ -88,7 +88,7 @@ def test_acceptable_names(name: str) -> None:
 
 
 def test_tracker_request_round_trips() -> None:
-    for req in [TrackerRequest("register", 1, peer=PEER, udp=4000, tcp=4000, host="example.org"),
+    for req in [TrackerRequest("register", 1, peer=PEER, udp=4000, tcp=4000, host="192.0.2.80"),
                 TrackerRequest("heartbeat", 2, peer=PEER), TrackerRequest("leave", 3, peer=PEER),
                 TrackerRequest("peers", 4, max=5)]:
         assert TrackerRequest.decode(req.encode()) == req
@@ -138,3 +138,30 @@ def test_transfer_frames_round_trip(frame: Frame) -> None:
 def test_bad_transfer_frames(line: bytes) -> None:
     with pytest.raises(MalformedMessage):
         Frame.decode(line)
+
+
+@pytest.mark.parametrize("version", [b"1.0", b"true", b'"1"'])
+def test_the_version_must_be_the_integer_1(version: bytes) -> None:
+    with pytest.raises(UnsupportedVersion):
+        decode_datagram(b'{"v":' + version + b',"t":"ack","id":"' + RID.encode() + b'","kind":"hit"}')
+
+
+@pytest.mark.parametrize("host", ["example.org", "", "1.2.3", "::g"])
+def test_addresses_in_messages_are_ip_literals(host: str) -> None:
+    data = json.dumps({"v": 1, "t": "hello", "peer": PEER, "peers": [[host, 5]]}).encode()
+    with pytest.raises(MalformedMessage):
+        decode_datagram(data)
+
+
+def test_the_longest_valid_name_fits_in_a_query_even_when_escaped() -> None:
+    name = "/".join(['"' * 255] * 4)
+    q = Query(RID, validate_name(name), ("fd00::1", 65535), ("fd00::1", 65535), 255, 255, True)
+    assert len(q.encode()) <= MAX_DATAGRAM
+    assert decode_datagram(q.encode()) == q
+
+
+def test_error_messages_are_bounded_text() -> None:
+    with pytest.raises(ValueError):
+        Frame("error", code="x", message=["not", "text"])  # type: ignore[arg-type]
+    with pytest.raises(MalformedMessage):
+        Frame.decode(b'{"v":1,"t":"error","code":"x","message":"' + b"m" * 600 + b'"}')

@@ -1,0 +1,440 @@
+"""System tests: the ``p2ptracker`` and ``p2ppeer`` plugins under ``twistd``, driven by ``p2pshare``.
+
+Everything runs as the README shows it, as subprocesses of the installed commands
+(the ``twistd`` and ``p2pshare`` beside this interpreter), on 127.0.0.1 only.  One
+tracker and three peers are shared by the module; each test uses its own file names.
+Readiness is polled with deadlines; every daemon is stopped in the fixtures' teardown.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional, TypeVar
+
+import pytest
+
+pytestmark = pytest.mark.system
+
+BIN = Path(sys.executable).parent
+TWISTD = str(BIN / "twistd")
+P2PSHARE = str(BIN / "p2pshare")
+DEADLINE = 20.0  # seconds for anything to become ready
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    """A port number free for both TCP and UDP on 127.0.0.1 right now."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp, \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            tcp.bind(("127.0.0.1", 0))
+            try:
+                udp.bind(("127.0.0.1", tcp.getsockname()[1]))
+            except OSError:
+                continue
+            return int(tcp.getsockname()[1])
+
+
+@dataclass
+class Daemon:
+    """A ``twistd -n`` subprocess whose output goes to a log file."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @classmethod
+    def start(cls, name: str, args: list[str], cwd: Path) -> "Daemon":
+        log = cwd / f"{name}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen([TWISTD, "-n", "--pidfile=", *args], cwd=cwd, stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=subprocess.STDOUT)
+        return cls(name, proc, log)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def cli(*args: str, cwd: Path, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([P2PSHARE, *args], cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def poll(check: Callable[[], Optional[T]], what: str, daemons: tuple[Daemon, ...] = (),
+         deadline: float = DEADLINE) -> T:
+    """Call *check* until it returns something other than None; fail with the daemons' logs at the deadline."""
+    end = time.monotonic() + deadline
+    while True:
+        result = check()
+        if result is not None:
+            return result
+        for d in daemons:
+            assert d.proc.poll() is None, f"{d.name} exited ({d.proc.returncode}) while waiting for {what}:\n" \
+                                          f"{d.output()[-3000:]}"
+        if time.monotonic() > end:
+            logs = "\n".join(f"--- {d.name}\n{d.output()[-2000:]}" for d in daemons)
+            pytest.fail(f"not ready within {deadline:g}s: {what}\n{logs}")
+        time.sleep(0.1)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@dataclass
+class Peer:
+    name: str
+    dir: Path
+    daemon: Daemon
+    status: dict = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.status['tcp']}"
+
+    def control_url(self) -> str:
+        return str(json.loads((self.dir / ".p2pshare" / "control.json").read_text())["url"])
+
+
+@dataclass
+class Network:
+    root: Path
+    tracker: Daemon
+    tracker_address: str
+    peers: dict[str, Peer]
+
+    def p2pshare(self, peer: str, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """``p2pshare --dir PEER_DIR ARGS`` run from the network's folder."""
+        return cli("--dir", str(self.peers[peer].dir), *args, cwd=self.root, timeout=timeout)
+
+    def daemons(self) -> tuple[Daemon, ...]:
+        return (self.tracker, *(p.daemon for p in self.peers.values()))
+
+    def logs(self) -> str:
+        """The end of every daemon's log, for an assertion message."""
+        return "".join(f"\n--- {d.name}\n{d.output()[-1500:]}" for d in self.daemons())
+
+
+def start_tracker(cwd: Path, port_arg: str, name: str = "tracker") -> Daemon:
+    return Daemon.start(name, ["p2ptracker", "--port", port_arg], cwd)
+
+
+def start_peer(cwd: Path, name: str, tracker_address: str, *extra: str) -> Daemon:
+    return Daemon.start(name, ["p2ppeer", "--tracker", tracker_address, "--dir", name, "--interface", "127.0.0.1",
+                               "--control", "tcp:0:interface=127.0.0.1", *extra], cwd)
+
+
+def accepts(address: str) -> Optional[bool]:
+    """True when something accepts TCP connections at *address*, else None (for ``poll``)."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except OSError:
+        return None
+    return True
+
+
+def peer_status(root: Path, directory: Path) -> Optional[dict]:
+    """``p2pshare --dir DIRECTORY status --json``, or None while no peer answers for it."""
+    if not (directory / ".p2pshare" / "control.json").exists():
+        return None  # not listening yet: spare a subprocess
+    result = cli("--dir", str(directory), "status", "--json", cwd=root, timeout=15)
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
+    """A tracker and peers alice, bob and carol, each knowing the other two.
+
+    alice rescans only when asked (``--rescan 3600``); carol rescans every half second.
+    """
+    root = tmp_path_factory.mktemp("network")
+    files = {
+        "alice": {"alice.txt": b"alice's notes\n"},
+        "bob": {"bob.txt": b"bob's notes\n", "docs/guide.md": b"# a guide in a subfolder\n",
+                "shared-by-two.txt": b"same\n"},
+        "carol": {"carol.bin": os.urandom(300_000), "shared-by-two.txt": b"same\n"},
+    }
+    for peer, contents in files.items():
+        for name, data in contents.items():
+            (root / peer / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / peer / name).write_bytes(data)
+    daemons: list[Daemon] = []
+    try:
+        address = f"127.0.0.1:{free_port()}"
+        tracker = start_tracker(root, f"tcp:{address.split(':')[1]}:interface=127.0.0.1")
+        daemons.append(tracker)
+        poll(lambda: accepts(address), "the tracker listening", (tracker,))
+        rescan = {"alice": "3600", "bob": "30", "carol": "0.5"}
+        peers = {}
+        for name in files:
+            daemon = start_peer(root, name, address, "--refresh", "0.5", "--rescan", rescan[name])
+            daemons.append(daemon)
+            peers[name] = Peer(name, root / name, daemon)
+        net = Network(root, tracker, address, peers)
+        for peer in peers.values():
+            def ready(peer: Peer = peer) -> Optional[dict]:
+                status = peer_status(root, peer.dir)
+                if status and status["tracker"]["connected"] and len(status["neighbours"]) == len(peers) - 1:
+                    return status
+                return None
+
+            peer.status = poll(ready, f"{peer.name} registered with two neighbours", net.daemons())
+        yield net
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+
+
+# -- status -------------------------------------------------------------------------------------
+
+
+def settled_status(network: Network, peer: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``p2pshare status`` once *peer* has exactly the other daemons as neighbours.
+
+    A peer that sent a query or a hello (such as the temporary peer of a daemon-less
+    get) stays a neighbour for a few refresh intervals; this waits for it to expire.
+    """
+    others = {("127.0.0.1", p.status["udp"]) for name, p in network.peers.items() if name != peer}
+
+    def check() -> Optional[subprocess.CompletedProcess[str]]:
+        status = peer_status(network.root, network.peers[peer].dir)
+        if status is None or {tuple(n) for n in status["neighbours"]} != others:
+            return None
+        result = network.p2pshare(peer, "status", *args)
+        assert result.returncode == 0, result.stderr + network.logs()
+        return result
+
+    return poll(check, f"{peer} with exactly the other daemons as neighbours", network.daemons())
+
+
+def test_status_shows_id_neighbour_count_and_file_count(network: Network) -> None:
+    bob = network.peers["bob"]
+    result = settled_status(network, "bob")
+    lines = dict(line.split(":", 1) for line in result.stdout.splitlines() if not line.startswith(" "))
+    assert lines["peer"].strip() == bob.status["peer"]
+    assert lines["neighbours"].strip() == "2"
+    assert lines["files"].strip() == "3"
+    assert lines["tracker"].strip() == "connected"
+    assert f"tcp {bob.status['tcp']}" in lines["address"]
+
+
+def test_status_json_has_id_addresses_neighbours_files_and_counters(network: Network) -> None:
+    status = json.loads(settled_status(network, "bob", "--json").stdout)
+    others = {("127.0.0.1", network.peers[p].status["udp"]) for p in ("alice", "carol")}
+    assert status["peer"] == network.peers["bob"].status["peer"] and len(status["peer"]) == 32
+    assert status["host"] == "127.0.0.1" and status["udp"] == status["tcp"] > 0
+    assert {tuple(n) for n in status["neighbours"]} == others
+    assert status["files"] == 3
+    assert Path(status["dir"]).resolve() == network.peers["bob"].dir.resolve()
+    assert isinstance(status["counters"], dict)
+
+
+# -- search -------------------------------------------------------------------------------------
+
+
+def test_search_lists_the_holder_with_size_hash_prefix_and_address(network: Network) -> None:
+    bob_guide = network.peers["bob"].dir / "docs" / "guide.md"
+    result = network.p2pshare("alice", "search", "docs/guide.md", "--timeout", "1")
+    assert result.returncode == 0, result.stderr + network.logs()
+    [line] = result.stdout.splitlines()
+    name, size, prefix, address, hops = line.split("\t")
+    assert (name, int(size), address) == ("docs/guide.md", bob_guide.stat().st_size, network.peers["bob"].address)
+    assert sha256(bob_guide).startswith(prefix) and len(prefix) >= 8
+    # Alice asks bob directly and through carol; bob answers whichever copy arrives first.
+    assert hops in ("1 hop(s)", "2 hop(s)")
+
+
+def test_search_lists_every_holder(network: Network) -> None:
+    result = network.p2pshare("alice", "search", "shared-by-two.txt", "--timeout", "1")
+    assert result.returncode == 0, result.stderr + network.logs()
+    addresses = {line.split("\t")[3] for line in result.stdout.splitlines()}
+    assert addresses == {network.peers["bob"].address, network.peers["carol"].address}
+
+
+def test_search_for_a_missing_name_exits_1(network: Network) -> None:
+    result = network.p2pshare("alice", "search", "nobody-has-this.txt", "--timeout", "0.5")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.strip().splitlines() == ["nobody-has-this.txt: no peer has it"]
+
+
+# -- get ----------------------------------------------------------------------------------------
+
+
+def test_get_fetches_a_file_from_another_peer_into_dir(network: Network) -> None:
+    alice, carol = network.peers["alice"], network.peers["carol"]
+    assert not (alice.dir / "carol.bin").exists()
+    result = network.p2pshare("alice", "get", "carol.bin")
+    assert result.returncode == 0, result.stderr + network.logs()
+    fetched = alice.dir / "carol.bin"
+    assert fetched.read_bytes() == (carol.dir / "carol.bin").read_bytes()
+    assert f"from {carol.address}" in result.stdout and "verified" in result.stdout
+    assert list((alice.dir / ".p2pshare" / "tmp").iterdir()) == []
+    assert result.stderr == ""  # not a terminal: no progress bar
+
+
+def test_get_of_a_missing_name_exits_1_with_one_line_naming_it(network: Network) -> None:
+    result = network.p2pshare("alice", "get", "missing-file.iso", "--timeout", "1")
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert "missing-file.iso" in line and "Traceback" not in result.stderr
+    assert not (network.peers["alice"].dir / "missing-file.iso").exists()
+    assert list((network.peers["alice"].dir / ".p2pshare" / "tmp").iterdir()) == []
+
+
+def test_get_without_a_daemon_runs_a_peer_for_one_fetch(network: Network, tmp_path: Path) -> None:
+    target = tmp_path / "downloads"
+    target.mkdir()
+    result = cli("get", "bob.txt", "--tracker", network.tracker_address, "--dir", str(target), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr + network.logs()
+    assert (target / "bob.txt").read_bytes() == (network.peers["bob"].dir / "bob.txt").read_bytes()
+    assert list((target / ".p2pshare" / "tmp").iterdir()) == []
+
+
+# -- the tracker --------------------------------------------------------------------------------
+
+
+def test_peers_lists_the_registered_peers_one_a_line(network: Network) -> None:
+    expected = {p.status["peer"]: p.status["tcp"] for p in network.peers.values()}
+
+    def listed() -> Optional[dict[str, int]]:
+        # A temporary peer (the daemon-less get) may still be leaving: wait for exactly the daemons.
+        result = cli("peers", "--tracker", network.tracker_address, cwd=network.root)
+        assert result.returncode == 0, result.stderr + network.logs()
+        rows = [line.split("\t") for line in result.stdout.splitlines()]
+        assert all(len(row) == 4 and row[1] == "127.0.0.1" for row in rows), result.stdout
+        found = {row[0]: int(row[3].removeprefix("tcp ")) for row in rows}
+        return found if found == expected else None
+
+    assert poll(listed, "the tracker listing exactly the three daemons") == expected
+
+
+def test_tracker_accepts_a_plain_port_number(tmp_path: Path) -> None:
+    port = free_port()
+    tracker = start_tracker(tmp_path, str(port))
+    try:
+        def answers() -> Optional[str]:
+            result = cli("peers", "--tracker", f"127.0.0.1:{port}", cwd=tmp_path, timeout=15)
+            return result.stdout if result.returncode == 0 else None
+
+        assert poll(answers, f"a tracker on port {port}", (tracker,)) == ""
+    finally:
+        tracker.stop()
+
+
+# -- failures the user sees -----------------------------------------------------------------------
+
+
+def test_status_against_a_dead_control_address_is_one_line_without_traceback(tmp_path: Path) -> None:
+    result = cli("--control", f"127.0.0.1:{free_port()}", "status", cwd=tmp_path)
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert "no peer answers" in result.stderr
+
+
+def test_status_for_a_folder_without_a_running_peer_is_one_line(tmp_path: Path) -> None:
+    result = cli("--dir", str(tmp_path), "status", cwd=tmp_path)
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert str(tmp_path) in result.stderr
+
+
+@pytest.mark.parametrize("args", [
+    [],
+    ["frobnicate"],
+    ["search"],
+    ["get", "x.txt", "--timeout", "0"],
+    ["get", "x.txt", "--timeout", "soon"],
+    ["peers"],
+    ["status", "--bogus-flag"],
+], ids=lambda args: " ".join(args) or "nothing")
+def test_bad_usage_exits_2(tmp_path: Path, args: list[str]) -> None:
+    result = cli(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "usage:" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--dir", "no-such-folder"], "--dir: no-such-folder is not a folder"),
+    (["--dir", ".", "--control", "tcp:7000:interface=0.0.0.0"], "loopback only"),
+    (["--dir", ".", "--control", "unix:/tmp/x"], "only tcp endpoints"),
+    (["--dir", ".", "--port", "70000"], "--port"),
+], ids=["missing dir", "control not on loopback", "control not tcp", "port out of range"])
+def test_peer_with_bad_options_exits_nonzero_with_a_clear_message(tmp_path: Path, args: list[str],
+                                                                   message: str) -> None:
+    result = subprocess.run([TWISTD, "-n", "--pidfile=", "p2ppeer", "--tracker", "127.0.0.1:9", *args],
+                            cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+    output = result.stdout + result.stderr  # twistd prints usage errors after the usage text, on stdout
+    assert result.returncode != 0
+    assert message in output.strip().splitlines()[-1]
+    assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("plugin", ["p2ptracker", "p2ppeer"])
+def test_a_daemon_whose_port_is_taken_stops_and_says_why(tmp_path: Path, plugin: str) -> None:
+    (tmp_path / "files").mkdir()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        endpoint = f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1"
+        args = ["p2ptracker", "--port", endpoint] if plugin == "p2ptracker" else \
+            ["p2ppeer", "--tracker", "127.0.0.1:9", "--dir", "files", "--interface", "127.0.0.1",
+             "--control", endpoint]
+        daemon = Daemon.start(plugin, args, tmp_path)
+        try:
+            daemon.proc.wait(DEADLINE)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{plugin} kept running without its port:\n{daemon.output()[-2000:]}")
+        finally:
+            daemon.stop()
+    assert "Address already in use" in daemon.output()
+    assert daemon.proc.returncode == 1  # supervisors see the failure
+
+
+# -- files added after start ---------------------------------------------------------------------
+
+
+def test_a_file_added_later_is_found_after_post_rescan(network: Network) -> None:
+    alice = network.peers["alice"]  # --rescan 3600: only the request can find it
+    (alice.dir / "added-later.txt").write_bytes(b"new\n")
+    request = urllib.request.Request(alice.control_url() + "/v1/rescan", method="POST", data=b"")
+    on_disk = [p for p in alice.dir.rglob("*") if p.is_file() and ".p2pshare" not in p.parts]
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        assert json.load(reply) == {"files": len(on_disk)}
+    result = network.p2pshare("bob", "search", "added-later.txt", "--timeout", "1")
+    assert result.returncode == 0, result.stderr + network.logs()
+    assert result.stdout.split("\t")[3] == alice.address
+
+
+def test_a_file_added_later_is_found_by_the_rescan_timer(network: Network) -> None:
+    carol = network.peers["carol"]  # --rescan 0.5
+    (carol.dir / "sub").mkdir()
+    (carol.dir / "sub" / "timer.txt").write_bytes(b"found by the timer\n")
+
+    def indexed() -> Optional[bool]:
+        status = peer_status(network.root, carol.dir)
+        return True if status and status["files"] == 3 else None
+
+    poll(indexed, "carol's rescan timer indexing sub/timer.txt", network.daemons())
+    result = network.p2pshare("alice", "search", "sub/timer.txt", "--timeout", "1")
+    assert result.returncode == 0, result.stderr + network.logs()
+    assert result.stdout.split("\t")[3] == carol.address
