@@ -51,6 +51,19 @@ def _float_arg(request: Request, name: str, default: float, lo: float = 0.1, hi:
     return value
 
 
+def _answer_later(request: Request, d: Deferred[Any]) -> Any:
+    """Answer with what *d* fires (JSON) or its error, unless the client has gone."""
+
+    def answer(result: Any) -> None:
+        if request.finished or request._disconnected:  # type: ignore[attr-defined]
+            return
+        request.write(_error(request, result.value) if isinstance(result, Failure) else _json(request, result))
+        request.finish()
+
+    d.addBoth(answer)
+    return NOT_DONE_YET
+
+
 class _Guarded(Resource):
     """Refuses requests addressed to a non-loopback host name (DNS rebinding)."""
 
@@ -82,17 +95,9 @@ class SearchResource(_Guarded):
         except (KeyError, UnicodeDecodeError, ValueError) as e:
             return _json(request, {"error": "BadRequest", "message": f"need name= and a valid timeout= ({e})"}, 400)
 
-        def answer(result: Any) -> None:
-            if request.finished or request._disconnected:  # type: ignore[attr-defined]
-                return
-            if isinstance(result, Failure):
-                request.write(_error(request, result.value))
-            else:
-                request.write(_json(request, {"name": name, "hits": [hit_json(h) for h in result]}))
-            request.finish()
-
-        self.peer.search(name, timeout).addBoth(answer)
-        return NOT_DONE_YET
+        d = self.peer.search(name, timeout)
+        d.addCallback(lambda hits: {"name": name, "hits": [hit_json(h) for h in hits]})
+        return _answer_later(request, d)
 
 
 class GetResource(_Guarded):
@@ -140,17 +145,7 @@ class RescanResource(_Guarded):
     isLeaf = True
 
     def render_POST(self, request: Request) -> Any:
-        def answer(result: Any) -> None:
-            if request.finished or request._disconnected:  # type: ignore[attr-defined]
-                return
-            if isinstance(result, Failure):
-                request.write(_error(request, result.value))
-            else:
-                request.write(_json(request, {"files": len(result)}))
-            request.finish()
-
-        self.peer.shares.rescan().addBoth(answer)
-        return NOT_DONE_YET
+        return _answer_later(request, self.peer.shares.rescan().addCallback(lambda files: {"files": len(files)}))
 
 
 def control_site(peer: Peer) -> Site:
