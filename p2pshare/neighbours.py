@@ -5,13 +5,17 @@ random subset, peers that sent us a query or a hello (so every link works both
 ways, and nobody is left without anyone forwarding to them), and peers our
 neighbours told us about (peer exchange), used only while the tracker cannot
 be reached.  Learned and exchanged entries expire unless heard from again.
+
+Tracker neighbours are kept across refreshes, and a refresh only fills the
+places of those that stopped answering: a graph that churned with every
+refresh would keep every old link alive as a learned one and grow the flood.
 """
 
 from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from typing import Iterable
+from typing import Iterable, Optional
 
 from attrs import define, field
 
@@ -29,6 +33,12 @@ class Neighbourhood:
     expire_after: float = 90.0
     _learned: OrderedDict[Address, float] = field(factory=OrderedDict)
     _exchanged: OrderedDict[Address, float] = field(factory=OrderedDict)
+    _cache: Optional[tuple[float, bool, list[Address]]] = None  # (when, tracker_up, answer)
+
+    def set_own(self, own: set[Address]) -> None:
+        if own != self.own:
+            self.own = own
+            self._cache = None
 
     def heard_from(self, addr: Address, now: float) -> None:
         """*addr* sent us a query or a hello: it is a neighbour for a while."""
@@ -42,18 +52,34 @@ class Neighbourhood:
     def _remember(self, table: OrderedDict[Address, float], addr: Address, now: float, limit: int) -> None:
         if addr in self.own:
             return
+        if addr not in table:
+            self._cache = None
         table[addr] = now
         table.move_to_end(addr)
         while len(table) > limit:
             table.popitem(last=False)
 
+    def refresh_tracker(self, fresh: list[Address], want: int) -> list[Address]:
+        """Keep our tracker neighbours, fill free places from *fresh*; return the newcomers."""
+        keep = self.tracker[:want]
+        new = [a for a in dict.fromkeys(fresh) if a not in keep and a not in self.own][: max(0, want - len(keep))]
+        self.tracker = keep + new
+        self._cache = None
+        return new
+
     def forget(self, addr: Address) -> None:
-        """*addr* stopped answering: drop what we learned of it (the tracker's list refreshes itself)."""
+        """*addr* stopped answering: drop it; a tracker refresh fills its place."""
         self._learned.pop(addr, None)
         self._exchanged.pop(addr, None)
+        if addr in self.tracker:
+            self.tracker = [a for a in self.tracker if a != addr]
+        self._cache = None
 
     def current(self, now: float, tracker_up: bool) -> list[Address]:
-        """Neighbours to forward to, without duplicates or ourselves."""
+        """Neighbours to forward to, without duplicates or ourselves (worked out at most once a second)."""
+        cached = self._cache
+        if cached is not None and cached[1] == tracker_up and 0 <= now - cached[0] < 1.0:
+            return cached[2]
         for table in (self._learned, self._exchanged):
             for addr in [a for a, t in table.items() if t < now - self.expire_after]:
                 del table[addr]
@@ -65,7 +91,9 @@ class Neighbourhood:
             for addr in source:
                 if addr not in self.own:
                     seen[addr] = None
-        return list(seen)
+        answer = list(seen)
+        self._cache = (now, tracker_up, answer)
+        return answer
 
     def sample(self, k: int, rng: random.Random, now: float, exclude: Address) -> list[Address]:
         """Up to *k* of our neighbours to tell *exclude* about."""

@@ -57,7 +57,7 @@ class Peer(MultiService):
 
     def __init__(self, directory: str | Path, tracker: Optional[IStreamClientEndpoint] = None, port: int = 0,
                  interface: str = "0.0.0.0", advertise: Optional[str] = None, peers: tuple[Address, ...] = (),
-                 want: int = 8, refresh: float = 30.0, rescan: float = 30.0, ttl: int = DEFAULT_TTL,
+                 want: int = 4, refresh: float = 30.0, rescan: float = 30.0, ttl: int = DEFAULT_TTL,
                  dial_wait: float = 0.5, idle: float = IDLE_TIMEOUT, requery: float = 3.0,
                  reactor: Any = None) -> None:
         super().__init__()
@@ -68,7 +68,7 @@ class Peer(MultiService):
         self.peer_id = self._load_peer_id()
         self.port, self.interface, self.advertise = port, interface, advertise
         self.static_peers = list(peers)
-        self.dial_wait, self.idle, self.requery = dial_wait, idle, requery
+        self.dial_wait, self.idle, self.requery, self.want = dial_wait, idle, requery, want
         self.counters = Counters()
         self.udp_port = self.tcp_port = 0
         self.hood = Neighbourhood(expire_after=refresh * 3)
@@ -78,7 +78,7 @@ class Peer(MultiService):
         self.search_proto = SearchProtocol(self.core, reactor, self._offer, self._heard_from, self._hello)
         self.tracker: Optional[TrackerClient] = None
         if tracker is not None:
-            self.tracker = TrackerClient(tracker, reactor, self._registration, self._set_tracker_peers, want,
+            self.tracker = TrackerClient(tracker, reactor, self._registration, self._set_tracker_peers, 2 * want,
                                          refresh)
         self._rescan_loop = LoopingCall(self._rescan)
         self._rescan_loop.clock = reactor
@@ -199,10 +199,9 @@ class Peer(MultiService):
         return self.peer_id, (self.host_for_others, self.tcp_port)
 
     def _set_tracker_peers(self, peers: list[PeerInfo]) -> None:
+        self.hood.set_own(self._own_addresses)
         fresh = [(p.host, p.udp) for p in peers if p.peer != self.peer_id]
-        new = [a for a in fresh if a not in self.hood.tracker]
-        self.hood.tracker = fresh
-        self._say_hello(new)
+        self._say_hello(self.hood.refresh_tracker(fresh, self.want))
 
     def _unanswered(self, kind: str, request_id: str, dest: Address) -> None:
         """A neighbour acknowledged nothing through every retry: stop counting on what we learned of it."""
@@ -233,7 +232,7 @@ class Peer(MultiService):
         return {(self.host_for_others, self.udp_port), ("127.0.0.1", self.udp_port)}
 
     def neighbours(self) -> list[Address]:
-        self.hood.own = self._own_addresses
+        self.hood.set_own(self._own_addresses)
         return self.hood.current(self.reactor.seconds(), tracker_up=bool(self.tracker and self.tracker.registered))
 
     # -- search -------------------------------------------------------------------------

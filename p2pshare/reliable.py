@@ -28,21 +28,30 @@ class _Pending:
     sent: int
     timeout: float
     deadline: float
+    first_sent: float
 
 
 @define
 class Retransmitter:
-    """Datagrams awaiting an ack; ``due`` returns the ones to send again."""
+    """Datagrams awaiting an ack; ``due`` returns the ones to send again.
+
+    The first timeout adapts to the acknowledgement times seen, as TCP's does
+    (smoothed round trip plus four deviations, Karn's rule: only datagrams sent
+    once are measured), between ``min_timeout`` and ``max_timeout``.
+    """
 
     counters: Counters = field(factory=Counters)
     first_timeout: float = 0.25
     max_timeout: float = 2.0
+    min_timeout: float = 0.1
     tries: int = 7  # sends in all, the first included
     max_pending: int = 8192
     on_give_up: Callable[[str, str, Address], None] = lambda kind, request_id, dest: None
     _pending: dict[Key, _Pending] = field(factory=dict)
     _heap: list[tuple[float, int, Key]] = field(factory=list)
     _seq: itertools.count = field(factory=itertools.count)
+    _srtt: Optional[float] = None
+    _rttvar: float = 0.0
 
     def track(self, kind: str, request_id: str, payload: bytes, dest: Address, now: float) -> None:
         """Remember a datagram just sent, to be resent until acknowledged."""
@@ -53,14 +62,33 @@ class Retransmitter:
             self.counters.add("retransmit_queue_full")
             return
         deadline = now + self.first_timeout
-        self._pending[key] = _Pending(payload, 1, self.first_timeout, deadline)
+        self._pending[key] = _Pending(payload, 1, self.first_timeout, deadline, now)
         heapq.heappush(self._heap, (deadline, next(self._seq), key))
 
-    def ack(self, kind: str, request_id: str, sender: Address) -> bool:
-        """The datagram reached *sender*; True if it was still waiting."""
-        found = self._pending.pop((kind, request_id, sender), None) is not None
-        self.counters.add("acks_received" if found else "acks_unmatched")
-        return found
+    def ack(self, kind: str, request_id: str, sender: Address, now: Optional[float] = None,
+            implicit: bool = False) -> bool:
+        """The datagram reached *sender*; True if it was still waiting.
+
+        *implicit*: not an ack datagram but other proof (a copy of the same query from
+        *sender*); not finding anything pending is then no anomaly, so it is not counted.
+        """
+        p = self._pending.pop((kind, request_id, sender), None)
+        if not implicit:
+            self.counters.add("acks_received" if p is not None else "acks_unmatched")
+        if p is not None and p.sent == 1 and now is not None:
+            self._measure(now - p.first_sent)
+        return p is not None
+
+    def _measure(self, rtt: float) -> None:
+        if self._srtt is None:
+            self._srtt, self._rttvar = rtt, rtt / 2
+        else:
+            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - rtt)
+            self._srtt = 0.875 * self._srtt + 0.125 * rtt
+        self.first_timeout = min(max(self._srtt + 4 * self._rttvar, self.min_timeout), self.max_timeout)
+
+    def pending_to(self, kind: str, request_id: str, dest: Address) -> bool:
+        return (kind, request_id, dest) in self._pending
 
     def due(self, now: float) -> list[tuple[bytes, Address]]:
         """Datagrams whose ack is late: send them again now."""

@@ -9,6 +9,7 @@ with acknowledgements (see reliable.py); acks and hellos are sent once.
 from __future__ import annotations
 
 import os
+import re
 from collections import OrderedDict
 from typing import Callable, Optional
 
@@ -22,6 +23,10 @@ from p2pshare.ratelimit import Counters, RateLimitedLog
 from p2pshare.reliable import Retransmitter
 from p2pshare.shares import Entry
 from p2pshare.wire import MAX_DATAGRAM, Ack, Address, Hello, Hit, Query, decode_datagram
+
+_QUERY_PREFIX = b'{"v":1,"t":"query","id":"'
+_HEX32 = re.compile(rb"[0-9a-f]{32}")
+_ACK = re.compile(rb'\{"v":1,"t":"ack","id":"([0-9a-f]{32})","kind":"(query|hit)"\}')
 
 DEFAULT_TTL = 7  # hops a query may travel; larger values on the wire are clamped to this
 
@@ -39,6 +44,10 @@ class DedupCache:
     max_age: float = 120.0
     _seen: OrderedDict[str, float] = field(factory=OrderedDict)
 
+    def seen_recently(self, key: str, now: float) -> bool:
+        when = self._seen.get(key)
+        return when is not None and when > now - self.max_age
+
     def add(self, key: str, now: float) -> bool:
         """Remember *key*; True if it was not already remembered (the first sighting)."""
         while self._seen:
@@ -53,6 +62,17 @@ class DedupCache:
 
     def __len__(self) -> int:
         return len(self._seen)
+
+
+@define
+class _Flood:
+    """What this peer did with one request ID: whom it sent copies to, and copies received per sender."""
+
+    sent_to: set[Address] = field(factory=set)
+    copies: dict[Address, int] = field(factory=dict)
+
+
+MAX_FLOODS = 4096  # request IDs whose flood state is kept (most recent first)
 
 
 @define
@@ -88,6 +108,7 @@ class SearchCore:
     max_ttl: int = DEFAULT_TTL
     waiting: dict[str, Callable[[Hit], None]] = field(factory=dict)
     retransmitter: Retransmitter = field(default=None)
+    _floods: OrderedDict[str, _Flood] = field(factory=OrderedDict)
 
     def __attrs_post_init__(self) -> None:
         if self.retransmitter is None:
@@ -102,7 +123,17 @@ class SearchCore:
         q = Query(rid, name, udp, tcp, self.max_ttl, 0, fetch)
         payload = q.encode()
         self.counters.add("queries_started")
-        return rid, Reaction(tracked=[("query", rid, payload, n) for n in self.neighbours()])
+        targets = self.neighbours()
+        self._flood(rid).sent_to.update(targets)
+        return rid, Reaction(tracked=[("query", rid, payload, n) for n in targets])
+
+    def _flood(self, request_id: str) -> _Flood:
+        state = self._floods.get(request_id)
+        if state is None:
+            state = self._floods[request_id] = _Flood()
+            while len(self._floods) > MAX_FLOODS:
+                self._floods.popitem(last=False)
+        return state
 
     def finish_query(self, request_id: str) -> None:
         """Stop listening for hits to *request_id* (later ones count as unknown) and resending it."""
@@ -110,11 +141,11 @@ class SearchCore:
         self.retransmitter.forget(request_id)
 
     def on_query(self, q: Query, sender: Address, now: float) -> Reaction:
-        ack = [(Ack(q.id, "query").encode(), sender)]  # duplicates too: our last ack may have been lost
+        ack = [(Ack(q.id, "query").encode(), sender)]
         q = q.with_sender(sender[0])
         if not self.seen.add(q.id, now):
             self.counters.add("dropped_duplicate")
-            return Reaction(ack)
+            return Reaction(self._ack_duplicate(q.id, sender, ack, now))
         self.counters.add("queries_received")
         entry = self.lookup(q.name)
         if entry is not None:
@@ -126,10 +157,36 @@ class SearchCore:
         if ttl <= 0:
             self.counters.add("dropped_expired")
             return Reaction(ack)
-        fwd = Query(q.id, q.name, q.udp, q.tcp, ttl, q.hops, q.fetch).forwarded().encode()
+        fwd = q.encode(ttl=ttl - 1, hops=min(q.hops + 1, 255))  # what forwarded(ttl) encodes, unvalidated
         targets = [n for n in self.neighbours() if n != sender and n != q.udp]
         self.counters.add("queries_forwarded", len(targets))
+        flood = self._flood(q.id)
+        flood.sent_to.update(targets)
+        flood.copies[sender] = 1
         return Reaction(ack, [("query", q.id, fwd, n) for n in targets])
+
+    def on_duplicate(self, request_id: str, sender: Address, now: float) -> Reaction:
+        """A further copy of a query already processed, recognised without decoding it all."""
+        self.counters.add("dropped_duplicate")
+        return Reaction(self._ack_duplicate(request_id, sender, [(Ack(request_id, "query").encode(), sender)], now))
+
+    def _ack_duplicate(self, request_id: str, sender: Address, ack: list[tuple[bytes, Address]],
+                       now: float) -> list[tuple[bytes, Address]]:
+        """A copy from *sender*: proof that it has the query, and maybe a reason to acknowledge.
+
+        When we sent *sender* a copy too, that copy is its acknowledgement (an
+        implicit ack), so no ``ack`` datagram is needed, unless *sender* sends
+        again: then our copy was lost and an explicit ack is due.
+        """
+        if self.retransmitter.ack("query", request_id, sender, now, implicit=True):
+            self.counters.add("acks_implicit")
+        flood = self._floods.get(request_id)
+        if flood is None:
+            return ack
+        flood.copies[sender] = copies = flood.copies.get(sender, 0) + 1
+        if sender in flood.sent_to and copies == 1:
+            return []
+        return ack
 
     def on_hit(self, hit: Hit, sender: Address, now: float) -> Reaction:
         """Deliver a hit to the search that asked (each holder once) and acknowledge it."""
@@ -145,8 +202,8 @@ class SearchCore:
         handler(hit)
         return ack
 
-    def on_ack(self, ack: Ack, sender: Address) -> None:
-        self.retransmitter.ack(ack.kind, ack.id, sender)
+    def on_ack(self, ack: Ack, sender: Address, now: float) -> None:
+        self.retransmitter.ack(ack.kind, ack.id, sender, now)
 
     def due(self, now: float) -> list[tuple[bytes, Address]]:
         return self.retransmitter.due(now)
@@ -175,6 +232,8 @@ class SearchProtocol(DatagramProtocol):
         return self.core.counters
 
     def datagramReceived(self, data: bytes, addr: Address) -> None:  # type: ignore[override]
+        if self._fast_path(data, addr):
+            return
         try:
             if len(data) > MAX_DATAGRAM:  # the port reads MAX_DATAGRAM + 1: anything longer was cut
                 raise MessageTooLarge(f"datagram longer than {MAX_DATAGRAM} bytes")
@@ -188,7 +247,7 @@ class SearchProtocol(DatagramProtocol):
             return
         now = self.clock.seconds()
         if isinstance(msg, Ack):
-            self.core.on_ack(msg, addr)
+            self.core.on_ack(msg, addr, now)
         elif isinstance(msg, Hello):
             self.on_hello(msg, addr)
         elif isinstance(msg, Hit):
@@ -199,6 +258,30 @@ class SearchProtocol(DatagramProtocol):
             self.send_all(reaction)
             if reaction.offer is not None:
                 self.on_offer(*reaction.offer)
+
+    def _fast_path(self, data: bytes, addr: Address) -> bool:
+        """Most datagrams of a flood are acks and copies of queries already processed.
+
+        Both are recognised from their fixed leading bytes (as this implementation
+        encodes them; anything else takes the full decoder) and handled without
+        parsing the rest: a copy only needs its request ID, an ack is all ID.
+        """
+        if data.startswith(_QUERY_PREFIX):
+            request_id = data[len(_QUERY_PREFIX): len(_QUERY_PREFIX) + 32]
+            if not _HEX32.fullmatch(request_id):
+                return False
+            rid = request_id.decode()
+            now = self.clock.seconds()
+            if not self.core.seen.seen_recently(rid, now):
+                return False
+            self.on_sender(addr)
+            self.send_all(self.core.on_duplicate(rid, addr, now))
+            return True
+        match = _ACK.fullmatch(data)
+        if match is None:
+            return False
+        self.core.retransmitter.ack(match[2].decode(), match[1].decode(), addr, self.clock.seconds())
+        return True
 
     def send_all(self, reaction: Reaction) -> None:
         now = self.clock.seconds()

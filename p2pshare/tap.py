@@ -154,7 +154,7 @@ class PeerOptions(usage.Options):
         ["interface", None, "0.0.0.0", "Address to listen on."],
         ["control", "c", DEFAULT_CONTROL, "Control API port or endpoint (loopback only), or 'none'."],
         ["advertise", None, None, "Host other peers should use, when the tracker's observed one is wrong."],
-        ["neighbours", "n", 8, "How many neighbours to ask the tracker for.", int],
+        ["neighbours", "n", 4, "How many neighbours to keep from the tracker (others link back: about twice as many in all).", int],
         ["refresh", None, 30.0, "Seconds between neighbour refreshes.", float],
         ["rescan", None, 30.0, "Seconds between rescans of the shared folder.", float],
         ["ttl", None, 7, f"Hops a query may travel (at most {MAX_TTL}).", int],

@@ -8,13 +8,14 @@ numbers.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
 import unicodedata
 from typing import Any, Callable, ClassVar, Optional, Union
 
-from attrs import Attribute, field, frozen
+from attrs import Attribute, evolve, field, frozen
 
 from p2pshare.errors import InvalidName, MalformedMessage, MessageTooLarge, UnsupportedVersion
 
@@ -54,6 +55,22 @@ def validate_name(name: object) -> str:
     """
     if not isinstance(name, str) or not name:
         raise InvalidName("the file name is empty")
+    problem = _name_problem(name)  # a flood carries one name to every peer many times: cache
+    if problem is not None:
+        raise InvalidName(problem)
+    return name
+
+
+@functools.lru_cache(maxsize=4096)
+def _name_problem(name: str) -> Optional[str]:
+    try:
+        _check_name(name)
+    except InvalidName as e:
+        return str(e)
+    return None
+
+
+def _check_name(name: str) -> str:
     try:
         encoded = name.encode("utf-8")
     except UnicodeEncodeError:
@@ -196,20 +213,24 @@ class Query:
     fetch: bool = field(default=False, validator=_bool)
     TYPE: ClassVar[str] = "query"
 
-    def encode(self) -> bytes:
+    def encode(self, ttl: Optional[int] = None, hops: Optional[int] = None) -> bytes:
+        """The datagram; with *ttl* and *hops*, a copy of it that differs only in those."""
         return _dumps(
             {"v": VERSION, "t": "query", "id": self.id, "name": self.name, "udp": list(self.udp),
-             "tcp": list(self.tcp), "ttl": self.ttl, "hops": self.hops, "fetch": self.fetch}
+             "tcp": list(self.tcp), "ttl": self.ttl if ttl is None else ttl,
+             "hops": self.hops if hops is None else hops, "fetch": self.fetch}
         )
 
-    def forwarded(self) -> "Query":
-        return Query(self.id, self.name, self.udp, self.tcp, self.ttl - 1, min(self.hops + 1, 255), self.fetch)
+    def forwarded(self, ttl: Optional[int] = None) -> "Query":
+        """The copy to forward: *ttl* (default: ours) minus one, one hop more."""
+        ttl = self.ttl if ttl is None else ttl
+        return evolve(self, ttl=max(ttl - 1, 0), hops=min(self.hops + 1, 255))
 
     def with_sender(self, host: str) -> "Query":
         """Fill in an empty requester host with the address the datagram came from."""
-        udp = (self.udp[0] or host, self.udp[1])
-        tcp = (self.tcp[0] or host, self.tcp[1])
-        return Query(self.id, self.name, udp, tcp, self.ttl, self.hops, self.fetch)
+        if self.udp[0] and self.tcp[0]:
+            return self
+        return evolve(self, udp=(self.udp[0] or host, self.udp[1]), tcp=(self.tcp[0] or host, self.tcp[1]))
 
 
 @frozen
@@ -246,7 +267,8 @@ class Ack:
     TYPE: ClassVar[str] = "ack"
 
     def encode(self) -> bytes:
-        return _dumps({"v": VERSION, "t": "ack", "id": self.id, "kind": self.kind})
+        # Both fields are plain ASCII (hex and a fixed word): no JSON escaping is ever needed.
+        return b'{"v":1,"t":"ack","id":"%s","kind":"%s"}' % (self.id.encode(), self.kind.encode())
 
 
 def _check_ack_kind(v: Any) -> None:

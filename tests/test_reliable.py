@@ -144,3 +144,25 @@ def test_a_neighbour_that_is_forgotten_drops_out_of_learned_and_exchanged() -> N
     hood.told_about([A], now=0.0)
     hood.forget(A)
     assert hood.current(1.0, tracker_up=False) == [B]
+
+
+def test_tracker_neighbours_stay_put_and_only_free_places_are_filled() -> None:
+    c: Address = ("10.0.0.3", 1)
+    hood = Neighbourhood()
+    assert hood.refresh_tracker([A, B], want=2) == [A, B]
+    assert hood.refresh_tracker([c, B], want=2) == []  # A and B are kept
+    hood.forget(A)  # A stopped answering
+    assert hood.refresh_tracker([B, c], want=2) == [c]
+    assert hood.tracker == [B, c]
+
+
+def test_the_first_timeout_follows_measured_round_trips() -> None:
+    r = Retransmitter(first_timeout=0.25, min_timeout=0.1, max_timeout=2.0)
+    for i in range(50):
+        r.track("query", f"{i}", b"p", A, now=float(i))
+        r.ack("query", f"{i}", A, now=i + 0.6)  # a slow, loaded network
+    assert 0.6 < r.first_timeout <= 1.0
+    for i in range(50, 200):
+        r.track("query", f"{i}", b"p", A, now=float(i))
+        r.ack("query", f"{i}", A, now=i + 0.001)  # a quiet LAN
+    assert r.first_timeout == 0.1

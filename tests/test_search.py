@@ -243,3 +243,17 @@ def test_flood_finds_a_file_several_hops_away_and_each_peer_sees_the_query_once(
     net.run()
     assert sum(c.counters["retries_query"] + c.counters["retries_hit"] for c in cores.values()) == 0
     assert not clock.getDelayedCalls()
+
+
+def test_a_copy_from_a_neighbour_we_sent_to_acknowledges_both_ways() -> None:
+    first, other = ("10.0.0.9", 1), ("10.0.0.2", 1)
+    c = core(neighbours=[first, other])
+    forwarded = c.on_query(query(), first, now=0.0)
+    for kind, rid, payload, dest in forwarded.tracked:
+        c.retransmitter.track(kind, rid, payload, dest, 0.0)
+    assert c.retransmitter.pending_to("query", RID, other)
+    duplicate = c.on_query(query(), other, now=0.01)  # other forwarded it to us as we did to it
+    assert duplicate.sends == []  # our copy is its acknowledgement
+    assert not c.retransmitter.pending_to("query", RID, other)  # and its copy is ours
+    again = c.on_query(query(), other, now=0.5)  # other sends again: our copy was lost
+    assert again.sends == [(Ack(RID, "query").encode(), other)]

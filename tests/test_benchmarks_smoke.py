@@ -1,0 +1,80 @@
+"""Each benchmark of ``make bench`` at its smallest size, so the suite keeps working.
+
+No timing is asserted (these machines are noisy): only that every figure is
+produced and sane.  The benchmarks check the bytes themselves in this mode
+(every received file is compared with the original) and raise if they differ.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from benchmarks import memory, search, small_files, swarm, tracker, transfer
+from benchmarks.harness import Context, Figure
+
+pytestmark = pytest.mark.system
+needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="the http.server + curl baseline needs curl")
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> Iterator[Context]:
+    context = Context("smoke", tmp_path, repeats=1, warmup=0, verbose=False)
+    try:
+        yield context
+    finally:
+        context.procs.stop_all()
+
+
+def by_name(figures: list[Figure]) -> dict[str, Figure]:
+    for f in figures:
+        assert f.samples and all(math.isfinite(x) for x in f.samples), f
+    return {f.name: f for f in figures}
+
+
+@needs_curl
+def test_transfer_reports_rates_for_p2pshare_and_both_baselines(ctx: Context) -> None:
+    got = by_name(transfer.run(ctx))
+    for name in ("p2pshare 1 MiB, verified", "raw socket baseline", "http.server + curl", "p2pshare / raw"):
+        assert got[name].median > 0
+    assert got["p2pshare / raw"].verdict in ("pass", "FAIL")
+
+
+def test_small_files_reports_files_per_second(ctx: Context) -> None:
+    got = by_name(small_files.run(ctx))
+    assert got["10 x 16 KiB via the control API"].median > 0
+    assert got["time per file, median"].median > 0
+
+
+@needs_curl
+def test_swarm_reports_the_single_source_figure_and_says_swarming_is_missing(ctx: Context) -> None:
+    (figure,) = swarm.run(ctx)
+    assert figure.median > 0
+    assert figure.verdict == "n/a" and "swarming not implemented" in figure.note
+
+
+def test_search_counts_datagrams_and_reach_for_p2pshare_and_the_naive_flood(ctx: Context) -> None:
+    got = by_name(search.run(ctx))
+    assert got["datagrams per search"].median > 0
+    assert got["naive flood datagrams per search"].median > 0
+    assert 0 < got["other peers reached"].median <= 100
+    assert got["first hit, p95"].median > 0
+
+
+def test_tracker_reports_rate_latency_and_memory(ctx: Context) -> None:
+    got = by_name(tracker.run(ctx))
+    assert got["300 peers: requests/s"].median > 0
+    assert got["300 peers: p99 latency"].median > 0
+    assert got["300 peers: tracker RSS"].median > 1
+    assert got["per peer on its own connection"].median > 0
+
+
+def test_memory_reports_peak_rss_and_start_up_times(ctx: Context) -> None:
+    got = by_name(memory.run(ctx))
+    assert got["holder peak RSS serving 2 x 4 MiB"].median >= got["holder RSS before the downloads"].median > 1
+    assert got["start to ready, 200 files, index cached"].median > 0
+    assert got["first indexing, 4 MiB in 200 files"].median > 0
