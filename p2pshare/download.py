@@ -26,6 +26,7 @@ RANGE = 16 * 1024 * 1024  # bytes the requester asks for at a time
 BATCH = 4 * 1024 * 1024  # bytes handed to the writer thread at once
 HIGH_WATER = 32 * 1024 * 1024  # pause the connection above this backlog
 LOW_WATER = 8 * 1024 * 1024  # and resume it below this
+SMALL = 256 * 1024  # files up to this size are written and hashed on the reactor thread
 
 Executor = Callable[..., "Deferred[Any]"]
 
@@ -137,7 +138,17 @@ class Download:
         self._finishing = True
         if self._writing:
             return
-        if self._pending:
+        if self._pending and self.size <= SMALL:
+            # A small file never went to the worker: two thread hand-offs would cost more
+            # than writing and hashing it here.
+            batch, self._pending, self._pending_bytes = self._pending, [], 0
+            try:
+                self._write_batch(batch)
+            except OSError as e:
+                self._write_failed(Failure(e))
+                return
+            self._verify()
+        elif self._pending:
             self._flush()
         else:
             self._verify()

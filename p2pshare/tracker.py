@@ -10,6 +10,7 @@ heartbeating is expired after ``EXPIRE_AFTER`` intervals.
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any, Callable, Optional
 
@@ -21,7 +22,6 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from p2pshare.errors import MalformedMessage, TrackerError
@@ -30,26 +30,30 @@ from p2pshare.registry import IPeerRegistry, MemoryRegistry
 from p2pshare.wire import MAX_PEERS_ANSWER, MAX_TRACKER_LINE, PeerInfo, TrackerReply, TrackerRequest
 
 EXPIRE_AFTER = 3  # heartbeat intervals without news before a peer is dropped
+_OP_COUNTER = {op: f"tracker_{op}" for op in ("register", "heartbeat", "leave", "peers")}
 
 
-class TrackerServerProtocol(LineReceiver, TimeoutMixin):
-    """One connected peer (or a one-shot client such as ``p2pshare peers``)."""
+class TrackerServerProtocol(LineReceiver):
+    """One connected peer (or a one-shot client such as ``p2pshare peers``).
+
+    Idle connections are closed by the factory's periodic sweep (``close_idle``)
+    rather than a timer per connection, which would be reset on every request.
+    """
 
     delimiter = b"\n"
     MAX_LENGTH = MAX_TRACKER_LINE
 
     def __init__(self, factory: "TrackerFactory") -> None:
         self.factory = factory
-        self.callLater = factory.clock.callLater  # the idle timer runs on the factory's clock
         self.peer_ids: set[str] = set()  # registered through this connection
         self.closed: Deferred[None] = Deferred()
+        self.last_heard = factory.clock.seconds()
 
     def connectionMade(self) -> None:
         self.factory.open.add(self)
-        self.setTimeout(self.factory.interval * EXPIRE_AFTER)
 
     def lineReceived(self, line: bytes) -> None:
-        self.resetTimeout()
+        self.last_heard = self.factory.clock.seconds()
         try:
             request = TrackerRequest.decode(line)
         except MalformedMessage as e:
@@ -67,12 +71,7 @@ class TrackerServerProtocol(LineReceiver, TimeoutMixin):
         self.sendLine(TrackerReply(0, False, code, message).encode())
         self.transport.loseConnection()
 
-    def timeoutConnection(self) -> None:
-        self.factory.counters.add("tracker_idle_closed")
-        self.transport.abortConnection()
-
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.setTimeout(None)
         self.factory.open.discard(self)
         for peer in self.peer_ids:
             if self.factory.connections.get(peer) is self:
@@ -94,7 +93,7 @@ class TrackerFactory(Factory):
         self.interval = interval
         self.registry = registry if registry is not None else MemoryRegistry(timeout=interval * EXPIRE_AFTER)
         self.max_peers = max(0, min(max_peers, MAX_PEERS_ANSWER))
-        self.rng = rng or random.SystemRandom()
+        self.rng = rng or random.Random(os.urandom(32))  # unpredictable seed, fast draws
         self.connections: dict[str, TrackerServerProtocol] = {}  # by the peer each registered
         self.open: set[TrackerServerProtocol] = set()
         self.counters = Counters()
@@ -105,7 +104,7 @@ class TrackerFactory(Factory):
 
     def handle(self, req: TrackerRequest, conn: TrackerServerProtocol) -> TrackerReply:
         now = self.clock.seconds()
-        self.counters.add(f"tracker_{req.op}")
+        self.counters[_OP_COUNTER[req.op]] += 1
         if req.op == "register":
             assert req.peer is not None
             host = req.host or conn.transport.getPeer().host
@@ -131,11 +130,16 @@ class TrackerFactory(Factory):
         return TrackerReply(req.id, True, peers=tuple(peers))
 
     def expire(self) -> None:
-        for peer in self.registry.expire(self.clock.seconds()):
+        """Forget silent peers and close connections idle for EXPIRE_AFTER intervals."""
+        now = self.clock.seconds()
+        for peer in self.registry.expire(now):
             self.counters.add("tracker_expired")
             conn = self.connections.pop(peer, None)
             if conn is not None:
                 conn.peer_ids.discard(peer)
+        for conn in [c for c in self.open if c.last_heard < now - self.interval * EXPIRE_AFTER]:
+            self.counters.add("tracker_idle_closed")
+            conn.transport.abortConnection()
 
 
 class TrackerService(Service):

@@ -160,8 +160,8 @@ def _loads(data: bytes, limit: int) -> dict[str, Any]:
     if len(data) > limit:
         raise MessageTooLarge(f"{len(data)} bytes, limit {limit}")
     try:
-        obj = json.loads(data, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as e:
+        obj = _DECODER.decode(data.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise MalformedMessage(f"not JSON: {data[:64]!r}") from e
     if not isinstance(obj, dict):
         raise MalformedMessage("not a JSON object")
@@ -172,6 +172,9 @@ def _loads(data: bytes, limit: int) -> dict[str, Any]:
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not allowed")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 def _dumps(obj: dict[str, Any]) -> bytes:
@@ -332,6 +335,11 @@ class PeerInfo:
     def to_json(self) -> dict[str, Any]:
         return {"peer": self.peer, "host": self.host, "udp": self.udp, "tcp": self.tcp}
 
+    def encode(self) -> bytes:
+        # Hex id and IP literal: nothing to escape, so no JSON encoder on the tracker's hot path.
+        return b'{"peer":"%s","host":"%s","udp":%d,"tcp":%d}' % (
+            self.peer.encode(), self.host.encode(), self.udp, self.tcp)
+
 
 TRACKER_OPS = ("register", "heartbeat", "leave", "peers")
 
@@ -402,9 +410,10 @@ class TrackerReply:
             obj["host"] = self.host
         if self.interval:
             obj["interval"] = self.interval
-        if self.peers is not None:
-            obj["peers"] = [p.to_json() for p in self.peers]
-        return _dumps(obj)
+        if self.peers is None:
+            return _dumps(obj)
+        head = _dumps(obj)[:-1]  # without the closing brace
+        return head + b',"peers":[' + b",".join(p.encode() for p in self.peers) + b"]}"
 
     @classmethod
     def decode(cls, data: bytes) -> "TrackerReply":

@@ -122,3 +122,14 @@ def test_failing_while_the_worker_holds_a_batch_waits_for_it_before_deleting(sha
     assert failures and dl.tmp_path.exists()  # the worker still writes to it
     executor.release_one()
     assert not dl.tmp_path.exists()
+
+
+def test_a_small_file_is_written_and_verified_without_the_worker(share: Path) -> None:
+    data = b"s" * 16384
+    executor = ManualExecutor()
+    dl = Download(Shares(share), "small.bin", len(data), hashlib.sha256(data).hexdigest(), executor=executor)
+    placed: list[Path] = []
+    dl.done.addCallback(placed.append)
+    dl.write(data)
+    dl.finish()
+    assert executor.calls == [] and placed == [share / "small.bin"]

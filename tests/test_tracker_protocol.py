@@ -159,13 +159,16 @@ def test_an_oversized_line_closes_the_connection() -> None:
     assert c.transport.disconnecting
 
 
-def test_an_idle_connection_is_closed() -> None:
+def test_an_idle_connection_is_closed_by_the_sweep() -> None:
     f = factory(interval=10.0)
-    c = Conn(f, "10.0.0.1")
-    f.clock.advance(EXPIRE_AFTER * 10 + 1)  # type: ignore[attr-defined]
-    assert c.transport.disconnecting
-    c.lose()
-    assert not f.clock.getDelayedCalls()  # type: ignore[attr-defined]
+    idle, busy = Conn(f, "10.0.0.1"), register(f, 2)
+    for _ in range(EXPIRE_AFTER * 10 + 1):
+        f.clock.advance(1)  # type: ignore[attr-defined]
+        busy.ask("heartbeat", peer=peer_id(2))
+    f.expire()
+    assert idle.transport.disconnecting and not busy.transport.disconnecting
+    assert f.counters["tracker_idle_closed"] == 1
+    assert not f.clock.getDelayedCalls()  # type: ignore[attr-defined]  # no timer per connection
 
 
 def test_client_pairs_replies_with_requests_by_id() -> None:
