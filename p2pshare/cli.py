@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, TextIO
 
 from p2pshare.errors import ControlError, P2PError, describe
-from p2pshare.wire import STATE_DIR
+from p2pshare.wire import STATE_DIR, is_sha256
 
 DEFAULT_CONTROL = "127.0.0.1:7878"
 
@@ -107,8 +107,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def what(args: argparse.Namespace) -> tuple[str, str]:
+    """(name, sha256) from NAME, ``sha256:HEX`` and ``--hash HEX``."""
+    name, sha256 = args.name, getattr(args, "hash", None) or ""
+    if name.startswith("sha256:"):
+        name, sha256 = "", name[len("sha256:"):]
+    sha256 = sha256.lower()
+    if sha256 and not is_sha256(sha256):
+        raise P2PError(f"{sha256!r} is not a SHA-256: 64 hexadecimal digits")
+    return name, sha256
+
+
 def cmd_search(args: argparse.Namespace) -> int:
-    query = urllib.parse.urlencode({"name": args.name, "timeout": args.timeout})
+    name, sha256 = what(args)
+    query = urllib.parse.urlencode({"name": name, "sha256": sha256, "timeout": args.timeout})
     reply = _json_reply(_request(control_address(args), "GET", f"/v1/search?{query}", timeout=args.timeout + 30))
     if args.json:
         print(json.dumps(reply, indent=2))
@@ -129,7 +141,9 @@ def _report(result: dict[str, Any]) -> None:
 def cmd_get(args: argparse.Namespace) -> int:
     if args.tracker:
         return _get_with_own_peer(args)
-    response = _request(control_address(args), "POST", "/v1/get", {"name": args.name, "timeout": args.timeout},
+    name, sha256 = what(args)
+    response = _request(control_address(args), "POST", "/v1/get", {"name": name, "sha256": sha256,
+                                                                    "timeout": args.timeout},
                         timeout=args.timeout + 60)
     if response.status != 200:
         _json_reply(response)
@@ -173,7 +187,8 @@ def _get_with_own_peer(args: argparse.Namespace) -> int:
                 await peer.tracker.when_peers().addTimeout(wait, reactor)
             except (TimeoutError, defer.TimeoutError):
                 raise P2PError(f"the tracker at {args.tracker} did not answer within {wait:g}s") from None
-            result = await peer.fetch(args.name, args.timeout, bar.update)
+            name, sha256 = what(args)
+            result = await peer.fetch(name, args.timeout, bar.update, sha256)
         except Exception as e:
             bar.close()
             print(f"p2pshare: {describe(e)}", file=sys.stderr)
@@ -230,13 +245,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--timeout", type=float, default=10.0)
     s.set_defaults(func=cmd_status)
-    s = sub.add_parser("search", parents=[common], help="list the peers that have NAME")
-    s.add_argument("name")
+    s = sub.add_parser("search", parents=[common], help="list the peers that have NAME (or sha256:HEX)")
+    s.add_argument("name", help="a file name, or sha256:HEX")
     s.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for answers (default 3)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_search)
-    s = sub.add_parser("get", parents=[common], help="fetch NAME into the peer's folder")
-    s.add_argument("name")
+    s = sub.add_parser("get", parents=[common], help="fetch NAME (or sha256:HEX) into the peer's folder")
+    s.add_argument("name", help="a file name, or sha256:HEX for that content under whatever name it has")
+    s.add_argument("--hash", metavar="HEX", help="the SHA-256 to fetch when holders of NAME disagree")
     s.add_argument("--timeout", type=float, default=10.0, help="seconds to find a holder (default 10)")
     s.add_argument("--tracker", help="run a temporary peer on this tracker instead of using a daemon")
     s.set_defaults(func=cmd_get)

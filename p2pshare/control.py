@@ -90,13 +90,17 @@ class SearchResource(_Guarded):
 
     def render_GET(self, request: Request) -> Any:
         try:
-            name = request.args[b"name"][0].decode("utf-8")
+            name = request.args.get(b"name", [b""])[0].decode("utf-8")
+            sha256 = request.args.get(b"sha256", [b""])[0].decode("ascii")
             timeout = _float_arg(request, "timeout", 3.0)
-        except (KeyError, UnicodeDecodeError, ValueError) as e:
-            return _json(request, {"error": "BadRequest", "message": f"need name= and a valid timeout= ({e})"}, 400)
+            if not name and not sha256:
+                raise ValueError("no name")
+        except (UnicodeDecodeError, ValueError) as e:
+            return _json(request, {"error": "BadRequest",
+                                   "message": f"need name= or sha256=, and a valid timeout= ({e})"}, 400)
 
-        d = self.peer.search(name, timeout)
-        d.addCallback(lambda hits: {"name": name, "hits": [hit_json(h) for h in hits]})
+        d = self.peer.search(name, timeout, sha256)
+        d.addCallback(lambda hits: {"name": name, "sha256": sha256, "hits": [hit_json(h) for h in hits]})
         return _answer_later(request, d)
 
 
@@ -108,10 +112,11 @@ class GetResource(_Guarded):
     def render_POST(self, request: Request) -> Any:
         try:
             body = json.loads(request.content.read(MAX_BODY + 1)[:MAX_BODY])
-            name = body["name"]
+            name, sha256 = body.get("name", ""), body.get("sha256", "")
             timeout = float(body.get("timeout", 10.0))
-            if not isinstance(name, str) or not 0.1 <= timeout <= 3600:
-                raise ValueError("name must be a string and timeout within [0.1, 3600]")
+            if not isinstance(name, str) or not isinstance(sha256, str) or not (name or sha256) \
+                    or not 0.1 <= timeout <= 3600:
+                raise ValueError("need a name or a sha256 (strings), and a timeout within [0.1, 3600]")
         except (ValueError, KeyError, TypeError) as e:
             return _json(request, {"error": "BadRequest", "message": f"bad request body: {e}"}, 400)
         request.setHeader(b"content-type", b"application/x-ndjson")
@@ -136,8 +141,8 @@ class GetResource(_Guarded):
             if not request.finished and not request._disconnected:  # type: ignore[attr-defined]
                 request.finish()
 
-        line({"event": "searching", "name": name})
-        self.peer.fetch(name, timeout, progress).addBoth(done)
+        line({"event": "searching", "name": name, "sha256": sha256})
+        self.peer.fetch(name, timeout, progress, sha256).addBoth(done)
         return NOT_DONE_YET
 
 

@@ -35,6 +35,10 @@ class NotFound(P2PError):
     """No peer answered with the file."""
 
 
+class AmbiguousName(P2PError):
+    """Holders answered with different files of that name; choose one by its SHA-256."""
+
+
 class AlreadyExists(P2PError):
     """A file of that name already exists in the shared folder."""
 

@@ -21,10 +21,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from p2pshare.download import Download, in_thread
-from p2pshare.errors import AlreadyExists, NotFound, P2PError, TransferFailed
+from p2pshare.errors import AlreadyExists, AmbiguousName, InvalidName, NotFound, P2PError, TransferFailed
 from p2pshare.shares import Entry
 from p2pshare.transfer import ITransferNode, TransferProtocol, dial
-from p2pshare.wire import Address, Frame, Hit, validate_name
+from p2pshare.wire import Address, Frame, Hit, is_sha256, validate_name
 
 if TYPE_CHECKING:
     from p2pshare.peer import Peer
@@ -45,8 +45,9 @@ class FetchResult:
 
 
 class _Fetch:
-    def __init__(self, name: str, timeout: float) -> None:
-        self.name, self.timeout = name, timeout
+    def __init__(self, name: str, sha256: str, timeout: float) -> None:
+        self.name, self.sha256, self.timeout = name, sha256, timeout  # name "" until an offer names it
+        self.key = sha256 or name
         self.ids: list[str] = []  # one per query sent: the first, then re-queries
         self.active = True
         self.requery: Optional[IDelayedCall] = None
@@ -66,6 +67,26 @@ class _Fetch:
         for listener in self.progress:
             listener(got, size)
 
+    @property
+    def label(self) -> str:
+        return self.name or f"sha256:{self.sha256}"
+
+    def wants(self, name: str, sha256: str) -> bool:
+        """Is content *sha256* named *name* what this fetch asked for?"""
+        return (not self.sha256 or sha256 == self.sha256) and (not self.name or name == self.name)
+
+    def disagreement(self) -> Optional[str]:
+        """Asked for by name only, and holders answered with different contents: describe them."""
+        if self.sha256:
+            return None
+        versions: dict[str, int] = {}
+        for hit in self.hits:
+            versions[hit.sha256] = versions.get(hit.sha256, 0) + 1
+        if len(versions) < 2:
+            return None
+        listed = ", ".join(f"sha256:{h[:16]}… ({n} holder{'s' if n > 1 else ''})" for h, n in versions.items())
+        return f"holders disagree about {self.name}: {listed}; pick one with --hash"
+
 
 @implementer(ITransferNode)
 class _Dialer:
@@ -79,7 +100,7 @@ class _Dialer:
         raise NotFound("this connection only receives")
 
     def accept_offer(self, frame: Frame, proto: TransferProtocol) -> Optional[Download]:
-        if frame.name != self.fetch.name or frame.sha256 != self.hit.sha256 or frame.size != self.hit.size:
+        if frame.name != self.hit.name or frame.sha256 != self.hit.sha256 or frame.size != self.hit.size:
             return None
         return self.fetcher._accept(self.fetch, frame, proto, "requester")
 
@@ -100,31 +121,39 @@ class Fetcher:
     def accept_offer(self, frame: Frame, proto: TransferProtocol) -> Optional[Download]:
         """A holder dialled us with an offer: the download it is for, or None to decline."""
         f = self.by_id.get(frame.id)
-        if f is None or frame.name != f.name:
+        if f is None or not f.wants(frame.name, frame.sha256):
             self.peer.counters.add("offers_declined")
             return None
         return self._accept(f, frame, proto, "holder")
 
     def stop(self) -> None:
         for f in list(self.fetches.values()):
-            self._finish(f, Failure(TransferFailed(f"{f.name}: the peer is shutting down")))
+            self._finish(f, Failure(TransferFailed(f"{f.label}: the peer is shutting down")))
 
     def status(self) -> dict[str, Any]:
-        return {name: {"received": f.download.received if f.download else 0,
-                       "size": f.download.size if f.download else None} for name, f in self.fetches.items()}
+        return {f.label: {"received": f.download.received if f.download else 0,
+                          "size": f.download.size if f.download else None} for f in self.fetches.values()}
 
-    def fetch(self, name: str, timeout: float = 10.0,
-              progress: Optional[Callable[[int, int], None]] = None) -> Deferred[FetchResult]:
-        """Find *name*, download it from a holder, verify it and put it in the shared folder."""
+    def fetch(self, name: str = "", timeout: float = 10.0, progress: Optional[Callable[[int, int], None]] = None,
+              sha256: str = "") -> Deferred[FetchResult]:
+        """Find *name* (or content *sha256*, or both), download it, verify it, put it in the shared folder."""
         try:
-            validate_name(name)
-            if os.path.lexists(self.peer.shares.root / name):
-                raise AlreadyExists(f"{name} already exists in {self.peer.shares.root}")
+            if sha256 and not is_sha256(sha256):
+                raise InvalidName(f"{sha256!r} is not a SHA-256 in hex")
+            if name or not sha256:
+                validate_name(name)
+                if os.path.lexists(self.peer.shares.root / name):
+                    raise AlreadyExists(f"{name} already exists in {self.peer.shares.root}")
+            else:
+                here = self.peer.shares.lookup("", sha256)
+                if here is not None:
+                    raise AlreadyExists(f"sha256:{sha256} is already here as {here.name}")
         except P2PError as e:
             return fail(e)
-        f = self.fetches.get(name)
+        key = sha256 or name
+        f = self.fetches.get(key)
         if f is None:
-            f = self.fetches[name] = _Fetch(name, timeout)
+            f = self.fetches[key] = _Fetch(name, sha256, timeout)
             self._fetch_query(f)
             f.timer = self.peer.reactor.callLater(timeout, self._fetch_expired, f)
         if progress is not None:
@@ -138,14 +167,20 @@ class Fetcher:
         f.requery = None
         if f.hits or not f.active:
             return
-        rid = self.peer._query(f.name, True, lambda hit: self._fetch_hit(f, hit))
+        rid = self.peer._query(f.name, True, lambda hit: self._fetch_hit(f, hit), f.sha256)
         f.ids.append(rid)
         self.by_id[rid] = f
         if self.peer.requery < f.timeout - (time.monotonic() - f.started):
             f.requery = self.peer.reactor.callLater(self.peer.requery, self._fetch_query, f)
 
     def _fetch_hit(self, f: _Fetch, hit: Hit) -> None:
+        if not f.wants(hit.name, hit.sha256):
+            return
         f.hits.append(hit)
+        disagreement = f.disagreement()
+        if disagreement is not None:  # refuse to guess, even mid-download
+            self._finish(f, Failure(AmbiguousName(disagreement)))
+            return
         if f.download is None and f.dialing is None and f.dial_timer is None:
             f.dial_timer = self.peer.reactor.callLater(self.peer.dial_wait, self._dial_next, f)
 
@@ -161,7 +196,7 @@ class Fetcher:
             return
         f.tried.add(hit.tcp)
         self.peer.counters.add("dials_to_holders")
-        greeting = Frame("open", id=hit.id, name=f.name, sha256=hit.sha256)
+        greeting = Frame("open", id=hit.id, name=hit.name, sha256=hit.sha256)
         proto = TransferProtocol(_Dialer(self, f, hit), greeting=greeting, idle=self.peer.idle,
                                  clock=self.peer.reactor)
         f.dialing = proto
@@ -171,17 +206,24 @@ class Fetcher:
             if f.dialing is proto:
                 f.dialing = None
                 if isinstance(result, Failure):
-                    f.error = TransferFailed(f"{f.name}: could not connect to {hit.tcp[0]}:{hit.tcp[1]}")
+                    f.error = TransferFailed(f"{f.label}: could not connect to {hit.tcp[0]}:{hit.tcp[1]}")
                 if f.download is None:
                     self._dial_next(f)
 
         dial(endpoint, proto).addCallbacks(lambda p: p.closed.addBoth(ended), ended)
 
     def _accept(self, f: _Fetch, frame: Frame, proto: TransferProtocol, dialled_by: str) -> Optional[Download]:
-        if f.download is not None or not f.active:
+        if f.download is not None or not f.active or not f.wants(frame.name, frame.sha256):
             self.peer.counters.add("offers_declined")
             return None
-        download = Download(self.peer.shares, f.name, frame.size, frame.sha256, f.report, in_thread(self.peer.reactor))
+        if not f.sha256 and any(h.sha256 != frame.sha256 for h in f.hits):
+            self.peer.counters.add("offers_declined")  # the hits disagree; _fetch_hit has ended the fetch
+            return None
+        if os.path.lexists(self.peer.shares.root / frame.name):  # asked by hash: the name came with the offer
+            self._finish(f, Failure(AlreadyExists(f"{frame.name} already exists in {self.peer.shares.root}")))
+            return None
+        download = Download(self.peer.shares, frame.name, frame.size, frame.sha256, f.report,
+                            in_thread(self.peer.reactor))
         f.download = download
         if f.dial_timer is not None:
             f.dial_timer.cancel()
@@ -196,7 +238,7 @@ class Fetcher:
 
         def done(path: Path) -> None:
             address = "%s:%d" % listening()
-            result = FetchResult(f.name, str(path), frame.size, frame.sha256, address, frame.peer, dialled_by,
+            result = FetchResult(frame.name, str(path), frame.size, frame.sha256, address, frame.peer, dialled_by,
                                  round(time.monotonic() - f.started, 3))
             self.peer.counters.add("downloads_completed")
             self.peer.counters.add("bytes_received", frame.size)
@@ -204,7 +246,7 @@ class Fetcher:
 
         def failed(failure: Failure) -> None:
             self.peer.counters.add("downloads_failed")
-            self.log.warn("download of {name} from {holder} failed: {error}", name=f.name, holder=listening(),
+            self.log.warn("download of {name} from {holder} failed: {error}", name=f.label, holder=listening(),
                           error=failure.value)
             f.download = None
             f.error = failure.value
@@ -229,13 +271,14 @@ class Fetcher:
         if f.error is not None:
             error: BaseException = f.error
         elif f.hits:
-            error = TransferFailed(f"{f.name}: {len(f.hits)} holder(s) answered but none delivered the file")
+            error = TransferFailed(f"{f.label}: {len(f.hits)} holder(s) answered but none delivered the file")
         else:
-            error = NotFound(f"{f.name}: no peer answered within {f.timeout:g}s")
+            error = NotFound(f"{f.label}: no peer answered within {f.timeout:g}s")
         self._finish(f, Failure(error))
 
     def _finish(self, f: _Fetch, result: Any) -> None:
-        self.fetches.pop(f.name, None)
+        if self.fetches.get(f.key) is f:
+            del self.fetches[f.key]
         f.active = False
         for rid in f.ids:
             self.by_id.pop(rid, None)
@@ -245,7 +288,7 @@ class Fetcher:
                 call.cancel()
         f.timer = f.dial_timer = f.requery = None
         if f.download is not None and not f.download.done.called:
-            f.download.fail(TransferFailed(f"{f.name}: cancelled"))
+            f.download.fail(TransferFailed(f"{f.label}: cancelled"))
         waiters, f.waiters = f.waiters, []
         for d in waiters:
             if isinstance(result, Failure):

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from p2pshare.download import Download
-from p2pshare.errors import NotFound, P2PError
+from p2pshare.errors import InvalidName, NotFound, P2PError
 from p2pshare.fetch import Fetcher, FetchResult
 from p2pshare.neighbours import Neighbourhood
 from p2pshare.ratelimit import Counters
@@ -33,14 +33,14 @@ from p2pshare.search import DEFAULT_TTL, Reaction, SearchCore, SearchProtocol
 from p2pshare.shares import Entry, Shares
 from p2pshare.tracker import TrackerClient
 from p2pshare.transfer import IDLE_TIMEOUT, ITransferNode, TransferFactory, TransferProtocol, dial
-from p2pshare.wire import MAX_DATAGRAM, Address, Frame, Hello, Hit, PeerInfo, Query, is_ip, validate_name
+from p2pshare.wire import MAX_DATAGRAM, Address, Frame, Hello, Hit, PeerInfo, Query, is_ip, is_sha256, validate_name
 
 MAX_OFFERS = 16  # connections a holder opens to requesters at once
 
 
 class _Search:
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __init__(self, name: str, sha256: str) -> None:
+        self.name, self.sha256 = name, sha256
         self.ids: list[str] = []
         self.hits: dict[tuple[str, str], Hit] = {}
         self.done: Deferred[list[Hit]] = Deferred()
@@ -237,19 +237,26 @@ class Peer(MultiService):
 
     # -- search -------------------------------------------------------------------------
 
-    def _query(self, name: str, fetch: bool, on_hit: Callable[[Hit], None]) -> str:
+    def _query(self, name: str, fetch: bool, on_hit: Callable[[Hit], None], sha256: str = "") -> str:
         me = (self.host_for_others, self.udp_port), (self.host_for_others, self.tcp_port)
-        rid, reaction = self.core.start_query(name, me[0], me[1], fetch, self.reactor.seconds(), on_hit)
+        rid, reaction = self.core.start_query(name, me[0], me[1], fetch, self.reactor.seconds(), on_hit,
+                                              sha256=sha256)
         self.search_proto.send_all(reaction)
         return rid
 
-    def search(self, name: str, timeout: float = 3.0) -> Deferred[list[Hit]]:
-        """Ask the network who has *name*; fires after *timeout* with the hits, one per holder."""
+    def search(self, name: str = "", timeout: float = 3.0, sha256: str = "") -> Deferred[list[Hit]]:
+        """Ask the network who has *name* (or content *sha256*); fires after *timeout* with the hits.
+
+        One hit per holder and content: two different files of one name are both listed.
+        """
         try:
-            validate_name(name)
+            if name or not sha256:
+                validate_name(name)
+            if sha256 and not is_sha256(sha256):
+                raise InvalidName(f"{sha256!r} is not a SHA-256 in hex")
         except P2PError as e:
             return fail(e)
-        state = _Search(name)
+        state = _Search(name, sha256)
         state.deadline = self.reactor.seconds() + timeout
         self._searches.add(state)
         self._search_query(state)
@@ -261,7 +268,8 @@ class Peer(MultiService):
         state.again = None
         if state.hits:
             return
-        state.ids.append(self._query(state.name, False, lambda h: state.hits.setdefault((h.peer, h.sha256), h)))
+        state.ids.append(self._query(state.name, False, lambda h: state.hits.setdefault((h.peer, h.sha256), h),
+                                     state.sha256))
         if self.reactor.seconds() + self.requery < state.deadline:
             state.again = self.reactor.callLater(self.requery, self._search_query, state)
 
@@ -276,10 +284,15 @@ class Peer(MultiService):
 
     # -- fetch: the requester's side ----------------------------------------------------
 
-    def fetch(self, name: str, timeout: float = 10.0,
-              progress: Optional[Callable[[int, int], None]] = None) -> Deferred[FetchResult]:
-        """Find *name*, download it from a holder, verify it and put it in the shared folder."""
-        return self.fetcher.fetch(name, timeout, progress)
+    def fetch(self, name: str = "", timeout: float = 10.0, progress: Optional[Callable[[int, int], None]] = None,
+              sha256: str = "") -> Deferred[FetchResult]:
+        """Find *name* (or content *sha256*, or that content under that name), download it from a
+        holder, verify it and put it in the shared folder.
+
+        Asked by name alone, a fetch fails with AmbiguousName when holders answer with
+        different contents, rather than guess.
+        """
+        return self.fetcher.fetch(name, timeout, progress, sha256)
 
     # -- ITransferNode: the holder's side and offers arriving -----------------------------
 

@@ -95,12 +95,12 @@ class Reaction:
 class SearchCore:
     """Flood logic for one peer.
 
-    *lookup* finds a shared file by name; *neighbours* lists UDP addresses to
+    *lookup* finds a shared file by name and, when given, content hash; *neighbours* lists UDP addresses to
     forward to; *me* gives this peer's id and TCP address for hits (an empty
     host means "wherever my datagram came from").
     """
 
-    lookup: Callable[[str], Optional[Entry]]
+    lookup: Callable[[str, str], Optional[Entry]]
     neighbours: Callable[[], list[Address]]
     me: Callable[[], tuple[str, Address]]
     counters: Counters = field(factory=Counters)
@@ -115,12 +115,13 @@ class SearchCore:
             self.retransmitter = Retransmitter(self.counters)
 
     def start_query(self, name: str, udp: Address, tcp: Address, fetch: bool, now: float,
-                    on_hit: Callable[[Hit], None], request_id: Optional[str] = None) -> tuple[str, Reaction]:
+                    on_hit: Callable[[Hit], None], request_id: Optional[str] = None,
+                    sha256: str = "") -> tuple[str, Reaction]:
         """Begin a search of our own: returns its request ID and the datagrams to send."""
         rid = request_id or new_request_id()
         self.seen.add(rid, now)  # our own query coming back is a duplicate
         self.waiting[rid] = on_hit
-        q = Query(rid, name, udp, tcp, self.max_ttl, 0, fetch)
+        q = Query(rid, name, udp, tcp, self.max_ttl, 0, fetch, sha256)
         payload = q.encode()
         self.counters.add("queries_started")
         targets = self.neighbours()
@@ -147,7 +148,7 @@ class SearchCore:
             self.counters.add("dropped_duplicate")
             return Reaction(self._ack_duplicate(q.id, sender, ack, now))
         self.counters.add("queries_received")
-        entry = self.lookup(q.name)
+        entry = self.lookup(q.name, q.sha256)
         if entry is not None:
             peer, tcp = self.me()
             hit = Hit(q.id, entry.name, entry.size, entry.sha256, tcp, peer, min(q.hops + 1, 255))

@@ -99,7 +99,9 @@ class Shares:
         self.tmp.mkdir(parents=True, exist_ok=True)
         for stale in self.tmp.iterdir():  # partial downloads of a previous run
             stale.unlink(missing_ok=True)
-        self.entries: dict[str, Entry] = self._load_cache()
+        self._entries: dict[str, Entry] = {}
+        self._by_hash: dict[str, Entry] = {}
+        self.entries = self._load_cache()
         self._reactor = reactor
         self._threadpool = threadpool
         self._scanning: Optional[Deferred[dict[str, Entry]]] = None
@@ -151,8 +153,24 @@ class Shares:
 
         return self._scanning.addCallbacks(done, failed)
 
-    def lookup(self, name: str) -> Optional[Entry]:
-        return self.entries.get(name)
+    @property
+    def entries(self) -> dict[str, Entry]:
+        """The index by name (replace it whole, or use ``place``, so the hash index follows)."""
+        return self._entries
+
+    @entries.setter
+    def entries(self, entries: dict[str, Entry]) -> None:
+        self._entries = entries
+        self._by_hash = {e.sha256: e for e in sorted(entries.values(), key=lambda e: e.name, reverse=True)}
+
+    def lookup(self, name: str, sha256: str = "") -> Optional[Entry]:
+        """The file named *name*; with *sha256*, a file with that content (of that name if there is one)."""
+        if not sha256:
+            return self._entries.get(name)
+        entry = self._entries.get(name) if name else None
+        if entry is not None and entry.sha256 == sha256:
+            return entry
+        return self._by_hash.get(sha256)
 
     def open_for_reading(self, name: str) -> tuple[Entry, IO[bytes]]:
         """Open an indexed file for serving; raise NotFound unless it is still the indexed file.
@@ -219,7 +237,8 @@ class Shares:
         finally:
             tmp_path.unlink(missing_ok=True)
         st = target.stat()
-        self.entries[name] = Entry(name, st.st_size, st.st_mtime_ns, sha256)
+        entry = self._entries[name] = Entry(name, st.st_size, st.st_mtime_ns, sha256)
+        self._by_hash.setdefault(sha256, entry)
         if self._scanning is not None:
-            self._placed[name] = self.entries[name]
+            self._placed[name] = entry
         return target

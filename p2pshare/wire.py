@@ -46,6 +46,10 @@ def is_ip(host: object) -> bool:
     return True
 
 
+def is_sha256(value: object) -> bool:
+    return type(value) is str and _HEX64.match(value) is not None
+
+
 def validate_name(name: object) -> str:
     """Return *name* if it is an acceptable shared-file name, else raise InvalidName.
 
@@ -205,24 +209,34 @@ def _maybe_empty_host(_: Any, a: Attribute, v: Any) -> None:
 
 @frozen
 class Query:
-    """Who has *name*?  Sent to neighbours, forwarded with ttl - 1 and hops + 1."""
+    """Who has *name* (or, with ``sha256``, that content under any name)?
+
+    Sent to neighbours, forwarded with ttl - 1 and hops + 1.  ``name`` may be
+    empty only when ``sha256`` is given.
+    """
 
     id: str = field(validator=_request_id)
-    name: str = field(validator=_name)
+    name: str = field(validator=lambda _, a, v: v == "" or _name(_, a, v))
     udp: Address = field(converter=_to_address, validator=_maybe_empty_host)
     tcp: Address = field(converter=_to_address, validator=_maybe_empty_host)
     ttl: int = field(validator=_int(0, 255))
     hops: int = field(default=0, validator=_int(0, 255))
     fetch: bool = field(default=False, validator=_bool)
+    sha256: str = field(default="", validator=lambda _, a, v: v == "" or _sha256(_, a, v))
     TYPE: ClassVar[str] = "query"
+
+    def __attrs_post_init__(self) -> None:
+        if not self.name and not self.sha256:
+            raise ValueError("a query needs a name or a sha256")
 
     def encode(self, ttl: Optional[int] = None, hops: Optional[int] = None) -> bytes:
         """The datagram; with *ttl* and *hops*, a copy of it that differs only in those."""
-        return _dumps(
-            {"v": VERSION, "t": "query", "id": self.id, "name": self.name, "udp": list(self.udp),
-             "tcp": list(self.tcp), "ttl": self.ttl if ttl is None else ttl,
-             "hops": self.hops if hops is None else hops, "fetch": self.fetch}
-        )
+        obj = {"v": VERSION, "t": "query", "id": self.id, "name": self.name, "udp": list(self.udp),
+               "tcp": list(self.tcp), "ttl": self.ttl if ttl is None else ttl,
+               "hops": self.hops if hops is None else hops, "fetch": self.fetch}
+        if self.sha256:
+            obj["sha256"] = self.sha256
+        return _dumps(obj)
 
     def forwarded(self, ttl: Optional[int] = None) -> "Query":
         """The copy to forward: *ttl* (default: ours) minus one, one hop more."""
@@ -310,7 +324,7 @@ def decode_datagram(data: bytes) -> Datagram:
     obj = _loads(data, MAX_DATAGRAM)
     t = obj.get("t")
     if t == "query":
-        return _build(Query, obj, ("id", "name", "udp", "tcp", "ttl", "hops", "fetch"))
+        return _build(Query, obj, ("id", "name", "udp", "tcp", "ttl", "hops", "fetch"), ("sha256",))
     if t == "hit":
         return _build(Hit, obj, ("id", "name", "size", "sha256", "tcp", "peer", "hops"))
     if t == "ack":

@@ -84,7 +84,7 @@ async def test_get_streams_progress_then_done(api: Any) -> None:
     code, body = await call(url + "/v1/get", b"POST", json.dumps({"name": "doc.txt", "timeout": 5}).encode())
     events = [json.loads(line) for line in body.splitlines()]
     assert code == 200
-    assert events[0] == {"event": "searching", "name": "doc.txt"}
+    assert events[0] == {"event": "searching", "name": "doc.txt", "sha256": ""}
     assert events[-2] == {"event": "progress", "received": 9000, "size": 9000}
     assert events[-1]["event"] == "done" and events[-1]["size"] == 9000
     assert (requester.shares.root / "doc.txt").read_bytes() == b"contents " * 1000
@@ -205,3 +205,17 @@ def test_peers_against_a_dead_tracker_exits_1(capsys: pytest.CaptureFixture[str]
     assert "no tracker answers" in capsys.readouterr().err
 
 
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["get", "a.txt"], ("a.txt", "")),
+    (["get", "sha256:" + "AB" * 32], ("", "ab" * 32)),
+    (["get", "a.txt", "--hash", "cd" * 32], ("a.txt", "cd" * 32)),
+])
+def test_names_and_hashes_on_the_command_line(argv: list[str], expected: tuple[str, str]) -> None:
+    assert cli.what(cli.parser().parse_args(argv)) == expected
+
+
+def test_a_malformed_hash_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--control", "127.0.0.1:1", "get", "sha256:xyz"]) == 1
+    assert "not a SHA-256" in capsys.readouterr().err

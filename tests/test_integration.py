@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 from pathlib import Path
@@ -14,7 +15,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 
 from p2pshare import NotFound, Peer, start_peer, start_tracker
-from p2pshare.errors import AlreadyExists, TransferFailed
+from p2pshare.errors import AlreadyExists, AmbiguousName, TransferFailed
 from p2pshare.wire import MAX_DATAGRAM
 
 
@@ -234,3 +235,30 @@ async def test_peers_register_again_with_a_restarted_tracker(net: Network) -> No
     net.tracker = await start_tracker(reactor(), f"tcp:{port}:interface=127.0.0.1", interval=1.0)
     await eventually(lambda: len(net.tracker.factory.registry) == 2, timeout=10.0)
     await eventually(lambda: ("127.0.0.1", b.udp_port) in a.neighbours())
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_files_of_one_name_are_told_apart_by_hash(net: Network) -> None:
+    one, other = payload(20_000_000), payload(20_000_000)
+    h1 = await net.add({"same.bin": one})
+    h2 = await net.add({"same.bin": other})
+    requester = await net.add(peers=(("127.0.0.1", h1.udp_port), ("127.0.0.1", h2.udp_port)))
+    hits = await requester.search("same.bin", timeout=0.5)
+    wanted = hashlib.sha256(other).hexdigest()
+    assert sorted(h.sha256 for h in hits) == sorted([hashlib.sha256(one).hexdigest(), wanted])
+    with pytest.raises(AmbiguousName, match="pick one with --hash"):
+        await requester.fetch("same.bin", timeout=5.0)
+    assert not (requester.shares.root / "same.bin").exists()
+    result = await requester.fetch("same.bin", timeout=5.0, sha256=wanted)
+    assert result.sha256 == wanted and (requester.shares.root / "same.bin").read_bytes() == other
+
+
+@pytest_twisted.ensureDeferred
+async def test_content_is_fetched_by_hash_under_the_holders_name(net: Network) -> None:
+    data = payload(100_000)
+    peers = await net.chain(2, {"docs/report.pdf": data})
+    result = await peers[0].fetch(sha256=hashlib.sha256(data).hexdigest(), timeout=5.0)
+    assert result.name == "docs/report.pdf"
+    assert (peers[0].shares.root / "docs" / "report.pdf").read_bytes() == data
+    with pytest.raises(AlreadyExists, match="already here as docs/report.pdf"):
+        await peers[0].fetch(sha256=hashlib.sha256(data).hexdigest(), timeout=1.0)

@@ -11,7 +11,7 @@ from p2pshare.neighbours import Neighbourhood
 from p2pshare.reliable import Retransmitter
 from p2pshare.search import SearchCore, SearchProtocol
 from p2pshare.shares import Entry
-from p2pshare.testing import DatagramNetwork
+from p2pshare.testing import DatagramNetwork, by_name
 from p2pshare.wire import Address, Hit
 
 A: Address = ("10.0.0.1", 1)
@@ -96,7 +96,7 @@ def flood_under_loss(loss: float, seed: int, tries: int = 7) -> tuple[bool, int]
     cores = {}
     for a in addrs:
         files = {"f": Entry("f", 1, 1, "c" * 64)} if a == holder else {}
-        cores[a] = SearchCore(files.get, lambda a=a: sorted(links[a]), lambda: ("a" * 32, ("", 1)), max_ttl=8,
+        cores[a] = SearchCore(by_name(files), lambda a=a: sorted(links[a]), lambda: ("a" * 32, ("", 1)), max_ttl=8,
                               retransmitter=Retransmitter(tries=tries))
         net.attach(SearchProtocol(cores[a], clock), a)
     hits: list[Hit] = []

@@ -10,7 +10,7 @@ from twisted.logger import LogLevel, capturedLogs
 
 from p2pshare.search import DedupCache, SearchCore, SearchProtocol
 from p2pshare.shares import Entry
-from p2pshare.testing import DatagramNetwork, UDPMemoryReactorClock
+from p2pshare.testing import DatagramNetwork, UDPMemoryReactorClock, by_name
 from p2pshare.wire import MAX_DATAGRAM, Ack, Address, Hit, Query, decode_datagram
 
 RID = "1" * 32
@@ -22,7 +22,7 @@ REQUESTER: Address = ("10.0.0.1", 5000)
 def core(files: dict[str, Entry] | None = None, neighbours: list[Address] | None = None,
          max_ttl: int = 7) -> SearchCore:
     files = files or {}
-    return SearchCore(files.get, lambda: list(neighbours or []), lambda: (ME, ("", 6000)), max_ttl=max_ttl)
+    return SearchCore(by_name(files), lambda: list(neighbours or []), lambda: (ME, ("", 6000)), max_ttl=max_ttl)
 
 
 def query(ttl: int = 3, fetch: bool = False, name: str = "f.txt", rid: str = RID) -> Query:
@@ -227,7 +227,7 @@ def test_flood_finds_a_file_several_hops_away_and_each_peer_sees_the_query_once(
     cores = {}
     for a in addrs:
         files = {"f.txt": Entry("f.txt", 5, 1, SHA)} if a == holder else {}
-        c = SearchCore(files.get, lambda a=a: sorted(links[a]), lambda: (ME, ("", 6000)), max_ttl=16)
+        c = SearchCore(by_name(files), lambda a=a: sorted(links[a]), lambda: (ME, ("", 6000)), max_ttl=16)
         cores[a] = c
         net.attach(SearchProtocol(c, clock), a)
     hits: list[Hit] = []
