@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable, Optional
 
 from attrs import frozen
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
@@ -21,7 +21,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from p2pshare.download import Download, in_thread
-from p2pshare.errors import AlreadyExists, AmbiguousName, InvalidName, NotFound, P2PError, TransferFailed
+from p2pshare.errors import (AlreadyExists, AmbiguousName, InvalidName, NotFound, P2PError, TransferFailed,
+                             VerificationFailed)
 from p2pshare.shares import Entry
 from p2pshare.transfer import ITransferNode, TransferProtocol, dial
 from p2pshare.wire import Address, Frame, Hit, is_sha256, validate_name
@@ -42,6 +43,7 @@ class FetchResult:
     holder_peer: str
     dialled_by: str  # "holder" (the original design) or "requester" (dial-back)
     seconds: float
+    resumed: int = 0  # bytes verified by an earlier attempt and not fetched again
 
 
 class _Fetch:
@@ -126,9 +128,12 @@ class Fetcher:
             return None
         return self._accept(f, frame, proto, "holder")
 
-    def stop(self) -> None:
+    def stop(self) -> Deferred[Any]:
+        """End every fetch; fires once no worker thread writes a temporary file any more."""
+        downloads = [f.download for f in self.fetches.values() if f.download is not None]
         for f in list(self.fetches.values()):
             self._finish(f, Failure(TransferFailed(f"{f.label}: the peer is shutting down")))
+        return DeferredList([d.settled for d in downloads])
 
     def status(self) -> dict[str, Any]:
         return {f.label: {"received": f.download.received if f.download else 0,
@@ -223,7 +228,7 @@ class Fetcher:
             self._finish(f, Failure(AlreadyExists(f"{frame.name} already exists in {self.peer.shares.root}")))
             return None
         download = Download(self.peer.shares, frame.name, frame.size, frame.sha256, f.report,
-                            in_thread(self.peer.reactor))
+                            in_thread(self.peer.reactor), frame.piece, frame.root)
         f.download = download
         if f.dial_timer is not None:
             f.dial_timer.cancel()
@@ -239,13 +244,15 @@ class Fetcher:
         def done(path: Path) -> None:
             address = "%s:%d" % listening()
             result = FetchResult(frame.name, str(path), frame.size, frame.sha256, address, frame.peer, dialled_by,
-                                 round(time.monotonic() - f.started, 3))
+                                 round(time.monotonic() - f.started, 3), download.resumed_from)
             self.peer.counters.add("downloads_completed")
             self.peer.counters.add("bytes_received", frame.size)
             self._finish(f, result)
 
         def failed(failure: Failure) -> None:
             self.peer.counters.add("downloads_failed")
+            if failure.check(VerificationFailed):
+                self.peer.counters.add("bad_pieces")  # this holder is not asked again in this fetch
             self.log.warn("download of {name} from {holder} failed: {error}", name=f.label, holder=listening(),
                           error=failure.value)
             f.download = None
@@ -288,7 +295,7 @@ class Fetcher:
                 call.cancel()
         f.timer = f.dial_timer = f.requery = None
         if f.download is not None and not f.download.done.called:
-            f.download.fail(TransferFailed(f"{f.label}: cancelled"))
+            f.download.fail(TransferFailed(f"{f.label}: cancelled"), keep=True)
         waiters, f.waiters = f.waiters, []
         for d in waiters:
             if isinstance(result, Failure):

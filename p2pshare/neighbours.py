@@ -95,6 +95,14 @@ class Neighbourhood:
         self._cache = (now, tracker_up, answer)
         return answer
 
+    def chosen(self, now: float, tracker_up: bool) -> list[Address]:
+        """The neighbours this peer picked itself (static, tracker, exchanged while the tracker is
+        down): the ones it says hello to.  Learned ones are not greeted back, or two peers that
+        met once would keep each other as neighbours for ever."""
+        learned = set(self._learned)
+        picked = set(self.static) | set(self.tracker) | (set() if tracker_up else set(self._exchanged))
+        return [a for a in self.current(now, tracker_up) if a in picked or a not in learned]
+
     def sample(self, k: int, rng: random.Random, now: float, exclude: Address) -> list[Address]:
         """Up to *k* of our neighbours to tell *exclude* about."""
         pool = [a for a in self.current(now, tracker_up=True) if a != exclude]

@@ -32,7 +32,7 @@ from p2pshare.reliable import Retransmitter
 from p2pshare.search import DEFAULT_TTL, Reaction, SearchCore, SearchProtocol
 from p2pshare.shares import Entry, Shares
 from p2pshare.tracker import TrackerClient
-from p2pshare.transfer import IDLE_TIMEOUT, ITransferNode, TransferFactory, TransferProtocol, dial
+from p2pshare.transfer import IDLE_TIMEOUT, ITransferNode, TransferFactory, TransferProtocol, dial, offer_for
 from p2pshare.wire import MAX_DATAGRAM, Address, Frame, Hello, Hit, PeerInfo, Query, is_ip, is_sha256, validate_name
 
 MAX_OFFERS = 16  # connections a holder opens to requesters at once
@@ -166,7 +166,7 @@ class Peer(MultiService):
         for loop in (self._rescan_loop, self._hello_loop):
             if loop.running:
                 loop.stop()
-        self.fetcher.stop()
+        settling = self.fetcher.stop()
         for state in list(self._searches):
             self._end_search(state)
         closing = []
@@ -175,7 +175,7 @@ class Peer(MultiService):
             conn.transport.abortConnection()
         d = super().stopService()
         ports, self._ports = self._ports, []
-        stops = [d, *closing] + [p.stopListening() for p in ports]
+        stops = [d, settling, *closing] + [p.stopListening() for p in ports]
         return DeferredList([x for x in stops if isinstance(x, Deferred)])
 
     def _rescan(self) -> None:
@@ -221,7 +221,10 @@ class Peer(MultiService):
         """Tell neighbours we exist (so they forward to us) and whom we know (peer exchange)."""
         try:
             now = self.reactor.seconds()
-            for addr in self.neighbours() if to is None else to:
+            if to is None:
+                self.neighbours()  # refreshes our own addresses
+                to = self.hood.chosen(now, tracker_up=self._tracker_up)
+            for addr in to:
                 hello = Hello(self.peer_id, self.hood.sample(8, self.rng, now, exclude=addr))
                 self.search_proto.send_all(Reaction([(hello.encode(), addr)]))
         except Exception:  # a LoopingCall stops for good on an exception
@@ -233,7 +236,11 @@ class Peer(MultiService):
 
     def neighbours(self) -> list[Address]:
         self.hood.set_own(self._own_addresses)
-        return self.hood.current(self.reactor.seconds(), tracker_up=bool(self.tracker and self.tracker.registered))
+        return self.hood.current(self.reactor.seconds(), tracker_up=self._tracker_up)
+
+    @property
+    def _tracker_up(self) -> bool:
+        return bool(self.tracker and self.tracker.registered)
 
     # -- search -------------------------------------------------------------------------
 
@@ -319,8 +326,7 @@ class Peer(MultiService):
             entry, f = self.shares.open_for_reading(entry.name)
         except (NotFound, OSError):
             return
-        greeting = Frame("offer", id=q.id, name=entry.name, size=entry.size, sha256=entry.sha256,
-                         peer=self.peer_id)
+        greeting = offer_for(entry, q.id, self.peer_id)
         proto = TransferProtocol(self, greeting=greeting, sending=(entry, f), idle=self.idle, clock=self.reactor)
         self._offering += 1
         self.counters.add("offers_dialled")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 from pathlib import Path
 from typing import IO, Any, Optional
@@ -23,18 +24,36 @@ from twisted.logger import Logger
 from p2pshare.errors import AlreadyExists, InvalidName, NotFound
 from p2pshare.wire import STATE_DIR, validate_name
 
+_RESUMABLE = re.compile(r"[0-9a-f]{64}\.(part|have)")
 HASH_CHUNK = 1024 * 1024
 CACHE_FILE = "index.json"
+MIN_PIECE = 1024 * 1024
+MAX_PIECES = 2048  # a manifest is at most 64 KiB of digests
+
+
+def piece_size_for(size: int) -> int:
+    """Pieces of 1 MiB, doubled until a file has at most MAX_PIECES of them."""
+    piece = MIN_PIECE
+    while piece * MAX_PIECES < size:
+        piece *= 2
+    return piece
 
 
 @frozen
 class Entry:
-    """One shared file as indexed."""
+    """One shared file as indexed: its SHA-256, and its manifest (a SHA-256 per piece)."""
 
     name: str
     size: int
     mtime_ns: int
     sha256: str
+    piece_size: int = 0
+    pieces: bytes = b""  # the digests, 32 bytes a piece; empty when not (yet) computed
+
+    @property
+    def root(self) -> str:
+        """The manifest's own hash: what an offer names so a requester can check the manifest."""
+        return hashlib.sha256(self.pieces).hexdigest() if self.pieces else ""
 
 
 def within(root: Path, candidate: Path) -> bool:
@@ -46,11 +65,19 @@ def within(root: Path, candidate: Path) -> bool:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+    return hash_file(path)[0]
+
+
+def hash_file(path: Path) -> tuple[str, int, bytes]:
+    """(SHA-256 of the whole, piece size, piece digests), in one read of the file."""
+    whole = hashlib.sha256()
+    piece = piece_size_for(os.stat(path).st_size)
+    digests = []
     with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+        while chunk := f.read(piece):
+            whole.update(chunk)
+            digests.append(hashlib.sha256(chunk).digest())
+    return whole.hexdigest(), piece, b"".join(digests)
 
 
 def scan(root: Path, cache: dict[str, Entry]) -> dict[str, Entry]:
@@ -78,10 +105,10 @@ def scan(root: Path, cache: dict[str, Entry]) -> dict[str, Entry]:
                 if not stat.S_ISREG(st.st_mode):
                     continue
                 old = cache.get(name)
-                if old is not None and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
+                if old is not None and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns and old.piece_size:
                     entries[name] = old
                 else:
-                    entries[name] = Entry(name, st.st_size, st.st_mtime_ns, sha256_file(real))
+                    entries[name] = Entry(name, st.st_size, st.st_mtime_ns, *hash_file(real))
             except (InvalidName, OSError, RuntimeError):
                 continue  # unreadable, vanished, a link loop or an unshareable name
     return entries
@@ -97,8 +124,11 @@ class Shares:
         self.state = self.root / STATE_DIR
         self.tmp = self.state / "tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
-        for stale in self.tmp.iterdir():  # partial downloads of a previous run
-            stale.unlink(missing_ok=True)
+        self.downloading: set[str] = set()  # contents whose <sha256>.part a download holds
+        for stale in self.tmp.iterdir():  # a previous run's leftovers, but for resumable downloads
+            if not _RESUMABLE.fullmatch(stale.name) or not stale.with_suffix(
+                    ".have" if stale.suffix == ".part" else ".part").exists():
+                stale.unlink(missing_ok=True)
         self._entries: dict[str, Entry] = {}
         self._by_hash: dict[str, Entry] = {}
         self.entries = self._load_cache()
@@ -110,14 +140,15 @@ class Shares:
     def _load_cache(self) -> dict[str, Entry]:
         try:
             raw = json.loads((self.state / CACHE_FILE).read_text())
-            return {e["name"]: Entry(e["name"], e["size"], e["mtime_ns"], e["sha256"]) for e in raw["files"]}
+            return {e["name"]: Entry(e["name"], e["size"], e["mtime_ns"], e["sha256"], e.get("piece", 0),
+                                     bytes.fromhex(e.get("pieces", ""))) for e in raw["files"]}
         except (OSError, ValueError, KeyError, TypeError):
             return {}
 
     def _save_cache(self) -> None:
         tmp = self.state / (CACHE_FILE + ".new")
-        files = [{"name": e.name, "size": e.size, "mtime_ns": e.mtime_ns, "sha256": e.sha256}
-                 for e in self.entries.values()]
+        files = [{"name": e.name, "size": e.size, "mtime_ns": e.mtime_ns, "sha256": e.sha256,
+                  "piece": e.piece_size, "pieces": e.pieces.hex()} for e in self.entries.values()]
         tmp.write_text(json.dumps({"v": 1, "files": files}))
         os.replace(tmp, self.state / CACHE_FILE)
 
@@ -215,7 +246,7 @@ class Shares:
         f = open(fd_path, "xb")
         return fd_path, f
 
-    def place(self, tmp_path: Path, name: str, sha256: str) -> Path:
+    def place(self, tmp_path: Path, name: str, sha256: str, piece_size: int = 0, pieces: bytes = b"") -> Path:
         """Move a verified temporary file into place without overwriting anything.
 
         The temporary file is gone afterwards, whether or not it was placed.
@@ -237,7 +268,7 @@ class Shares:
         finally:
             tmp_path.unlink(missing_ok=True)
         st = target.stat()
-        entry = self._entries[name] = Entry(name, st.st_size, st.st_mtime_ns, sha256)
+        entry = self._entries[name] = Entry(name, st.st_size, st.st_mtime_ns, sha256, piece_size, pieces)
         self._by_hash.setdefault(sha256, entry)
         if self._scanning is not None:
             self._placed[name] = entry

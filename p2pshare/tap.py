@@ -70,7 +70,7 @@ def tracker_endpoint(reactor: Any, value: str) -> Any:
         except (ValueError, TypeError) as e:
             raise usage.UsageError(f"--tracker: {e}") from None
     host, port = host_port(value, "--tracker")
-    return HostnameEndpoint(reactor, host, port)
+    return HostnameEndpoint(reactor, host, port, timeout=10)
 
 
 class TrackerOptions(usage.Options):

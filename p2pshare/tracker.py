@@ -227,6 +227,8 @@ class TrackerClientProtocol(LineReceiver):
             self.transport.loseConnection()
             return
         d = self._pending.pop(reply.id, None)
+        if d is not None and d.called:  # given up on (a timeout) before the reply came
+            return
         if d is None:
             if not reply.ok:
                 self.log.warn("tracker refused: {message}", message=reply.message)
@@ -243,7 +245,8 @@ class TrackerClientProtocol(LineReceiver):
         self.connected = False  # Protocol leaves it set; ``registered`` relies on it
         pending, self._pending = self._pending, {}
         for d in pending.values():
-            d.errback(TrackerError("the connection to the tracker was lost"))
+            if not d.called:
+                d.errback(TrackerError("the connection to the tracker was lost"))
 
 
 class TrackerClient(Service):
@@ -314,8 +317,19 @@ class TrackerClient(Service):
             return None
         assert self.proto is not None
         peer = self.me()[0]
+        proto = self.proto
         d = self.proto.request("heartbeat", peer=peer)
-        d.addErrback(self._lost, self.proto)
+        # No answer within an interval: the connection is dead even if TCP has not noticed (a silent
+        # partition); abort it so that ClientService reconnects and registers again.
+        d.addTimeout(self.interval, self.clock, onTimeoutCancel=lambda *_: self._silent(proto))
+        d.addErrback(self._lost, proto)
+        return None
+
+    def _silent(self, proto: TrackerClientProtocol) -> None:
+        self.log.warn("the tracker did not answer a heartbeat within {interval}s; reconnecting",
+                      interval=self.interval)
+        if proto.connected:
+            proto.transport.abortConnection()
         return None
 
     def refresh_now(self) -> Deferred[list[PeerInfo]]:

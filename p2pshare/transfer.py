@@ -27,7 +27,7 @@ from zope.interface import Interface, implementer
 
 from p2pshare.download import Download
 from p2pshare.errors import MalformedMessage, NotFound, TransferFailed
-from p2pshare.shares import Entry
+from p2pshare.shares import MAX_PIECES, Entry
 from p2pshare.wire import MAX_FRAME, Frame
 
 WINDOW = 2  # ranges asked for ahead of the one being received
@@ -123,6 +123,8 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
         self._producer: Optional[RangeProducer] = None
         self._raw_left = 0
         self._outstanding: deque[tuple[int, int]] = deque()
+        self._awaiting_pieces = False
+        self._manifest: Optional[list[bytes]] = None  # the manifest's bytes while they arrive
         self.closed: Deferred[None] = Deferred()  # fires when the connection is gone
 
     # -- plumbing ------------------------------------------------------------------------
@@ -172,7 +174,8 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
             self._sending = None
         if self.download is not None and not self.download.complete:
             got, size = self.download.received, self.download.size
-            self.download.fail(TransferFailed(f"{self.download.name}: connection lost after {got} of {size} bytes"))
+            self.download.fail(TransferFailed(f"{self.download.name}: connection lost after {got} of {size} bytes"),
+                               keep=True)
         d, self.closed = self.closed, Deferred()
         d.callback(None)
 
@@ -188,8 +191,7 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
         except OSError as e:
             return self.refuse("unavailable", f"{frame.name}: {e.strerror}")
         self._sending = (entry, f)
-        self.send(Frame("offer", id=frame.id, name=entry.name, size=entry.size, sha256=entry.sha256,
-                        peer=self.node.peer_id))
+        self.send(offer_for(entry, frame.id, self.node.peer_id))
 
     def _on_get(self, frame: Frame) -> None:
         if self._sending is None:
@@ -220,6 +222,16 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
         if self.transport.connected:
             self.refuse("unavailable", str(f.value))
 
+    def _on_manifest(self, frame: Frame) -> None:
+        if self._sending is None:
+            return self.refuse("unexpected", "'manifest' before an offer")
+        pieces = self._sending[0].pieces
+        if not pieces:
+            return self.refuse("no_manifest", "this file has no manifest")
+        self.resetTimeout()
+        self.send(Frame("pieces", length=len(pieces)))
+        self.transport.write(pieces)  # at most 64 KiB
+
     def _on_decline(self, frame: Frame) -> None:
         self.transport.loseConnection()
 
@@ -238,9 +250,31 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
             return
         self.download = download
         download.attach(self.transport)
-        if download.size == 0:
+        if download.complete:  # empty, or every byte verified in an earlier attempt
             return self._complete()
+        if download.needs_manifest:
+            self._awaiting_pieces = True
+            self.send(Frame("manifest"))
+            return
         self._ask()
+
+    def _on_pieces(self, frame: Frame) -> None:
+        if self.download is None or not self._awaiting_pieces:
+            return self.refuse("unexpected", "'pieces' that were not asked for")
+        if frame.length > 32 * MAX_PIECES:
+            return self.refuse("bad_manifest", f"a manifest of {frame.length} bytes is too long")
+        self._awaiting_pieces = False
+        self._raw_left, self._manifest = frame.length, []
+        self.setRawMode()
+
+    def _manifest_received(self, rest: bytes) -> None:
+        assert self.download is not None and self._manifest is not None
+        pieces, self._manifest = b"".join(self._manifest), None
+        if not self.download.set_manifest(pieces):
+            self.refuse("bad_manifest", "the manifest does not match the offer's root")
+            return
+        self._ask()
+        self.setLineMode(rest)
 
     def _ask(self) -> None:
         assert self.download is not None
@@ -266,8 +300,13 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
             self._unreset = 0
             self.resetTimeout()
         take = data[: self._raw_left] if len(data) > self._raw_left else data
-        self.download.write(take)
         self._raw_left -= len(take)
+        if self._manifest is not None:
+            self._manifest.append(take)
+            if not self._raw_left:
+                self._manifest_received(data[len(take):])
+            return
+        self.download.write(take)
         if self._raw_left:
             return
         self._outstanding.popleft()
@@ -287,6 +326,12 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
         if self.download is not None:
             self.download.fail(TransferFailed(f"{self.download.name}: the holder said {frame.code}: {frame.message}"))
         self.transport.loseConnection()
+
+
+def offer_for(entry: Entry, request_id: str, peer_id: str) -> Frame:
+    """The offer of a shared file, with its manifest's root when it has one."""
+    return Frame("offer", id=request_id, name=entry.name, size=entry.size, sha256=entry.sha256, peer=peer_id,
+                 piece=entry.piece_size if entry.pieces else 0, root=entry.root)
 
 
 class TransferFactory(Factory):

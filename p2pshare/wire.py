@@ -465,6 +465,8 @@ class Frame:
     offset: int = field(default=0, validator=_size)
     length: int = field(default=0, validator=_int(0, MAX_RANGE))
     peer: str = field(default="", validator=lambda _, a, v: v == "" or _peer_id(_, a, v))
+    piece: int = field(default=0, validator=_int(0, MAX_RANGE))
+    root: str = field(default="", validator=lambda _, a, v: v == "" or _sha256(_, a, v))
     code: str = field(default="", validator=_match(re.compile(r"[a-z_]{0,32}\Z")))
     message: str = field(default="", validator=lambda _, a, v: _short_text(a, v))
 
@@ -497,15 +499,19 @@ FRAME_FIELDS: dict[str, tuple[str, ...]] = {
     "decline": (),
     "bye": (),
     "error": ("code",),
+    "manifest": (),
+    "pieces": ("length",),
 }
 FRAME_OPTIONAL: dict[str, tuple[str, ...]] = {
     "open": ("id", "sha256"),
-    "offer": ("id",),
+    "offer": ("id", "piece", "root"),
     "get": (),
     "data": (),
     "decline": (),
     "bye": (),
     "error": ("message",),
+    "manifest": (),
+    "pieces": (),
 }
 
 

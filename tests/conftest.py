@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 
 

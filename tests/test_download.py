@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -133,3 +134,56 @@ def test_a_small_file_is_written_and_verified_without_the_worker(share: Path) ->
     dl.write(data)
     dl.finish()
     assert executor.calls == [] and placed == [share / "small.bin"]
+
+
+PIECE = 1024 * 1024
+
+
+def manifest(data: bytes) -> tuple[bytes, str]:
+    pieces = b"".join(hashlib.sha256(data[i: i + PIECE]).digest() for i in range(0, len(data), PIECE))
+    return pieces, hashlib.sha256(pieces).hexdigest()
+
+
+def test_a_bad_piece_fails_the_download_and_keeps_the_verified_pieces(share: Path) -> None:
+    data = os.urandom(5 * PIECE + 123)
+    pieces, root = manifest(data)
+    sha = hashlib.sha256(data).hexdigest()
+    shares = Shares(share)
+    dl = Download(shares, "f.bin", len(data), sha, executor=synchronously, piece_size=PIECE, root=root)
+    assert dl.needs_manifest and dl.set_manifest(pieces)
+    failures: list[Failure] = []
+    dl.done.addErrback(failures.append)
+    corrupt = bytearray(data)
+    corrupt[3 * PIECE + 10] ^= 0xFF  # piece 3 is bad
+    dl.write(bytes(corrupt[: 4 * PIECE + 5]))
+    dl.finish()
+    assert failures and failures[0].check(VerificationFailed) and "piece 3" in str(failures[0].value)
+    assert os.path.getsize(dl.tmp_path) == 3 * PIECE  # pieces 0-2 verified and kept
+
+    again = Download(shares, "f.bin", len(data), sha, executor=synchronously, piece_size=PIECE, root=root)
+    assert again.resumed_from == 3 * PIECE and not again.needs_manifest
+    assert again.next_range() == (3 * PIECE, len(data) - 3 * PIECE)
+    placed: list[Path] = []
+    again.done.addCallback(placed.append)
+    again.write(data[3 * PIECE:])
+    again.finish()
+    assert placed == [share / "f.bin"] and (share / "f.bin").read_bytes() == data
+    assert list(shares.tmp.iterdir()) == []
+
+
+def test_a_manifest_that_does_not_match_the_root_is_refused(share: Path) -> None:
+    data = os.urandom(2 * PIECE)
+    pieces, root = manifest(data)
+    dl = Download(Shares(share), "f.bin", len(data), "0" * 64, executor=synchronously, piece_size=PIECE, root=root)
+    assert not dl.set_manifest(pieces[:-1] + b"x")
+    assert not dl.set_manifest(pieces[:32])
+    assert dl.set_manifest(pieces)
+
+
+def test_resumable_partial_downloads_survive_a_restart_and_junk_does_not(share: Path) -> None:
+    shares = Shares(share)
+    (shares.tmp / ("a" * 64 + ".part")).write_bytes(b"x")
+    (shares.tmp / ("a" * 64 + ".have")).write_text("1 1048576 " + "b" * 64 + " 00 0\n")
+    (shares.tmp / "0123.part").write_bytes(b"junk")
+    (shares.tmp / ("c" * 64 + ".part")).write_bytes(b"no state beside it")
+    assert sorted(p.name for p in Shares(share).tmp.iterdir()) == ["a" * 64 + ".have", "a" * 64 + ".part"]

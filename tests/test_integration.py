@@ -262,3 +262,30 @@ async def test_content_is_fetched_by_hash_under_the_holders_name(net: Network) -
     assert (peers[0].shares.root / "docs" / "report.pdf").read_bytes() == data
     with pytest.raises(AlreadyExists, match="already here as docs/report.pdf"):
         await peers[0].fetch(sha256=hashlib.sha256(data).hexdigest(), timeout=1.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_requester_restarted_mid_download_resumes_from_its_verified_pieces(net: Network) -> None:
+    data = payload(48 * 1024 * 1024)
+    peers = await net.chain(2, {"big.bin": data})
+    requester, holder = peers
+    stopped: defer.Deferred[None] = defer.Deferred()
+
+    def progress(got: int, size: int) -> None:
+        if got > 20 * 1024 * 1024 and not stopped.called:
+            stopped.callback(None)
+
+    first = requester.fetch("big.bin", timeout=5.0, progress=progress)
+    first.addErrback(lambda f: f.trap(TransferFailed))
+    await stopped
+    await requester.stopService()  # as good as a crash: nothing is placed, the verified part stays
+    net.peers.remove(requester)
+    await first
+    assert not (requester.shares.root / "big.bin").exists()
+    again = await start_peer(reactor(), requester.shares.root, peers=(("127.0.0.1", holder.udp_port),),
+                             interface="127.0.0.1", dial_wait=0.3)
+    net.peers.append(again)
+    result = await again.fetch("big.bin", timeout=5.0)
+    assert result.resumed >= 1024 * 1024 and result.resumed % (1024 * 1024) == 0  # whole verified pieces
+    assert (again.shares.root / "big.bin").read_bytes() == data
+    assert list((again.shares.root / ".p2pshare" / "tmp").iterdir()) == []

@@ -166,3 +166,13 @@ def test_the_first_timeout_follows_measured_round_trips() -> None:
         r.track("query", f"{i}", b"p", A, now=float(i))
         r.ack("query", f"{i}", A, now=i + 0.001)  # a quiet LAN
     assert r.first_timeout == 0.1
+
+
+def test_hellos_go_to_chosen_neighbours_not_to_those_that_only_greeted_us() -> None:
+    c: Address = ("10.0.0.3", 1)
+    hood = Neighbourhood(static=[A], tracker=[B])
+    hood.heard_from(c, now=0.0)
+    hood.told_about([("10.0.0.4", 1)], now=0.0)
+    assert hood.current(1.0, tracker_up=True) == [A, B, c]
+    assert hood.chosen(1.0, tracker_up=True) == [A, B]
+    assert hood.chosen(1.0, tracker_up=False) == [A, B, ("10.0.0.4", 1)]

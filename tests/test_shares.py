@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest_twisted
 
 from p2pshare import shares as shares_module
 from p2pshare.errors import AlreadyExists, InvalidName, NotFound
-from p2pshare.shares import Entry, Shares, scan, sha256_file, within
+from p2pshare.shares import MAX_PIECES, Entry, Shares, piece_size_for, scan, sha256_file, within
 
 
 def test_scan_indexes_files_in_subfolders_with_posix_names(share: Path) -> None:
@@ -49,7 +50,7 @@ def test_unchanged_files_are_not_hashed_again(share: Path, monkeypatch: pytest.M
     (share / "a.txt").write_bytes(b"a")
     first = scan(share, {})
     calls: list[Path] = []
-    monkeypatch.setattr(shares_module, "sha256_file", lambda p: calls.append(p) or "0" * 64)
+    monkeypatch.setattr(shares_module, "hash_file", lambda p: calls.append(p) or ("0" * 64, 1 << 20, b""))
     assert scan(share, first) == first
     assert calls == []
     os.utime(share / "a.txt", ns=(1, 1))
@@ -127,6 +128,22 @@ def test_stale_partial_downloads_are_removed_on_start(share: Path) -> None:
     f.close()
     Shares(share)
     assert not tmp.exists()
+
+
+def test_the_index_holds_a_manifest_of_piece_digests(share: Path) -> None:
+    data = os.urandom(2 * 1024 * 1024 + 5)
+    (share / "big.bin").write_bytes(data)
+    entry = scan(share, {})["big.bin"]
+    assert entry.piece_size == 1024 * 1024
+    mib = 1024 * 1024
+    assert entry.pieces == b"".join(hashlib.sha256(data[i: i + mib]).digest() for i in range(0, len(data), mib))
+    assert entry.root == hashlib.sha256(entry.pieces).hexdigest()
+
+
+def test_piece_sizes_keep_manifests_small() -> None:
+    assert piece_size_for(0) == piece_size_for(1024) == 1024 * 1024
+    assert piece_size_for(4 * 1024**3) == 2 * 1024 * 1024  # 4 GiB: 2048 pieces of 2 MiB
+    assert 4 * 1024**4 // piece_size_for(4 * 1024**4) <= MAX_PIECES
 
 
 def test_within_compares_components_not_string_prefixes(tmp_path: Path) -> None:

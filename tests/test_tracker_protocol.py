@@ -206,3 +206,23 @@ async def test_tracker_service_listens_and_leaves_no_timers() -> None:
     reactor.advance(60)  # the expiry loop runs
     await svc.stopService()
     assert reactor.getDelayedCalls() == []
+
+
+def test_a_heartbeat_without_answer_aborts_the_connection() -> None:
+    from twisted.internet.testing import StringTransport as T
+
+    from p2pshare.tracker import TrackerClient
+
+    clock = Clock()
+    client = TrackerClient(None, clock, lambda: (peer_id(1), 1, 1, None), lambda peers: None)  # type: ignore
+    proto = TrackerClientProtocol()
+    transport = T()
+    proto.makeConnection(transport)
+    client.proto, client.interval = proto, 5.0
+    client._beat()
+    clock.advance(4.9)
+    assert not transport.disconnecting
+    clock.advance(0.2)  # a silent partition: no reply, no reset
+    assert transport.disconnecting or transport.disconnected
+    proto.connectionLost(None)  # the pending heartbeat was already given up: no second failure
+    assert not clock.getDelayedCalls()

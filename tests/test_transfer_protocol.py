@@ -87,8 +87,10 @@ def test_open_is_answered_with_an_offer(share: Path) -> None:
     proto, transport = connect(holder(share, payload))
     proto.dataReceived(Frame("open", id=RID, name="blob.bin").encode() + b"\n")
     (offer,) = frames(transport)
+    piece = hashlib.sha256(payload).digest()
     assert offer == {"v": 1, "t": "offer", "name": "blob.bin", "size": 1000,
-                     "sha256": hashlib.sha256(payload).hexdigest(), "peer": PEER, "id": RID}
+                     "sha256": hashlib.sha256(payload).hexdigest(), "peer": PEER, "id": RID,
+                     "piece": 1024 * 1024, "root": hashlib.sha256(piece).hexdigest()}
 
 
 class SlowTransport(StringTransport):
