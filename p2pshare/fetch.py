@@ -8,6 +8,7 @@ place, or with NotFound / TransferFailed.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable, Optional
@@ -227,6 +228,11 @@ class Fetcher:
         if os.path.lexists(self.peer.shares.root / frame.name):  # asked by hash: the name came with the offer
             self._finish(f, Failure(AlreadyExists(f"{frame.name} already exists in {self.peer.shares.root}")))
             return None
+        short = self._space_short_of(frame)
+        if short:
+            self._finish(f, Failure(TransferFailed(f"{frame.name}: {frame.size} bytes do not fit in "
+                                                   f"{self.peer.shares.tmp} ({short} bytes short)")))
+            return None
         download = Download(self.peer.shares, frame.name, frame.size, frame.sha256, f.report,
                             in_thread(self.peer.reactor), frame.piece, frame.root)
         f.download = download
@@ -267,6 +273,15 @@ class Fetcher:
 
         download.done.addCallbacks(done, failed)
         return download
+
+    def _space_short_of(self, frame: Frame) -> int:
+        """How many bytes the file system lacks for this download (0 when it fits)."""
+        tmp = self.peer.shares.tmp
+        try:
+            have = os.path.getsize(tmp / f"{frame.sha256}.part")
+        except OSError:
+            have = 0
+        return max(0, frame.size - have - shutil.disk_usage(tmp).free)
 
     def _fetch_expired(self, f: _Fetch) -> None:
         f.timer = None

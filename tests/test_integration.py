@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import subprocess
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import pytest
 import pytest_twisted
@@ -289,3 +290,47 @@ async def test_a_requester_restarted_mid_download_resumes_from_its_verified_piec
     assert result.resumed >= 1024 * 1024 and result.resumed % (1024 * 1024) == 0  # whole verified pieces
     assert (again.shares.root / "big.bin").read_bytes() == data
     assert list((again.shares.root / ".p2pshare" / "tmp").iterdir()) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs (needs root, as CI has); skipped where it cannot be mounted."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root and the mount command")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_that_cannot_fit_is_refused_up_front(net: Network, small_disk: Path) -> None:
+    holder = await net.add({"big.bin": payload(8 * 1024 * 1024)})
+    requester = await start_peer(reactor(), small_disk, peers=(("127.0.0.1", holder.udp_port),),
+                                 interface="127.0.0.1", dial_wait=0.3)
+    net.peers.append(requester)
+    with pytest.raises(TransferFailed, match="do not fit"):
+        await requester.fetch("big.bin", timeout=5.0)
+    assert not (small_disk / "big.bin").exists()
+    assert list((small_disk / ".p2pshare" / "tmp").iterdir()) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_disk_that_fills_up_mid_way_fails_cleanly_and_the_peer_keeps_serving(
+        net: Network, small_disk: Path) -> None:
+    holder = await net.add({"big.bin": payload(3 * 1024 * 1024), "small.txt": b"still here"})
+    requester = await start_peer(reactor(), small_disk, peers=(("127.0.0.1", holder.udp_port),),
+                                 interface="127.0.0.1", dial_wait=0.3)
+    net.peers.append(requester)
+    (small_disk / "filler").write_bytes(b"f" * (2 * 1024 * 1024))
+    # As if another program filled the disk after the up-front check passed:
+    requester.fetcher._space_short_of = lambda frame: 0  # type: ignore[method-assign]
+    with pytest.raises(TransferFailed, match="No space left"):
+        await requester.fetch("big.bin", timeout=5.0)
+    assert not (small_disk / "big.bin").exists()
+    assert list((small_disk / ".p2pshare" / "tmp").iterdir()) == []
+    (small_disk / "filler").unlink()
+    assert (await requester.fetch("small.txt", timeout=5.0)).size == len(b"still here")
