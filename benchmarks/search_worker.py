@@ -169,7 +169,9 @@ class NaiveFlood:
 
 async def start_network(reactor: Any, base: Path, hosts: list[str], holder: int, size: int) -> tuple[Any, list[Peer]]:
     """A tracker on 127.0.0.1 and one peer per host with the default neighbour count (``--neighbours``)."""
-    tracker = await start_tracker(reactor, "tcp:0:interface=127.0.0.1", max_peers=20, interval=600.0)
+    # all 200 peers connect to the tracker from 127.0.0.1: lift the per-address limit
+    tracker = await start_tracker(reactor, "tcp:0:interface=127.0.0.1", max_peers=20, interval=600.0,
+                                  max_per_address=1000)
     address = f"127.0.0.1:{tracker.port.getHost().port}"  # type: ignore[union-attr]
     peers: list[Peer] = []
     for i, host in enumerate(hosts):

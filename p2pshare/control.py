@@ -9,6 +9,7 @@ refused, so a web page cannot reach the API through DNS rebinding.
 from __future__ import annotations
 
 import json
+from urllib.parse import urlsplit
 from typing import Any, Optional
 
 from attrs import asdict
@@ -75,6 +76,13 @@ class _Guarded(Resource):
         host = (request.getHeader("host") or "").rsplit(":", 1)[0] if request.getHeader("host") else ""
         if host not in LOOPBACK_HOSTS:
             return _json(request, {"error": "Forbidden", "message": "the control API answers loopback only"}, 403)
+        origin = request.getHeader("origin")
+        if origin is not None and urlsplit(origin).hostname not in LOOPBACK_HOSTS:
+            return _json(request, {"error": "Forbidden", "message": "cross-site requests are refused"}, 403)
+        if request.method == b"POST" and not (request.getHeader("content-type") or "").startswith(
+                "application/json"):
+            # A web page can POST a form to any address without asking; it cannot send JSON so.
+            return _json(request, {"error": "UnsupportedMediaType", "message": "send application/json"}, 415)
         return super().render(request)
 
 

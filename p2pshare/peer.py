@@ -27,7 +27,7 @@ from p2pshare.download import Download
 from p2pshare.errors import InvalidName, NotFound, P2PError
 from p2pshare.fetch import Fetcher, FetchResult
 from p2pshare.neighbours import Neighbourhood
-from p2pshare.ratelimit import Counters
+from p2pshare.ratelimit import Backoff, Counters
 from p2pshare.reliable import Retransmitter
 from p2pshare.search import DEFAULT_TTL, Reaction, SearchCore, SearchProtocol
 from p2pshare.shares import Entry, Shares
@@ -91,6 +91,7 @@ class Peer(MultiService):
         self._searches: set[_Search] = set()
         self._connections: set[TransferProtocol] = set()
         self._offering = 0
+        self._dial_backoff = Backoff(base=1.0, cap=300.0)
         self._ready: Optional[Deferred[Peer]] = None
 
     # -- life cycle ---------------------------------------------------------------------
@@ -322,6 +323,12 @@ class Peer(MultiService):
         if self._offering >= MAX_OFFERS:
             self.counters.add("offers_skipped")
             return
+        target = q.tcp
+        if not self._dial_backoff.allowed(target, self.reactor.seconds()):
+            # Dials to this address failed before: it may not be a peer at all (a forged requester
+            # address). The requester can still dial us after our hit.
+            self.counters.add("offers_backed_off")
+            return
         try:
             entry, f = self.shares.open_for_reading(entry.name)
         except (NotFound, OSError):
@@ -333,6 +340,10 @@ class Peer(MultiService):
 
         def ended(result: Any) -> None:
             self._offering -= 1
+            if isinstance(result, Failure) or not proto.answered:
+                self._dial_backoff.failed(target, self.reactor.seconds())
+            else:
+                self._dial_backoff.succeeded(target)
             if isinstance(result, Failure):
                 f.close()
                 self.log.debug("could not offer {name} to {addr}: {error}", name=entry.name, addr=q.tcp,

@@ -53,3 +53,56 @@ class RateLimitedLog:
         window[1] += 1
         self.log.warn(template, **fields)
         return True
+
+
+class TokenBuckets:
+    """A token bucket per key: *rate* events a second, bursts of *burst*; at most *keys* keys.
+
+    Pure: the time is an argument.  Keys beyond *keys* push out the least recently
+    seen, so a flood of forged sources costs bounded memory.
+    """
+
+    def __init__(self, rate: float, burst: float, keys: int = 4096) -> None:
+        self.rate, self.burst, self.keys = rate, burst, keys
+        self._buckets: OrderedDict[Any, list[float]] = OrderedDict()  # key -> [tokens, last time]
+
+    def allow(self, key: Any, now: float, cost: float = 1.0) -> bool:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = [self.burst, now]
+            while len(self._buckets) > self.keys:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(key)
+            bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+            bucket[1] = now
+        if bucket[0] < cost:
+            return False
+        bucket[0] -= cost
+        return True
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+class Backoff:
+    """Per key: after *n* failures in a row, wait ``base * 2**(n-1)`` seconds (at most *cap*) before
+    trying again; a success forgets the key.  At most *keys* keys are remembered."""
+
+    def __init__(self, base: float = 1.0, cap: float = 300.0, keys: int = 4096) -> None:
+        self.base, self.cap, self.keys = base, cap, keys
+        self._failures: OrderedDict[Any, tuple[int, float]] = OrderedDict()  # key -> (failures, not before)
+
+    def allowed(self, key: Any, now: float) -> bool:
+        entry = self._failures.get(key)
+        return entry is None or now >= entry[1]
+
+    def failed(self, key: Any, now: float) -> None:
+        count = self._failures.get(key, (0, 0.0))[0] + 1
+        self._failures[key] = (count, now + min(self.cap, self.base * 2 ** (count - 1)))
+        self._failures.move_to_end(key)
+        while len(self._failures) > self.keys:
+            self._failures.popitem(last=False)
+
+    def succeeded(self, key: Any) -> None:
+        self._failures.pop(key, None)

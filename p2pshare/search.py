@@ -19,7 +19,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from p2pshare.errors import MalformedMessage, MessageTooLarge, UnsupportedVersion
-from p2pshare.ratelimit import Counters, RateLimitedLog
+from p2pshare.ratelimit import Counters, RateLimitedLog, TokenBuckets
 from p2pshare.reliable import Retransmitter
 from p2pshare.shares import Entry
 from p2pshare.wire import MAX_DATAGRAM, Ack, Address, Hello, Hit, Query, decode_datagram
@@ -28,7 +28,8 @@ _QUERY_PREFIX = b'{"v":1,"t":"query","id":"'
 _HEX32 = re.compile(rb"[0-9a-f]{32}")
 _ACK = re.compile(rb'\{"v":1,"t":"ack","id":"([0-9a-f]{32})","kind":"(query|hit)"\}')
 
-DEFAULT_TTL = 7  # hops a query may travel; larger values on the wire are clamped to this
+DEFAULT_TTL = 7
+DATAGRAMS_PER_SOURCE = 1000  # a second, from one IP address (bursts of twice as many)  # hops a query may travel; larger values on the wire are clamped to this
 
 
 def new_request_id() -> str:
@@ -226,6 +227,7 @@ class SearchProtocol(DatagramProtocol):
         self.on_sender = on_sender
         self.on_hello = on_hello
         self.bad_input = RateLimitedLog(self.log, clock)
+        self.limit = TokenBuckets(rate=DATAGRAMS_PER_SOURCE, burst=2 * DATAGRAMS_PER_SOURCE)
         self._timer: Optional[IDelayedCall] = None
 
     @property
@@ -233,6 +235,11 @@ class SearchProtocol(DatagramProtocol):
         return self.core.counters
 
     def datagramReceived(self, data: bytes, addr: Address) -> None:  # type: ignore[override]
+        if not self.limit.allow(addr[0], self.clock.seconds()):
+            self.counters.add("dropped_rate_limited")
+            self.bad_input.warn(addr[0], "dropping datagrams from {host}: more than {rate} a second",
+                                host=addr[0], rate=DATAGRAMS_PER_SOURCE)
+            return
         if self._fast_path(data, addr):
             return
         try:

@@ -80,6 +80,7 @@ class TrackerOptions(usage.Options):
         ["port", "p", "8000", "TCP port or endpoint string to listen on (e.g. tcp:8000:interface=127.0.0.1)."],
         ["max-peers", "m", 20, f"Most peers in one answer (at most {MAX_PEERS_ANSWER}).", int],
         ["interval", "i", 10.0, "Heartbeat interval in seconds; silent peers go after three.", float],
+        ["max-per-address", None, 32, "Most registrations, and most open connections, from one address.", int],
     ]
 
     def postOptions(self) -> None:
@@ -88,6 +89,8 @@ class TrackerOptions(usage.Options):
             raise usage.UsageError(f"--max-peers must be between 1 and {MAX_PEERS_ANSWER}")
         if not 0.05 <= self["interval"] <= 3600:
             raise usage.UsageError("--interval must be between 0.05 and 3600 seconds")
+        if self["max-per-address"] < 1:
+            raise usage.UsageError("--max-per-address must be at least 1")
 
 
 class _StopOnFailure(MultiService):
@@ -136,7 +139,8 @@ def makeTrackerService(options: TrackerOptions, reactor: Any = None) -> IService
 
     if reactor is None:
         from twisted.internet import reactor
-    factory = TrackerFactory(reactor, max_peers=options["max-peers"], interval=options["interval"])
+    factory = TrackerFactory(reactor, max_peers=options["max-peers"], interval=options["interval"],
+                             max_per_address=options["max-per-address"])
     tracker = TrackerService(serverFromString(reactor, options["port"]), factory)
     top = _StopOnFailure(reactor, tracker.when_listening)
     tracker.setServiceParent(top)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections import Counter
 from typing import Any, Callable, Optional
 
 from twisted.application.internet import ClientService, backoffPolicy
@@ -30,6 +31,8 @@ from p2pshare.registry import IPeerRegistry, MemoryRegistry
 from p2pshare.wire import MAX_PEERS_ANSWER, MAX_TRACKER_LINE, PeerInfo, TrackerReply, TrackerRequest
 
 EXPIRE_AFTER = 3  # heartbeat intervals without news before a peer is dropped
+PER_HOST_IN_ANSWER = 4  # entries with one host in one answer to "peers"
+MAX_PER_ADDRESS = 32  # registrations, and open connections, from one address
 _OP_COUNTER = {op: f"tracker_{op}" for op in ("register", "heartbeat", "leave", "peers")}
 
 
@@ -73,10 +76,10 @@ class TrackerServerProtocol(LineReceiver):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.factory.open.discard(self)
-        for peer in self.peer_ids:
+        self.factory.connection_closed(self)
+        for peer in list(self.peer_ids):
             if self.factory.connections.get(peer) is self:
-                del self.factory.connections[peer]
-                self.factory.registry.remove(peer)
+                self.factory.forget(peer)
         d, self.closed = self.closed, Deferred()
         d.callback(None)
 
@@ -88,26 +91,66 @@ class TrackerFactory(Factory):
     noisy = False
 
     def __init__(self, clock: IReactorTime, registry: Optional[IPeerRegistry] = None, max_peers: int = 20,
-                 interval: float = 10.0, rng: Optional[random.Random] = None) -> None:
+                 interval: float = 10.0, rng: Optional[random.Random] = None,
+                 max_per_address: int = MAX_PER_ADDRESS) -> None:
         self.clock = clock
         self.interval = interval
         self.registry = registry if registry is not None else MemoryRegistry(timeout=interval * EXPIRE_AFTER)
         self.max_peers = max(0, min(max_peers, MAX_PEERS_ANSWER))
         self.rng = rng or random.Random(os.urandom(32))  # unpredictable seed, fast draws
+        self.max_per_address = max_per_address
         self.connections: dict[str, TrackerServerProtocol] = {}  # by the peer each registered
         self.open: set[TrackerServerProtocol] = set()
         self.counters = Counters()
         self.bad_input = RateLimitedLog(self.log, clock)
+        self._from: dict[str, str] = {}  # peer id -> the address that registered it
+        self._per_address: Counter[str] = Counter()  # registrations and connections per address
+        self._connections_from: Counter[str] = Counter()
 
-    def buildProtocol(self, addr: Any) -> TrackerServerProtocol:
+    def buildProtocol(self, addr: Any) -> Optional[TrackerServerProtocol]:
+        host = getattr(addr, "host", None)
+        if host is not None:
+            if self._connections_from[host] >= self.max_per_address:
+                self.counters.add("tracker_connections_refused")
+                self.bad_input.warn(("connections", host), "refusing a connection from {host}: it has {n} already",
+                                    host=host, n=self._connections_from[host])
+                return None  # Twisted closes the connection
+            self._connections_from[host] += 1
         return TrackerServerProtocol(self)
+
+    def connection_closed(self, conn: TrackerServerProtocol) -> None:
+        host = conn.transport.getPeer().host
+        self._connections_from[host] -= 1
+        if self._connections_from[host] <= 0:
+            del self._connections_from[host]
+
+    def forget(self, peer: str) -> None:
+        """Remove *peer* from the table, whichever way it goes (leave, expiry, lost connection)."""
+        self.registry.remove(peer)
+        owner = self.connections.pop(peer, None)
+        if owner is not None:
+            owner.peer_ids.discard(peer)
+        host = self._from.pop(peer, None)
+        if host is not None:
+            self._per_address[host] -= 1
+            if self._per_address[host] <= 0:
+                del self._per_address[host]
 
     def handle(self, req: TrackerRequest, conn: TrackerServerProtocol) -> TrackerReply:
         now = self.clock.seconds()
         self.counters[_OP_COUNTER[req.op]] += 1
         if req.op == "register":
             assert req.peer is not None
-            host = req.host or conn.transport.getPeer().host
+            observed = conn.transport.getPeer().host
+            if self._from.get(req.peer) != observed:
+                if self._per_address[observed] >= self.max_per_address:
+                    self.counters.add("tracker_registrations_refused")
+                    return TrackerReply(req.id, False, "too_many", f"at most {self.max_per_address} peers may "
+                                        f"register from one address")
+                self.forget(req.peer)  # registered before from elsewhere: it moved
+                self._from[req.peer] = observed
+                self._per_address[observed] += 1
+            host = req.host or observed
             self.registry.register(PeerInfo(req.peer, host, req.udp, req.tcp), now)
             previous = self.connections.get(req.peer)
             if previous is not None and previous is not conn:
@@ -120,13 +163,17 @@ class TrackerFactory(Factory):
                 return TrackerReply(req.id, True)
             return TrackerReply(req.id, False, "unknown_peer", "register first")
         if req.op == "leave":
-            self.registry.remove(req.peer)  # type: ignore[arg-type]
-            owner = self.connections.pop(req.peer, None)  # type: ignore[arg-type]
-            if owner is not None:
-                owner.peer_ids.discard(req.peer)  # type: ignore[arg-type]
+            self.forget(req.peer)  # type: ignore[arg-type]
             return TrackerReply(req.id, True)
         exclude = req.peer or next(iter(conn.peer_ids), None)
-        peers = self.registry.sample(min(req.max, self.max_peers), exclude, self.rng)
+        want = min(req.max, self.max_peers)
+        # One host may hold several places, but never more than PER_HOST_IN_ANSWER in one answer,
+        # so a host that registered many ids cannot crowd out the others.
+        peers, per_host = [], Counter[str]()
+        for info in self.registry.sample(2 * want, exclude, self.rng):
+            if per_host[info.host] < PER_HOST_IN_ANSWER and len(peers) < want:
+                per_host[info.host] += 1
+                peers.append(info)
         return TrackerReply(req.id, True, peers=tuple(peers))
 
     def expire(self) -> None:
@@ -134,9 +181,7 @@ class TrackerFactory(Factory):
         now = self.clock.seconds()
         for peer in self.registry.expire(now):
             self.counters.add("tracker_expired")
-            conn = self.connections.pop(peer, None)
-            if conn is not None:
-                conn.peer_ids.discard(peer)
+            self.forget(peer)
         for conn in [c for c in self.open if c.last_heard < now - self.interval * EXPIRE_AFTER]:
             self.counters.add("tracker_idle_closed")
             conn.transport.abortConnection()

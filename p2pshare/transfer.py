@@ -13,7 +13,7 @@ when size and SHA-256 match the offer.
 from __future__ import annotations
 
 import os
-from collections import deque
+from collections import Counter, deque
 from typing import IO, Callable, Optional
 
 from twisted.internet.defer import Deferred
@@ -34,6 +34,8 @@ WINDOW = 2  # ranges asked for ahead of the one being received
 CHUNK = 512 * 1024  # bytes the producer reads from disk at a time
 IDLE_TIMEOUT = 30.0
 PROGRESS = 64 * 1024  # bytes of file data that count as progress for the idle timer
+MAX_CONNECTIONS = 256  # incoming transfer connections at once
+MAX_PER_ADDRESS = 32  # of those, from one address
 
 
 class ITransferNode(Interface):
@@ -126,6 +128,8 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
         self._awaiting_pieces = False
         self._manifest: Optional[list[bytes]] = None  # the manifest's bytes while they arrive
         self.closed: Deferred[None] = Deferred()  # fires when the connection is gone
+        self.on_close: Callable[[], None] = lambda: None
+        self.answered = False  # the other side sent a valid frame (it speaks this protocol)
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -163,6 +167,7 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
         except MalformedMessage as e:
             self.refuse("malformed", str(e))
             return
+        self.answered = True
         handler = getattr(self, f"_on_{frame.t}")
         handler(frame)
 
@@ -176,6 +181,7 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
             got, size = self.download.received, self.download.size
             self.download.fail(TransferFailed(f"{self.download.name}: connection lost after {got} of {size} bytes"),
                                keep=True)
+        self.on_close()
         d, self.closed = self.closed, Deferred()
         d.callback(None)
 
@@ -338,14 +344,31 @@ class TransferFactory(Factory):
     """Accepts connections from holders offering files and requesters opening them."""
 
     noisy = False
+    log = Logger()
 
-    def __init__(self, node: ITransferNode, idle: float = IDLE_TIMEOUT, clock: Optional[IReactorTime] = None) -> None:
+    def __init__(self, node: ITransferNode, idle: float = IDLE_TIMEOUT, clock: Optional[IReactorTime] = None,
+                 max_connections: int = MAX_CONNECTIONS, max_per_address: int = MAX_PER_ADDRESS) -> None:
         self.node, self.idle, self.clock = node, idle, clock
+        self.max_connections, self.max_per_address = max_connections, max_per_address
+        self.per_address: Counter[str] = Counter()
+        self.refused = 0
 
-    def buildProtocol(self, addr: object) -> TransferProtocol:
+    def buildProtocol(self, addr: object) -> Optional[TransferProtocol]:
+        host = str(getattr(addr, "host", ""))
+        if sum(self.per_address.values()) >= self.max_connections or self.per_address[host] >= self.max_per_address:
+            self.refused += 1
+            self.log.debug("refusing a transfer connection from {host}", host=host)
+            return None  # Twisted closes it
+        self.per_address[host] += 1
         p = TransferProtocol(self.node, idle=self.idle, clock=self.clock)
         p.factory = self
+        p.on_close = lambda: self._closed(host)
         return p
+
+    def _closed(self, host: str) -> None:
+        self.per_address[host] -= 1
+        if self.per_address[host] <= 0:
+            del self.per_address[host]
 
 
 class _OneShot(Factory):

@@ -47,10 +47,14 @@ async def api(tmp_path: Path) -> AsyncIterator[tuple[str, Any, Any]]:
 
 
 async def call(url: str, method: bytes = b"GET", body: bytes | None = None,
-               host: bytes | None = None) -> tuple[int, bytes]:
+               host: bytes | None = None, **extra: bytes) -> tuple[int, bytes]:
     from twisted.web.client import FileBodyProducer
 
-    headers = Headers({b"host": [host]}) if host else None
+    headers = Headers({b"content-type": [b"application/json"]})
+    if host:
+        headers.setRawHeaders(b"host", [host])
+    for name, value in extra.items():
+        headers.setRawHeaders(name.replace("_", "-").encode(), [value])
     producer = FileBodyProducer(io.BytesIO(body)) if body is not None else None
     response = await Agent(reactor()).request(method, url.encode(), headers, producer)
     return response.code, await readBody(response)
@@ -111,6 +115,15 @@ async def test_a_foreign_host_header_is_refused(api: Any) -> None:
     url, _, _ = api
     code, body = await call(url + "/v1/status", host=b"evil.example:7878")
     assert code == 403
+
+
+@pytest_twisted.ensureDeferred
+async def test_cross_site_requests_are_refused(api: Any) -> None:
+    url, _, _ = api
+    assert (await call(url + "/v1/status", origin=b"https://evil.example"))[0] == 403
+    assert (await call(url + "/v1/status", origin=b"http://127.0.0.1:7878"))[0] == 200
+    form = {"content_type": b"application/x-www-form-urlencoded"}
+    assert (await call(url + "/v1/get", b"POST", b"name=x", **form))[0] == 415
 
 
 @pytest_twisted.ensureDeferred

@@ -17,7 +17,7 @@ from twisted.internet.protocol import Factory, Protocol
 
 from p2pshare import NotFound, Peer, start_peer, start_tracker
 from p2pshare.errors import AlreadyExists, AmbiguousName, TransferFailed
-from p2pshare.wire import MAX_DATAGRAM
+from p2pshare.wire import MAX_DATAGRAM, Query
 
 
 def reactor() -> Any:
@@ -334,3 +334,16 @@ async def test_a_disk_that_fills_up_mid_way_fails_cleanly_and_the_peer_keeps_ser
     assert list((small_disk / ".p2pshare" / "tmp").iterdir()) == []
     (small_disk / "filler").unlink()
     assert (await requester.fetch("small.txt", timeout=5.0)).size == len(b"still here")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_holder_stops_dialling_an_address_that_does_not_answer(net: Network) -> None:
+    holder = await net.add({"f.txt": b"x"})
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for n in range(3):  # forged requests naming a third party's address (a closed port here)
+            q = Query(f"{n:032x}", "f.txt", ("127.0.0.1", 9), ("127.0.0.1", 9), 1, 0, True)
+            s.sendto(q.encode(), ("127.0.0.1", holder.udp_port))
+            await eventually(lambda: holder.counters["hits_sent"] == n + 1)
+            await task.deferLater(reactor(), 0.1, lambda: None)
+    assert holder.counters["offers_dialled"] == 1  # then it backs off
+    assert holder.counters["offers_backed_off"] == 2

@@ -8,6 +8,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from p2pshare.neighbours import Neighbourhood
+from p2pshare.ratelimit import Backoff, TokenBuckets
 from p2pshare.reliable import Retransmitter
 from p2pshare.search import SearchCore, SearchProtocol
 from p2pshare.shares import Entry
@@ -176,3 +177,24 @@ def test_hellos_go_to_chosen_neighbours_not_to_those_that_only_greeted_us() -> N
     assert hood.current(1.0, tracker_up=True) == [A, B, c]
     assert hood.chosen(1.0, tracker_up=True) == [A, B]
     assert hood.chosen(1.0, tracker_up=False) == [A, B, ("10.0.0.4", 1)]
+
+
+def test_token_buckets_allow_bursts_then_the_rate() -> None:
+    buckets = TokenBuckets(rate=10, burst=20, keys=2)
+    assert sum(buckets.allow("a", 0.0) for _ in range(100)) == 20
+    assert sum(buckets.allow("a", 1.0) for _ in range(100)) == 10  # one second refills ten
+    assert buckets.allow("b", 1.0) and buckets.allow("c", 1.0)
+    assert len(buckets) == 2  # the table is bounded: "a" was pushed out
+
+
+def test_backoff_doubles_after_each_failure_and_a_success_forgets() -> None:
+    b = Backoff(base=1.0, cap=5.0)
+    b.failed("x", 0.0)
+    assert not b.allowed("x", 0.5) and b.allowed("x", 1.0)
+    b.failed("x", 1.0)
+    assert not b.allowed("x", 2.5) and b.allowed("x", 3.0)
+    for _ in range(10):
+        b.failed("x", 3.0)
+    assert b.allowed("x", 8.0)  # capped at 5 s
+    b.succeeded("x")
+    assert b.allowed("x", 3.0)

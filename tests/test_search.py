@@ -257,3 +257,12 @@ def test_a_copy_from_a_neighbour_we_sent_to_acknowledges_both_ways() -> None:
     assert not c.retransmitter.pending_to("query", RID, other)  # and its copy is ours
     again = c.on_query(query(), other, now=0.5)  # other sends again: our copy was lost
     assert again.sends == [(Ack(RID, "query").encode(), other)]
+
+
+def test_a_source_sending_too_fast_is_rate_limited_and_counted() -> None:
+    proto, reactor = protocol_on_fake_port()
+    for i in range(3000):
+        proto.datagramReceived(Query(f"{i:032x}", "f.txt", REQUESTER, REQUESTER, 0).encode(), ("10.0.0.66", 1))
+    assert proto.counters["dropped_rate_limited"] == 1000  # bursts of 2000 get through
+    proto.datagramReceived(query(rid="e" * 32).encode(), ("10.0.0.67", 1))  # others are not affected
+    assert proto.counters["queries_received"] == 2001

@@ -416,7 +416,8 @@ def test_a_daemon_whose_port_is_taken_stops_and_says_why(tmp_path: Path, plugin:
 def test_a_file_added_later_is_found_after_post_rescan(network: Network) -> None:
     alice = network.peers["alice"]  # --rescan 3600: only the request can find it
     (alice.dir / "added-later.txt").write_bytes(b"new\n")
-    request = urllib.request.Request(alice.control_url() + "/v1/rescan", method="POST", data=b"")
+    request = urllib.request.Request(alice.control_url() + "/v1/rescan", method="POST", data=b"",
+                                     headers={"content-type": "application/json"})
     on_disk = [p for p in alice.dir.rglob("*") if p.is_file() and ".p2pshare" not in p.parts]
     with urllib.request.urlopen(request, timeout=30) as reply:
         assert json.load(reply) == {"files": len(on_disk)}

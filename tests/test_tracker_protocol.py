@@ -39,7 +39,7 @@ class Conn:
         self.proto.connectionLost(None)
 
 
-def factory(**kw) -> TrackerFactory:
+def factory(**kw) -> TrackerFactory:  # type: ignore[no-untyped-def]
     return TrackerFactory(Clock(), rng=random.Random(1), **kw)
 
 
@@ -66,7 +66,7 @@ def test_an_advertised_host_overrides_the_observed_one() -> None:
 
 def test_peers_answer_is_a_random_subset_without_the_asker() -> None:
     f = factory(max_peers=5)
-    conns = [register(f, n) for n in range(30)]
+    conns = [register(f, n, host=f"10.0.{n}.1") for n in range(30)]
     answers = set()
     for _ in range(20):
         reply = conns[0].ask("peers", peer=peer_id(0), max=50)
@@ -75,6 +75,27 @@ def test_peers_answer_is_a_random_subset_without_the_asker() -> None:
         assert peer_id(0) not in ids
         answers.add(tuple(sorted(ids)))
     assert len(answers) > 1  # random, not the same first five each time
+
+
+def test_one_address_cannot_fill_the_table_or_an_answer() -> None:
+    f = factory(max_peers=20, max_per_address=6)
+    crowd = Conn(f, "10.6.6.6")
+    replies = [crowd.ask("register", peer=peer_id(n), udp=1, tcp=1) for n in range(10)]
+    assert [r["ok"] for r in replies] == [True] * 6 + [False] * 4
+    assert replies[-1]["error"] == "too_many"
+    others = [register(f, 100 + n, host=f"10.0.{n}.1") for n in range(10)]
+    answer = others[0].ask("peers", peer=peer_id(100), max=20)["peers"]
+    assert sum(p["host"] == "10.6.6.6" for p in answer) <= 4  # PER_HOST_IN_ANSWER
+    assert len(answer) >= 13
+
+
+def test_connections_beyond_the_per_address_limit_are_refused() -> None:
+    f = factory(max_per_address=3)
+    address = IPv4Address("TCP", "10.7.7.7", 1)
+    built = [f.buildProtocol(address) for _ in range(4)]
+    assert built[3] is None and all(built[:3])
+    assert f.counters["tracker_connections_refused"] == 1
+    assert f.buildProtocol(IPv4Address("TCP", "10.7.7.8", 1)) is not None
 
 
 def test_the_asker_is_excluded_even_without_naming_itself() -> None:
