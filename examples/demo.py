@@ -279,9 +279,9 @@ def demo(work: Path, daemons: list[Daemon]) -> int:
     hops = next((h for n, _, h in holders if n == holder), "?")
     fetched, original = work / "A" / BIG_NAME, work / "C" / BIG_NAME
     counters = json.loads(run([p2pshare, "--dir", "A", "status", "--json"], work).stdout)["counters"]
-    if counters.get("downloads_dialled_by_holder"):
+    if counters.get("sources_dialled_by_holder"):
         dialled = f"{holder} connected to A and offered the file (the original design)"
-    elif counters.get("downloads_dialled_by_requester"):
+    elif counters.get("sources_dialled_by_requester"):
         dialled = f"A connected to {holder} (dial-back)"
     else:
         dialled = "unknown"

@@ -1,42 +1,59 @@
-"""The requester's side of one file: a temporary file, hashes, progress, verification, resume.
+"""The requester's side of one file: pieces from one or more sources, verified, resumable.
 
-Writing and hashing run in a worker thread, one batch at a time and in order,
-while the reactor thread keeps receiving: hashlib and file writes release the
-GIL, so the two overlap.  When more than ``HIGH_WATER`` bytes wait for the disk,
-the connection is paused (``pauseProducing`` on its transport) until the
-backlog falls under ``LOW_WATER``, so memory stays bounded whatever the network
-speed.
+A ``Download`` hands out pieces to the connections that feed it (its
+*sources*): each asks ``claim`` for the next piece its holder has, and gives
+the bytes back with ``deliver``.  Verifying (SHA-256 per piece against the
+manifest, itself checked against the ``root`` the offer named) and writing
+(``pwrite`` at the piece's offset) run in a worker thread, one piece at a time,
+while the reactor keeps receiving: hashlib and file writes release the GIL.
+A bad piece goes back to the pool and its source is reported.  When more than
+``HIGH_WATER`` bytes wait for the disk, every source is paused until the
+backlog falls under ``LOW_WATER``.
 
-With a manifest (a SHA-256 per piece, checked against the ``root`` the offer
-named) every piece is verified as it is written, and the count of verified
-bytes is kept beside the temporary file (``<sha256>.part`` and
-``<sha256>.have`` in the state folder), so a download that stops (a lost
-connection, a bad piece, a crash) resumes from its verified pieces.  The file
-is moved into place only when the SHA-256 of the whole matches too.
+When the missing pieces are all claimed, the last ones may be claimed a second
+time by another source (endgame), so one slow source does not hold the end
+back.  The verified pieces are recorded beside the temporary file
+(``<sha256>.part`` and ``<sha256>.have`` in the state folder): a download that
+stops resumes from them.  The file is moved into place only when the SHA-256
+of the whole matches too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections import deque
 from pathlib import Path
-from typing import IO, Any, Callable, Optional
+from typing import IO, Any, Callable, Optional, Protocol
 
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from p2pshare.errors import TransferFailed, VerificationFailed
 from p2pshare.shares import Shares
 
-RANGE = 16 * 1024 * 1024  # bytes the requester asks for at a time (a whole number of pieces)
-BATCH = 4 * 1024 * 1024  # bytes handed to the writer thread at once
-HIGH_WATER = 32 * 1024 * 1024  # pause the connection above this backlog
-LOW_WATER = 8 * 1024 * 1024  # and resume it below this
+RANGE = 16 * 1024 * 1024  # the piece size of a file offered without a manifest
+HIGH_WATER = 32 * 1024 * 1024  # pause the sources above this backlog
+LOW_WATER = 8 * 1024 * 1024  # and resume them below this
 SMALL = 256 * 1024  # files up to this size are written and hashed on the reactor thread
+ENDGAME_COPIES = 2  # sources that may fetch one piece at once, at the end
 
 Executor = Callable[..., "Deferred[Any]"]
+
+
+class Source(Protocol):
+    """What a download needs of a connection feeding it."""
+
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
+
+    def download_finished(self) -> None:
+        """Every piece is in: say goodbye."""
+
+    def bad_piece(self, index: int) -> None:
+        """A piece this source sent did not match the manifest."""
 
 
 def in_thread(reactor: Any = None) -> Executor:
@@ -64,27 +81,32 @@ class Download:
         self.shares, self.name, self.size, self.sha256 = shares, name, size, sha256
         self.progress = progress
         self.executor = executor or in_thread()
-        self.piece_size, self.root = (piece_size, root) if piece_size and root else (0, "")
+        self.root = root if piece_size and root else ""
+        self.piece_size = piece_size if self.root else RANGE
+        self.count = -(-size // self.piece_size)
         self.pieces: Optional[bytes] = None  # the manifest, once received and checked against root
         self.done: Deferred[Path] = Deferred()
         self.settled: Deferred[None] = Deferred()  # fires once the worker has let go of the file
-        self._hash = hashlib.sha256()
-        self._piece_hash = hashlib.sha256()
-        self._written = 0  # bytes the worker has written (and hashed)
-        self._verified = 0  # of those, the bytes in verified pieces
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
-        self._writing = 0  # bytes in the batch the worker holds, 0 when idle
+        self.sources: set[Any] = set()
+        self.have = bytearray(self.count)  # 1: written and verified
+        self._claims: dict[int, set[Any]] = {}
+        self._queue: deque[tuple[Any, int, list[bytes]]] = deque()
+        self._queued_bytes = 0
+        self._writing = False
+        self._paused = False
         self._finishing = False
         self._ended = False
-        self._source: Optional[IPushProducer] = None
-        self._paused = False
-        self._rehash_prefix = 0  # resumed bytes the whole-file hash has not seen yet
+        self._keep = False
+        self._hash = hashlib.sha256()
+        self._hashed = 0  # pieces from the start already in the whole-file hash
         self.tmp_path, self.have_path, self._file = self._open()
-        self.received = self.asked = self.resumed_from = self._written
+        self.resumed_from = self.verified = sum(self._length(i) for i in range(self.count) if self.have[i])
+        self.received = self.verified
+
+    # -- the temporary file and its record ------------------------------------------------
 
     def _open(self) -> tuple[Path, Path, IO[bytes]]:
-        """The temporary file, reusing the verified part of an earlier attempt when there is one."""
+        """The temporary file, reusing the verified pieces of an earlier attempt when there are some."""
         tmp, have = self.shares.tmp / f"{self.sha256}.part", self.shares.tmp / f"{self.sha256}.have"
         if self.sha256 in self.shares.downloading:  # another download of this content: no sharing a file
             tmp, f = self.shares.new_temporary()
@@ -92,23 +114,22 @@ class Download:
         self.shares.downloading.add(self.sha256)
         try:
             state = have.read_text().split()
-            if self.piece_size and state[:3] == [str(self.size), str(self.piece_size), self.root]:
-                pieces = bytes.fromhex(state[3])
-                verified = int(state[4])
-                if hashlib.sha256(pieces).hexdigest() == self.root and 0 <= verified <= os.path.getsize(tmp):
-                    f = open(tmp, "r+b")
-                    f.seek(verified)
-                    self.pieces, self._written, self._verified = pieces, verified, verified
-                    self._rehash_prefix = verified
-                    return tmp, have, f
+            if self.root and state[:3] == [str(self.size), str(self.piece_size), self.root]:
+                pieces, bits = bytes.fromhex(state[3]), bytes.fromhex(state[4])
+                if hashlib.sha256(pieces).hexdigest() == self.root and len(bits) == self.count:
+                    self.pieces, self.have = pieces, bytearray(bits)
+                    return tmp, have, open(tmp, "r+b")
         except (OSError, ValueError, IndexError):
             pass
         have.unlink(missing_ok=True)
-        return tmp, have, open(tmp, "wb")
+        return tmp, have, open(tmp, "w+b")
 
-    def attach(self, source: IPushProducer) -> None:
-        """The connection the bytes come from, paused while the disk lags behind."""
-        self._source = source
+    def _save_state(self) -> None:
+        if self.pieces is not None:
+            self.have_path.write_text(f"{self.size} {self.piece_size} {self.root} {self.pieces.hex()} "
+                                      f"{bytes(self.have).hex()}\n")
+
+    # -- sources and pieces ---------------------------------------------------------------
 
     @property
     def needs_manifest(self) -> bool:
@@ -116,166 +137,181 @@ class Download:
 
     def set_manifest(self, pieces: bytes) -> bool:
         """The holder's manifest: accepted only if it hashes to the offer's root and fits the size."""
-        count = -(-self.size // self.piece_size) if self.piece_size else 0
-        if len(pieces) != 32 * count or hashlib.sha256(pieces).hexdigest() != self.root:
+        if len(pieces) != 32 * self.count or hashlib.sha256(pieces).hexdigest() != self.root:
             return False
         self.pieces = pieces
         return True
 
-    def next_range(self) -> Optional[tuple[int, int]]:
-        if self.asked >= self.size:
+    def attach(self, source: Any) -> None:
+        self.sources.add(source)
+        if self._paused:
+            source.pauseProducing()
+
+    def detach(self, source: Any) -> None:
+        """A source went away: its claims go back to the pool."""
+        self.sources.discard(source)
+        for claimants in self._claims.values():
+            claimants.discard(source)
+
+    def _length(self, index: int) -> int:
+        return min(self.piece_size, self.size - index * self.piece_size)
+
+    def claim(self, source: Any, has: Callable[[int], bool] = lambda i: True) -> Optional[tuple[int, int]]:
+        """The next piece for *source* to fetch, as (offset, length); None when there is none for it."""
+        if self._ended or (self.root and self.pieces is None):
             return None
-        step = max(RANGE - RANGE % self.piece_size, self.piece_size) if self.piece_size else RANGE
-        length = min(step, self.size - self.asked)
-        offset, self.asked = self.asked, self.asked + length
-        return offset, length
+        spare = None
+        for index in range(self.count):
+            if self.have[index] or not has(index):
+                continue
+            claimants = self._claims.setdefault(index, set())
+            if not claimants:
+                claimants.add(source)
+                return index * self.piece_size, self._length(index)
+            if spare is None and source not in claimants and len(claimants) < ENDGAME_COPIES:
+                spare = index
+        if spare is None:
+            return None
+        self._claims[spare].add(source)  # endgame: every missing piece is claimed; ask again elsewhere
+        return spare * self.piece_size, self._length(spare)
+
+    def deliver(self, source: Any, offset: int, chunks: list[bytes]) -> None:
+        """*source* received a whole piece."""
+        index = offset // self.piece_size
+        self._claims.get(index, set()).discard(source)
+        if self._ended or self.have[index]:
+            return  # an endgame copy that lost the race
+        length = sum(len(c) for c in chunks)
+        self.received = min(self.size, self.received + length)
+        self.progress(self.received, self.size)
+        self._queue.append((source, index, chunks))
+        self._queued_bytes += length
+        if not self._paused and self._queued_bytes > HIGH_WATER:
+            self._paused = True
+            for s in self.sources:
+                s.pauseProducing()
+        self._next_job()
 
     @property
     def complete(self) -> bool:
-        return self.received >= self.size
+        return all(self.have)
 
-    def write(self, data: bytes) -> None:
-        if self._ended:
+    # -- the worker ---------------------------------------------------------------------
+
+    def _next_job(self) -> None:
+        if self._writing or self._ended:
             return
-        self._pending.append(data)
-        self._pending_bytes += len(data)
-        self.received += len(data)
-        self.progress(self.received, self.size)
-        if not self._writing and self._pending_bytes >= BATCH:
-            self._flush()
-        if self._source is not None and not self._paused and self._backlog > HIGH_WATER:
-            self._paused = True
-            self._source.pauseProducing()
+        if self._queue:
+            source, index, chunks = self._queue.popleft()
+            self._queued_bytes -= sum(len(c) for c in chunks)
+            self._writing = True
+            self._run(self._write_piece, index, chunks).addCallbacks(self._written, self._write_failed,
+                                                                     (source, index))
+        elif self.complete and not self._finishing:
+            self._finishing = True
+            self._run(self._hash_rest).addCallbacks(lambda _: self._verify(), self._write_failed)
 
-    @property
-    def _backlog(self) -> int:
-        return self._pending_bytes + self._writing
+    def _run(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        # A small file is written here: a hand-off to the worker thread would cost more than the work.
+        return (synchronously if self.size <= SMALL else self.executor)(f, *args)
 
-    def _flush(self) -> None:
-        batch, self._pending, self._writing, self._pending_bytes = self._pending, [], self._pending_bytes or 1, 0
-        self.executor(self._write_batch, batch).addCallbacks(self._written_batch, self._write_failed)
-
-    def _write_batch(self, batch: list[bytes]) -> None:
-        """In the worker thread: write, hash the whole and each piece, in order."""
-        if self._rehash_prefix:  # resumed: the whole-file hash starts with what is already on disk
-            with open(self.tmp_path, "rb") as f:
-                remaining = self._rehash_prefix
-                while remaining and (chunk := f.read(min(remaining, 1 << 20))):
-                    self._hash.update(chunk)
-                    remaining -= len(chunk)
-            self._rehash_prefix = 0
-        for data in batch:
-            self._file.write(data)
-            self._hash.update(data)
-            if self.pieces is not None:
-                self._check_pieces(memoryview(data))
-            self._written += len(data)
+    def _write_piece(self, index: int, chunks: list[bytes]) -> bool:
+        """In the worker: check the piece against the manifest, write it at its offset, hash it in."""
         if self.pieces is not None:
-            self._file.flush()
-            self._save_state()
+            h = hashlib.sha256()
+            for c in chunks:
+                h.update(c)
+            if h.digest() != self.pieces[32 * index: 32 * index + 32]:
+                return False
+        fd, offset = self._file.fileno(), index * self.piece_size
+        for c in chunks:
+            os.pwrite(fd, c, offset)
+            offset += len(c)
+        if index == self._hashed:  # in order: the whole-file hash needs no second read
+            for c in chunks:
+                self._hash.update(c)
+            self._hashed += 1
+        return True
 
-    def _check_pieces(self, view: memoryview) -> None:
-        position = self._written
-        while view:
-            index = position // self.piece_size
-            end = min((index + 1) * self.piece_size, self.size)
-            take = view[: end - position]
-            self._piece_hash.update(take)
-            position += len(take)
-            view = view[len(take):]
-            if position == end:
-                if self._piece_hash.digest() != self.pieces[32 * index: 32 * index + 32]:  # type: ignore[index]
-                    raise VerificationFailed(f"{self.name}: piece {index} does not match the manifest")
-                self._piece_hash = hashlib.sha256()
-                self._verified = end
+    def _hash_rest(self) -> None:
+        """In the worker, at the end: hash what arrived out of order, reading it back."""
+        offset = self._hashed * self.piece_size
+        while offset < self.size:
+            chunk = os.pread(self._file.fileno(), min(1 << 20, self.size - offset), offset)
+            if not chunk:
+                break
+            self._hash.update(chunk)
+            offset += len(chunk)
+        self._hashed = self.count
 
-    def _save_state(self) -> None:
-        self.have_path.write_text(f"{self.size} {self.piece_size} {self.root} {self.pieces.hex()} "  # type: ignore
-                                  f"{self._verified}\n")
-
-    def _written_batch(self, _: None) -> None:
-        self._writing = 0
+    def _written(self, good: bool, source: Any, index: int) -> None:
+        self._writing = False
         if self._ended:
-            self._discard(keep=self._keep)
+            self._discard(self._keep)
             return
-        if self._paused and self._backlog < LOW_WATER and self._source is not None:
+        if good:
+            self.have[index] = 1
+            self.verified += self._length(index)
+            self._claims.pop(index, None)
+            self._save_state()
+        else:
+            self.received -= self._length(index)
+            self._claims.pop(index, None)
+            if source in self.sources:
+                source.bad_piece(index)
+        if self._paused and self._queued_bytes < LOW_WATER:
             self._paused = False
-            self._source.resumeProducing()
-        if self._pending and (self._pending_bytes >= BATCH or self._finishing):
-            self._flush()
-        elif self._finishing:
-            self._verify()
+            for s in list(self.sources):
+                s.resumeProducing()
+        if self.complete:
+            for s in list(self.sources):
+                s.download_finished()
+        self._next_job()
 
-    def _write_failed(self, f: Failure) -> None:
-        self._writing = 0
-        if self._ended:  # failed meanwhile: the file is ours to clean up now
-            self._discard(keep=self._keep)
-            return
-        if f.check(VerificationFailed):  # a bad piece: what was verified before it stays for a resume
-            self.fail(f.value, keep=True)
+    def _write_failed(self, f: Failure, *_: Any) -> None:
+        self._writing = False
+        if self._ended:
+            self._discard(self._keep)
             return
         reason = getattr(f.value, "strerror", None) or str(f.value)
         self.fail(TransferFailed(f"{self.name}: could not write the temporary file: {reason}"))
-
-    def finish(self) -> None:
-        """All bytes are in: write the rest, verify, move into place; then ``done`` fires."""
-        self._finishing = True
-        if self._writing:
-            return
-        if self._pending and self.size <= SMALL:
-            # A small file never went to the worker: two thread hand-offs would cost more
-            # than writing and hashing it here.
-            batch, self._pending, self._pending_bytes = self._pending, [], 0
-            try:
-                self._write_batch(batch)
-            except (OSError, VerificationFailed) as e:
-                self._write_failed(Failure(e))
-                return
-            self._verify()
-        elif self._pending or self._rehash_prefix:
-            self._flush()
-        else:
-            self._verify()
 
     def _verify(self) -> None:
         try:
             self._file.close()
             digest = self._hash.hexdigest()
-            if self._written != self.size or digest != self.sha256:
-                raise VerificationFailed(
-                    f"{self.name}: received {self._written} bytes with SHA-256 {digest[:16]}, "
-                    f"expected {self.size} bytes with {self.sha256[:16]}"
-                )
-            path = self.shares.place(self.tmp_path, self.name, self.sha256, self.piece_size, self.pieces or b"")
+            if digest != self.sha256:
+                raise VerificationFailed(f"{self.name}: the whole file has SHA-256 {digest[:16]}, "
+                                         f"expected {self.sha256[:16]}")
+            path = self.shares.place(self.tmp_path, self.name, self.sha256,
+                                     self.piece_size if self.pieces else 0, self.pieces or b"")
         except Exception as e:
             self.fail(e)
             return
         self._ended = True
-        self._release()
         self.have_path.unlink(missing_ok=True)
+        self._release()
         self.done.callback(path)
 
-    _keep = False
+    def start(self) -> None:
+        """Nothing more to fetch (an empty file, or all pieces verified before): finish now."""
+        self._next_job()
 
     def fail(self, error: BaseException, keep: bool = False) -> None:
-        """Give up; ``done`` fails.  With *keep* (and a manifest), the verified part stays for a resume."""
+        """Give up; ``done`` fails.  With *keep* (and a manifest), the verified pieces stay for a resume."""
         if self._ended:
             return
         self._ended = True
-        self._keep = keep and self.pieces is not None and self._verified > 0
-        self._pending = []
-        if self._source is not None and self._paused:
-            self._paused = False
-            self._source.resumeProducing()
+        self._keep = keep and self.pieces is not None and any(self.have)
+        self._queue.clear()
         if not self._writing:
-            self._discard(keep=self._keep)
+            self._discard(self._keep)
         self.done.errback(Failure(error))
 
     def _discard(self, keep: bool) -> None:
         if not self._file.closed:
             self._file.close()
         if keep:
-            os.truncate(self.tmp_path, self._verified)
             self._save_state()
         else:
             self.tmp_path.unlink(missing_ok=True)

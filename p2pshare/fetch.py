@@ -22,11 +22,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from p2pshare.download import Download, in_thread
-from p2pshare.errors import (AlreadyExists, AmbiguousName, InvalidName, NotFound, P2PError, TransferFailed,
-                             VerificationFailed)
+from p2pshare.errors import (AlreadyExists, AmbiguousName, InvalidName, NotFound, P2PError, TransferFailed)
 from p2pshare.shares import Entry
 from p2pshare.transfer import ITransferNode, TransferProtocol, dial
 from p2pshare.wire import Address, Frame, Hit, is_sha256, validate_name
+
+MAX_SOURCES = 4  # holders one download draws on at once
 
 if TYPE_CHECKING:
     from p2pshare.peer import Peer
@@ -40,11 +41,12 @@ class FetchResult:
     path: str
     size: int
     sha256: str
-    holder: str  # host:port of the holder's transfer socket
+    holder: str  # host:port of the holder's transfer socket (of each, comma-separated, when several)
     holder_peer: str
     dialled_by: str  # "holder" (the original design) or "requester" (dial-back)
     seconds: float
     resumed: int = 0  # bytes verified by an earlier attempt and not fetched again
+    sources: int = 1  # holders that sent pieces
 
 
 class _Fetch:
@@ -59,10 +61,12 @@ class _Fetch:
         self.hits: list[Hit] = []
         self.tried: set[Address] = set()
         self.download: Optional[Download] = None
-        self.dialing: Optional[TransferProtocol] = None
+        self.sources: dict[TransferProtocol, tuple[Address, str]] = {}  # connection -> (holder, dialled by)
+        self.dialing: set[TransferProtocol] = set()
         self.timer: Optional[IDelayedCall] = None
         self.dial_timer: Optional[IDelayedCall] = None
         self.expired = False
+        self.all_sources: list[tuple[Address, str]] = []  # sources that have come and gone
         self.error: Optional[BaseException] = None
         self.started = time.monotonic()
 
@@ -187,92 +191,119 @@ class Fetcher:
         if disagreement is not None:  # refuse to guess, even mid-download
             self._finish(f, Failure(AmbiguousName(disagreement)))
             return
-        if f.download is None and f.dialing is None and f.dial_timer is None:
-            f.dial_timer = self.peer.reactor.callLater(self.peer.dial_wait, self._dial_next, f)
+        if not f.sources and not f.dialing and f.dial_timer is None:
+            # Holders dial us with offers; if none has connected after dial_wait (we may be
+            # unreachable from outside), connect to them ourselves.
+            f.dial_timer = self.peer.reactor.callLater(self.peer.dial_wait, self._dial_more, f)
 
-    def _dial_next(self, f: _Fetch) -> None:
-        """No holder has connected to us (we may be unreachable): connect to one ourselves."""
+    def _dial_more(self, f: _Fetch) -> None:
+        """Connect to holders that answered, up to MAX_SOURCES connections in all."""
         f.dial_timer = None
-        if f.download is not None or f.dialing is not None or not f.active:
-            return
-        hit = next((h for h in f.hits if h.tcp not in f.tried), None)
-        if hit is None:
-            if f.expired:
-                self._give_up(f)
-            return
+        while f.active and len(f.sources) + len(f.dialing) < MAX_SOURCES:
+            busy = {holder for holder, _ in f.sources.values()} | f.tried
+            sha = f.download.sha256 if f.download is not None else None
+            hit = next((h for h in f.hits if h.tcp not in busy and (sha is None or h.sha256 == sha)), None)
+            if hit is None:
+                break
+            self._dial(f, hit)
+        self._check_stalled(f)
+
+    def _dial(self, f: _Fetch, hit: Hit) -> None:
         f.tried.add(hit.tcp)
         self.peer.counters.add("dials_to_holders")
         greeting = Frame("open", id=hit.id, name=hit.name, sha256=hit.sha256)
         proto = TransferProtocol(_Dialer(self, f, hit), greeting=greeting, idle=self.peer.idle,
                                  clock=self.peer.reactor)
-        f.dialing = proto
+        f.dialing.add(proto)
         endpoint = TCP4ClientEndpoint(self.peer.reactor, hit.tcp[0], hit.tcp[1], timeout=10)
 
         def ended(result: Any) -> None:
-            if f.dialing is proto:
-                f.dialing = None
-                if isinstance(result, Failure):
-                    f.error = TransferFailed(f"{f.label}: could not connect to {hit.tcp[0]}:{hit.tcp[1]}")
-                if f.download is None:
-                    self._dial_next(f)
+            f.dialing.discard(proto)
+            if isinstance(result, Failure):
+                f.error = TransferFailed(f"{f.label}: could not connect to {hit.tcp[0]}:{hit.tcp[1]}")
+            elif proto.error is not None and proto not in f.sources:
+                f.error = TransferFailed(f"{f.label}: {proto.error}")
+            if proto not in f.sources:
+                self._dial_more(f)
 
         dial(endpoint, proto).addCallbacks(lambda p: p.closed.addBoth(ended), ended)
 
     def _accept(self, f: _Fetch, frame: Frame, proto: TransferProtocol, dialled_by: str) -> Optional[Download]:
-        if f.download is not None or not f.active or not f.wants(frame.name, frame.sha256):
+        """Take *proto* on as a source of this fetch's download (creating the download first)."""
+        if not f.active or not f.wants(frame.name, frame.sha256) or len(f.sources) >= MAX_SOURCES:
             self.peer.counters.add("offers_declined")
             return None
         if not f.sha256 and any(h.sha256 != frame.sha256 for h in f.hits):
             self.peer.counters.add("offers_declined")  # the hits disagree; _fetch_hit has ended the fetch
             return None
+        holder = proto.transport.getPeer()
+        address = next((h.tcp for h in f.hits if h.peer == frame.peer), (holder.host, holder.port))
+        if f.download is None:
+            if not self._start_download(f, frame):
+                return None
+        elif (frame.sha256, frame.root, frame.size) != (f.download.sha256, f.download.root, f.download.size):
+            self.peer.counters.add("offers_declined")  # another content, or another manifest of it
+            return None
+        assert f.download is not None
+        f.sources[proto] = (address, dialled_by)
+        f.tried.add(address)
+        self.peer.counters.add(f"sources_dialled_by_{dialled_by}")
+        if f.dial_timer is not None:
+            f.dial_timer.cancel()
+            f.dial_timer = None
+        proto.on_bad_piece = lambda p: self._bad_source(f, p)
+        proto.closed.addBoth(lambda _: self._source_gone(f, proto))
+        return f.download
+
+    def _start_download(self, f: _Fetch, frame: Frame) -> bool:
         if os.path.lexists(self.peer.shares.root / frame.name):  # asked by hash: the name came with the offer
             self._finish(f, Failure(AlreadyExists(f"{frame.name} already exists in {self.peer.shares.root}")))
-            return None
+            return False
         short = self._space_short_of(frame)
         if short:
             self._finish(f, Failure(TransferFailed(f"{frame.name}: {frame.size} bytes do not fit in "
                                                    f"{self.peer.shares.tmp} ({short} bytes short)")))
-            return None
+            return False
         download = Download(self.peer.shares, frame.name, frame.size, frame.sha256, f.report,
                             in_thread(self.peer.reactor), frame.piece, frame.root)
         f.download = download
-        if f.dial_timer is not None:
-            f.dial_timer.cancel()
-            f.dial_timer = None
-        holder = proto.transport.getPeer()
-
-        def listening() -> Address:
-            """The holder's listening address, from its hit (its dial came from another port)."""
-            return next((h.tcp for h in f.hits if h.peer == frame.peer), (holder.host, holder.port))
-
-        self.peer.counters.add(f"downloads_dialled_by_{dialled_by}")
 
         def done(path: Path) -> None:
-            address = "%s:%d" % listening()
-            result = FetchResult(frame.name, str(path), frame.size, frame.sha256, address, frame.peer, dialled_by,
-                                 round(time.monotonic() - f.started, 3), download.resumed_from)
+            sources = f.all_sources + list(f.sources.values())
+            holders = list(dict.fromkeys("%s:%d" % holder for holder, _ in sources))
+            dialled_by = sources[0][1] if sources else "holder"
+            result = FetchResult(frame.name, str(path), frame.size, frame.sha256, ", ".join(holders), frame.peer,
+                                 dialled_by, round(time.monotonic() - f.started, 3), download.resumed_from,
+                                 len(holders))
             self.peer.counters.add("downloads_completed")
-            self.peer.counters.add("bytes_received", frame.size)
+            self.peer.counters.add("bytes_received", frame.size - download.resumed_from)
             self._finish(f, result)
 
         def failed(failure: Failure) -> None:
-            self.peer.counters.add("downloads_failed")
-            if failure.check(VerificationFailed):
-                self.peer.counters.add("bad_pieces")  # this holder is not asked again in this fetch
-            self.log.warn("download of {name} from {holder} failed: {error}", name=f.label, holder=listening(),
-                          error=failure.value)
-            f.download = None
-            f.error = failure.value
-            f.tried.add(listening())
-            if f.dialing is proto:
-                f.dialing = None
-            if any(h.tcp not in f.tried for h in f.hits):
-                self._dial_next(f)
-            elif f.expired or not f.hits:
-                self._give_up(f)
+            if f.active:
+                self.peer.counters.add("downloads_failed")
+                self._finish(f, failure)
 
         download.done.addCallbacks(done, failed)
-        return download
+        return True
+
+    def _bad_source(self, f: _Fetch, proto: TransferProtocol) -> None:
+        self.peer.counters.add("bad_pieces")  # that holder is not asked again in this fetch
+        f.error = TransferFailed(f"{f.label}: a holder sent pieces that do not match the manifest")
+
+    def _source_gone(self, f: _Fetch, proto: TransferProtocol) -> None:
+        source = f.sources.pop(proto, None)
+        if source is not None:
+            f.all_sources.append(source)
+            if proto.error is not None:
+                f.error = TransferFailed(f"{f.label}: {proto.error}")
+        if f.active and f.download is not None and not f.download.complete:
+            self._dial_more(f)
+
+    def _check_stalled(self, f: _Fetch) -> None:
+        """No source, no dial in flight, nobody left to dial: end the fetch once its time is up."""
+        if f.active and not f.sources and not f.dialing and f.dial_timer is None and f.expired:
+            self._give_up(f)
 
     def _space_short_of(self, frame: Frame) -> int:
         """How many bytes the file system lacks for this download (0 when it fits)."""
@@ -286,8 +317,7 @@ class Fetcher:
     def _fetch_expired(self, f: _Fetch) -> None:
         f.timer = None
         f.expired = True
-        if f.download is None and f.dialing is None and f.dial_timer is None:
-            self._give_up(f)
+        self._check_stalled(f)
 
     def _give_up(self, f: _Fetch) -> None:
         if f.error is not None:
@@ -302,6 +332,9 @@ class Fetcher:
         if self.fetches.get(f.key) is f:
             del self.fetches[f.key]
         f.active = False
+        for proto in list(f.sources) + list(f.dialing):
+            if proto.transport is not None:
+                proto.transport.loseConnection()
         for rid in f.ids:
             self.by_id.pop(rid, None)
             self.peer.core.finish_query(rid)

@@ -243,7 +243,7 @@ class Shares:
 
     def new_temporary(self) -> tuple[Path, IO[bytes]]:
         fd_path = self.tmp / f"{os.urandom(8).hex()}.part"
-        f = open(fd_path, "xb")
+        f = open(fd_path, "x+b")
         return fd_path, f
 
     def place(self, tmp_path: Path, name: str, sha256: str, piece_size: int = 0, pieces: bytes = b"") -> Path:

@@ -127,6 +127,9 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
         self._outstanding: deque[tuple[int, int]] = deque()
         self._awaiting_pieces = False
         self._manifest: Optional[list[bytes]] = None  # the manifest's bytes while they arrive
+        self._chunks: list[bytes] = []  # the piece being received
+        self.on_bad_piece: Callable[["TransferProtocol"], None] = lambda proto: None
+        self.error: Optional[Exception] = None  # what the holder said when it refused
         self.closed: Deferred[None] = Deferred()  # fires when the connection is gone
         self.on_close: Callable[[], None] = lambda: None
         self.answered = False  # the other side sent a valid frame (it speaks this protocol)
@@ -177,10 +180,8 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
         if self._sending is not None:
             self._sending[1].close()
             self._sending = None
-        if self.download is not None and not self.download.complete:
-            got, size = self.download.received, self.download.size
-            self.download.fail(TransferFailed(f"{self.download.name}: connection lost after {got} of {size} bytes"),
-                               keep=True)
+        if self.download is not None:
+            self.download.detach(self)  # what this source had claimed goes back to the pool
         self.on_close()
         d, self.closed = self.closed, Deferred()
         d.callback(None)
@@ -244,7 +245,7 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
     def _on_bye(self, frame: Frame) -> None:
         self.transport.loseConnection()
 
-    # -- requester's side ---------------------------------------------------------------
+    # -- requester's side: a source for a Download ---------------------------------------
 
     def _on_offer(self, frame: Frame) -> None:
         if self._sending is not None or self.download is not None:
@@ -255,9 +256,10 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
             self.transport.loseConnection()
             return
         self.download = download
-        download.attach(self.transport)
-        if download.complete:  # empty, or every byte verified in an earlier attempt
-            return self._complete()
+        download.attach(self)
+        if download.complete:  # empty, or every piece verified in an earlier attempt
+            download.start()
+            return self.download_finished()
         if download.needs_manifest:
             self._awaiting_pieces = True
             self.send(Frame("manifest"))
@@ -276,16 +278,19 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
     def _manifest_received(self, rest: bytes) -> None:
         assert self.download is not None and self._manifest is not None
         pieces, self._manifest = b"".join(self._manifest), None
-        if not self.download.set_manifest(pieces):
+        if self.download.pieces is None and not self.download.set_manifest(pieces):
             self.refuse("bad_manifest", "the manifest does not match the offer's root")
+            return
+        if self.download.pieces != pieces:
+            self.refuse("bad_manifest", "the manifest differs from another holder's")
             return
         self._ask()
         self.setLineMode(rest)
 
     def _ask(self) -> None:
         assert self.download is not None
-        while len(self._outstanding) < WINDOW:
-            rng = self.download.next_range()
+        while len(self._outstanding) < WINDOW and self.connected:
+            rng = self.download.claim(self)
             if rng is None:
                 return
             self._outstanding.append(rng)
@@ -312,25 +317,38 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
             if not self._raw_left:
                 self._manifest_received(data[len(take):])
             return
-        self.download.write(take)
+        self._chunks.append(take)
         if self._raw_left:
             return
-        self._outstanding.popleft()
-        if self.download.complete:
-            self._complete()
+        offset, _ = self._outstanding.popleft()
+        chunks, self._chunks = self._chunks, []
+        self.download.deliver(self, offset, chunks)
+        if self.transport.disconnecting:
             return
         self._ask()
         self.setLineMode(data[len(take):])
 
-    def _complete(self) -> None:
-        assert self.download is not None
-        self.send(Frame("bye"))
-        self.transport.loseConnection()
-        self.download.finish()
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def download_finished(self) -> None:
+        """The download has every piece (from us or others): goodbye."""
+        if self.connected and not self.transport.disconnecting:
+            self.send(Frame("bye"))
+            self.transport.loseConnection()
+
+    def bad_piece(self, index: int) -> None:
+        """A piece from this holder did not match the manifest: it is not asked again."""
+        self.log.warn("piece {index} of {name} from {peer} is corrupt; dropping that holder", index=index,
+                      name=self.download.name if self.download else "?", peer=self.transport.getPeer())
+        self.on_bad_piece(self)
+        self.transport.abortConnection()
 
     def _on_error(self, frame: Frame) -> None:
-        if self.download is not None:
-            self.download.fail(TransferFailed(f"{self.download.name}: the holder said {frame.code}: {frame.message}"))
+        self.error = TransferFailed(f"the holder said {frame.code}: {frame.message}")
         self.transport.loseConnection()
 
 

@@ -1,4 +1,4 @@
-"""The requester's bookkeeping: batching to the writer thread, backpressure, verification, failures."""
+"""The requester's bookkeeping: pieces from several sources, verification, backpressure, resume."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.python.failure import Failure
 
-from p2pshare.download import BATCH, HIGH_WATER, LOW_WATER, Download, synchronously
+from p2pshare.download import HIGH_WATER, LOW_WATER, Download, synchronously
 from p2pshare.errors import TransferFailed, VerificationFailed
 from p2pshare.shares import Shares
+
+PIECE = 1024 * 1024
 
 
 class ManualExecutor:
@@ -31,13 +33,19 @@ class ManualExecutor:
         f, args, d = self.calls.pop(0)
         maybeDeferred(f, *args).chainDeferred(d)
 
+    def release_all(self) -> None:
+        while self.calls:
+            self.release_one()
+
 
 class Source:
-    """Stands in for the TCP transport the bytes come from."""
+    """Stands in for a connection feeding the download."""
 
     def __init__(self) -> None:
         self.paused = False
         self.pauses = 0
+        self.finished = False
+        self.bad: list[int] = []
 
     def pauseProducing(self) -> None:
         self.paused = True
@@ -46,77 +54,128 @@ class Source:
     def resumeProducing(self) -> None:
         self.paused = False
 
-    def stopProducing(self) -> None:
-        pass
+    def download_finished(self) -> None:
+        self.finished = True
+
+    def bad_piece(self, index: int) -> None:
+        self.bad.append(index)
 
 
-def test_bytes_are_handed_to_the_writer_in_batches_and_in_order(share: Path) -> None:
-    data = bytes(range(256)) * (3 * BATCH // 256)
-    executor = ManualExecutor()
-    dl = Download(Shares(share), "f.bin", len(data), hashlib.sha256(data).hexdigest(), executor=executor)
+def manifest(data: bytes) -> tuple[bytes, str]:
+    pieces = b"".join(hashlib.sha256(data[i: i + PIECE]).digest() for i in range(0, len(data), PIECE))
+    return pieces, hashlib.sha256(pieces).hexdigest()
+
+
+def download(shares: Shares, data: bytes, executor: Any = synchronously) -> Download:
+    pieces, root = manifest(data)
+    dl = Download(shares, "f.bin", len(data), hashlib.sha256(data).hexdigest(), executor=executor,
+                  piece_size=PIECE, root=root)
+    if dl.needs_manifest:
+        assert dl.set_manifest(pieces)
+    return dl
+
+
+def feed(dl: Download, source: Source, data: bytes, corrupt: set[int] = frozenset()) -> bool:  # type: ignore
+    """Let *source* claim and deliver one piece; False when it had nothing to claim."""
+    claimed = dl.claim(source)
+    if claimed is None:
+        return False
+    offset, length = claimed
+    piece = bytearray(data[offset: offset + length])
+    if offset // PIECE in corrupt:
+        piece[0] ^= 0xFF
+    dl.deliver(source, offset, [bytes(piece[: length // 2]), bytes(piece[length // 2:])])
+    return True
+
+
+def test_two_sources_share_the_pieces_and_the_file_is_placed(share: Path) -> None:
+    data = os.urandom(5 * PIECE + 321)
+    dl = download(Shares(share), data)
+    a, b = Source(), Source()
+    dl.attach(a)
+    dl.attach(b)
     placed: list[Path] = []
     dl.done.addCallback(placed.append)
-    for i in range(0, len(data), 65536):
-        dl.write(data[i: i + 65536])
-        while executor.calls:
-            executor.release_one()
-    dl.finish()
-    while executor.calls:
-        executor.release_one()
-    assert placed == [share / "f.bin"]
-    assert (share / "f.bin").read_bytes() == data
+    first_a, first_b = dl.claim(a), dl.claim(b)
+    assert first_a == (0, PIECE) and first_b == (PIECE, PIECE)  # different pieces
+    dl.deliver(b, PIECE, [data[PIECE: 2 * PIECE]])  # out of order
+    dl.deliver(a, 0, [data[:PIECE]])
+    while feed(dl, a, data) | feed(dl, b, data):
+        pass
+    assert placed == [share / "f.bin"] and (share / "f.bin").read_bytes() == data
+    assert a.finished and b.finished
+    assert list((share / ".p2pshare" / "tmp").iterdir()) == []
 
 
-def test_a_slow_disk_pauses_the_connection_and_a_drained_one_resumes_it(share: Path) -> None:
+def test_a_bad_piece_is_reported_and_fetched_from_another_source(share: Path) -> None:
+    data = os.urandom(3 * PIECE)
+    dl = download(Shares(share), data)
+    liar, honest = Source(), Source()
+    dl.attach(liar)
+    dl.attach(honest)
+    placed: list[Path] = []
+    dl.done.addCallback(placed.append)
+    assert feed(dl, liar, data, corrupt={0})
+    assert liar.bad == [0] and not dl.have[0]
+    dl.detach(liar)  # the fetch drops that connection
+    while feed(dl, honest, data):
+        pass
+    assert placed and (share / "f.bin").read_bytes() == data
+
+
+def test_the_last_pieces_may_be_asked_of_a_second_source(share: Path) -> None:
+    data = os.urandom(2 * PIECE)
+    dl = download(Shares(share), data)
+    slow, fast = Source(), Source()
+    assert dl.claim(slow) == (0, PIECE)
+    assert dl.claim(fast) == (PIECE, PIECE)
+    dl.deliver(fast, PIECE, [data[PIECE:]])
+    assert dl.claim(fast) == (0, PIECE)  # endgame: piece 0 is claimed by slow, ask fast too
+    assert dl.claim(Source()) is None  # but not a third time
+    placed: list[Path] = []
+    dl.done.addCallback(placed.append)
+    dl.deliver(fast, 0, [data[:PIECE]])
+    dl.deliver(slow, 0, [data[:PIECE]])  # the loser's copy is dropped
+    assert placed and (share / "f.bin").read_bytes() == data
+
+
+def test_a_slow_disk_pauses_every_source_and_a_drained_one_resumes_them(share: Path) -> None:
+    data = os.urandom(60 * PIECE)
     executor = ManualExecutor()
-    dl = Download(Shares(share), "f.bin", 10 * HIGH_WATER, "0" * 64, executor=executor)
-    source = Source()
-    dl.attach(source)
-    chunk = b"x" * (1024 * 1024)
-    while not source.paused:
-        dl.write(chunk)
-    assert dl.received > HIGH_WATER
-    assert len(executor.calls) == 1  # one batch at a time
-    while source.paused:
+    dl = download(Shares(share), data, executor)
+    a, b = Source(), Source()
+    dl.attach(a)
+    dl.attach(b)
+    while not a.paused:
+        feed(dl, a, data)
+    assert b.paused and len(executor.calls) == 1  # one piece at a time in the worker
+    assert dl._queued_bytes > HIGH_WATER
+    while a.paused:
         executor.release_one()
-    assert source.pauses == 1
-    assert dl._backlog < LOW_WATER
+    assert not b.paused and dl._queued_bytes < LOW_WATER
     dl.fail(TransferFailed("test over"))
     dl.done.addErrback(lambda f: None)
-    while executor.calls:
-        executor.release_one()
-    assert not dl.tmp_path.exists()
-
-
-def test_a_hash_mismatch_fails_and_removes_the_temporary_file(share: Path) -> None:
-    dl = Download(Shares(share), "f.bin", 3, "0" * 64, executor=synchronously)
-    failures: list[Failure] = []
-    dl.done.addErrback(failures.append)
-    dl.write(b"abc")
-    dl.finish()
-    assert failures[0].check(VerificationFailed)
-    assert not dl.tmp_path.exists() and not (share / "f.bin").exists()
+    executor.release_all()
 
 
 def test_a_disk_error_fails_with_a_clear_message_and_removes_the_file(share: Path) -> None:
     def full(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         return fail(OSError(errno.ENOSPC, "No space left on device"))
 
-    dl = Download(Shares(share), "f.bin", 2 * BATCH, "0" * 64, executor=full)
+    data = os.urandom(2 * PIECE)
+    dl = download(Shares(share), data, full)
     failures: list[Failure] = []
     dl.done.addErrback(failures.append)
-    dl.write(b"x" * BATCH)
-    assert failures[0].check(TransferFailed)
-    assert "No space left on device" in str(failures[0].value)
-    assert not dl.tmp_path.exists()
-    dl.write(b"more")  # late bytes after failure are ignored
-    assert not dl.tmp_path.exists()
+    feed(dl, Source(), data)
+    assert failures[0].check(TransferFailed) and "No space left on device" in str(failures[0].value)
+    assert not dl.tmp_path.exists() and not dl.have_path.exists()
 
 
-def test_failing_while_the_worker_holds_a_batch_waits_for_it_before_deleting(share: Path) -> None:
+def test_failing_while_the_worker_holds_a_piece_waits_for_it(share: Path) -> None:
+    data = os.urandom(2 * PIECE)
     executor = ManualExecutor()
-    dl = Download(Shares(share), "f.bin", 2 * BATCH, "0" * 64, executor=executor)
-    dl.write(b"y" * BATCH)
+    dl = download(Shares(share), data, executor)
+    feed(dl, Source(), data)
     failures: list[Failure] = []
     dl.done.addErrback(failures.append)
     dl.fail(TransferFailed("connection lost"))
@@ -125,65 +184,66 @@ def test_failing_while_the_worker_holds_a_batch_waits_for_it_before_deleting(sha
     assert not dl.tmp_path.exists()
 
 
-def test_a_small_file_is_written_and_verified_without_the_worker(share: Path) -> None:
+def test_a_small_file_is_written_without_the_worker(share: Path) -> None:
     data = b"s" * 16384
     executor = ManualExecutor()
-    dl = Download(Shares(share), "small.bin", len(data), hashlib.sha256(data).hexdigest(), executor=executor)
+    dl = download(Shares(share), data, executor)
     placed: list[Path] = []
     dl.done.addCallback(placed.append)
-    dl.write(data)
-    dl.finish()
-    assert executor.calls == [] and placed == [share / "small.bin"]
+    feed(dl, Source(), data)
+    assert executor.calls == [] and placed == [share / "f.bin"]
 
 
-PIECE = 1024 * 1024
-
-
-def manifest(data: bytes) -> tuple[bytes, str]:
-    pieces = b"".join(hashlib.sha256(data[i: i + PIECE]).digest() for i in range(0, len(data), PIECE))
-    return pieces, hashlib.sha256(pieces).hexdigest()
-
-
-def test_a_bad_piece_fails_the_download_and_keeps_the_verified_pieces(share: Path) -> None:
-    data = os.urandom(5 * PIECE + 123)
-    pieces, root = manifest(data)
-    sha = hashlib.sha256(data).hexdigest()
+def test_a_stopped_download_resumes_from_its_verified_pieces(share: Path) -> None:
+    data = os.urandom(4 * PIECE + 7)
     shares = Shares(share)
-    dl = Download(shares, "f.bin", len(data), sha, executor=synchronously, piece_size=PIECE, root=root)
-    assert dl.needs_manifest and dl.set_manifest(pieces)
-    failures: list[Failure] = []
-    dl.done.addErrback(failures.append)
-    corrupt = bytearray(data)
-    corrupt[3 * PIECE + 10] ^= 0xFF  # piece 3 is bad
-    dl.write(bytes(corrupt[: 4 * PIECE + 5]))
-    dl.finish()
-    assert failures and failures[0].check(VerificationFailed) and "piece 3" in str(failures[0].value)
-    assert os.path.getsize(dl.tmp_path) == 3 * PIECE  # pieces 0-2 verified and kept
+    dl = download(shares, data)
+    feed(dl, Source(), data)
+    feed(dl, Source(), data)
+    dl.fail(TransferFailed("the peer stopped"), keep=True)
+    dl.done.addErrback(lambda f: None)
+    assert dl.tmp_path.exists() and dl.have_path.exists()
 
-    again = Download(shares, "f.bin", len(data), sha, executor=synchronously, piece_size=PIECE, root=root)
-    assert again.resumed_from == 3 * PIECE and not again.needs_manifest
-    assert again.next_range() == (3 * PIECE, len(data) - 3 * PIECE)
+    again = download(Shares(share), data)  # as after a restart
+    assert again.resumed_from == 2 * PIECE and not again.needs_manifest
+    assert again.claim(Source()) == (2 * PIECE, PIECE)
     placed: list[Path] = []
     again.done.addCallback(placed.append)
-    again.write(data[3 * PIECE:])
-    again.finish()
-    assert placed == [share / "f.bin"] and (share / "f.bin").read_bytes() == data
-    assert list(shares.tmp.iterdir()) == []
+    source = Source()
+    again.deliver(source, 2 * PIECE, [data[2 * PIECE: 3 * PIECE]])
+    while feed(again, source, data):
+        pass
+    assert placed and (share / "f.bin").read_bytes() == data
 
 
 def test_a_manifest_that_does_not_match_the_root_is_refused(share: Path) -> None:
     data = os.urandom(2 * PIECE)
     pieces, root = manifest(data)
     dl = Download(Shares(share), "f.bin", len(data), "0" * 64, executor=synchronously, piece_size=PIECE, root=root)
+    assert dl.claim(Source()) is None  # nothing is asked for before the manifest
     assert not dl.set_manifest(pieces[:-1] + b"x")
     assert not dl.set_manifest(pieces[:32])
     assert dl.set_manifest(pieces)
 
 
+def test_a_whole_file_mismatch_removes_everything(share: Path) -> None:
+    data = os.urandom(PIECE + 5)
+    pieces, root = manifest(data)
+    dl = Download(Shares(share), "f.bin", len(data), "0" * 64, executor=synchronously, piece_size=PIECE, root=root)
+    dl.set_manifest(pieces)
+    failures: list[Failure] = []
+    dl.done.addErrback(failures.append)
+    source = Source()
+    while feed(dl, source, data):
+        pass
+    assert failures[0].check(VerificationFailed)
+    assert not dl.tmp_path.exists() and not (share / "f.bin").exists()
+
+
 def test_resumable_partial_downloads_survive_a_restart_and_junk_does_not(share: Path) -> None:
     shares = Shares(share)
     (shares.tmp / ("a" * 64 + ".part")).write_bytes(b"x")
-    (shares.tmp / ("a" * 64 + ".have")).write_text("1 1048576 " + "b" * 64 + " 00 0\n")
+    (shares.tmp / ("a" * 64 + ".have")).write_text("1 1048576 " + "b" * 64 + " 00 00\n")
     (shares.tmp / "0123.part").write_bytes(b"junk")
     (shares.tmp / ("c" * 64 + ".part")).write_bytes(b"no state beside it")
     assert sorted(p.name for p in Shares(share).tmp.iterdir()) == ["a" * 64 + ".have", "a" * 64 + ".part"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import IO, Optional
 
@@ -13,7 +14,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
-from p2pshare.errors import NotFound, TransferFailed, VerificationFailed
+from p2pshare.errors import NotFound, VerificationFailed
 from p2pshare.shares import Entry, Shares, scan
 from p2pshare.download import RANGE, Download, synchronously
 from p2pshare.transfer import ITransferNode, TransferFactory, TransferProtocol
@@ -40,7 +41,8 @@ class Node:
     def accept_offer(self, frame: Frame, proto: TransferProtocol) -> Optional[Download]:
         if not self.accept:
             return None
-        self.download = Download(self.shares, frame.name, frame.size, frame.sha256, executor=synchronously)
+        self.download = Download(self.shares, frame.name, frame.size, frame.sha256, executor=synchronously,
+                                 piece_size=frame.piece, root=frame.root)
         return self.download
 
     def track(self, proto: TransferProtocol, alive: bool) -> None:
@@ -275,20 +277,18 @@ def test_content_that_does_not_match_the_hash_is_never_placed(share: Path) -> No
     assert list((share / ".p2pshare" / "tmp").iterdir()) == []
 
 
-def test_a_connection_lost_mid_transfer_fails_and_leaves_nothing(share: Path) -> None:
+def test_a_connection_lost_mid_transfer_gives_its_claims_back(share: Path) -> None:
     payload = b"q" * 100_000
     node = Node(Shares(share))
     proto, transport = connect(node)
     proto.dataReceived(offer_for(payload))
     proto.dataReceived(Frame("data", offset=0, length=len(payload)).encode() + b"\n" + payload[:5000])
-    failures: list = []
-    assert node.download is not None
-    node.download.done.addErrback(failures.append)
+    download = node.download
+    assert download is not None and download.sources == {proto}
+    assert download._claims[0] == {proto}
     proto.connectionLost(None)
-    assert failures and failures[0].check(TransferFailed)
-    assert "5000 of 100000" in str(failures[0].value)
+    assert download.sources == set() and download._claims[0] == set()  # free for another source
     assert not (share / "got.bin").exists()
-    assert list((share / ".p2pshare" / "tmp").iterdir()) == []
 
 
 def test_data_that_was_not_asked_for_closes_the_connection(share: Path) -> None:
@@ -316,16 +316,47 @@ def test_the_greeting_is_sent_on_connect(share: Path) -> None:
     assert node.tracked == {proto}
 
 
-def test_the_holders_error_fails_the_download(share: Path) -> None:
+def test_the_holders_error_is_kept_and_closes_the_connection(share: Path) -> None:
     node = Node(Shares(share))
     proto, transport = connect(node)
     proto.dataReceived(offer_for(b"t" * 10))
-    failures: list = []
-    assert node.download is not None
-    node.download.done.addErrback(failures.append)
     proto.dataReceived(Frame("error", code="unavailable", message="disk on fire").encode() + b"\n")
-    proto.connectionLost(None)
-    assert "disk on fire" in str(failures[0].value)
+    assert "disk on fire" in str(proto.error) and transport.disconnecting
+
+
+def test_a_manifest_is_asked_for_and_checked_against_the_root(share: Path) -> None:
+    payload = os.urandom(3 * 1024 * 1024)
+    pieces = b"".join(hashlib.sha256(payload[i: i + 1024 * 1024]).digest() for i in range(0, len(payload), 1 << 20))
+    node = Node(Shares(share))
+    proto, transport = connect(node)
+    proto.dataReceived(Frame("offer", id=RID, name="got.bin", size=len(payload),
+                             sha256=hashlib.sha256(payload).hexdigest(), peer=PEER, piece=1024 * 1024,
+                             root=hashlib.sha256(pieces).hexdigest()).encode() + b"\n")
+    assert frames(transport)[-1] == {"v": 1, "t": "manifest"}
+    transport.clear()
+    proto.dataReceived(Frame("pieces", length=len(pieces)).encode() + b"\n" + pieces)
+    assert [(f["offset"], f["length"]) for f in frames(transport)] == [(0, 1 << 20), (1 << 20, 1 << 20)]
+
+
+def test_a_manifest_that_does_not_hash_to_the_root_closes_the_connection(share: Path) -> None:
+    node = Node(Shares(share))
+    proto, transport = connect(node)
+    proto.dataReceived(Frame("offer", id=RID, name="got.bin", size=10, sha256="a" * 64, peer=PEER,
+                             piece=1024 * 1024, root="b" * 64).encode() + b"\n")
+    transport.clear()
+    proto.dataReceived(Frame("pieces", length=32).encode() + b"\n" + b"x" * 32)
+    assert frames(transport)[0]["code"] == "bad_manifest" and transport.disconnecting
+
+
+def test_a_holder_offering_a_name_outside_the_folder_is_refused(share: Path) -> None:
+    node = Node(Shares(share))
+    proto, transport = connect(node)
+    for name in ("../../.bashrc", "/etc/x", "..\\x"):
+        line = json.dumps({"v": 1, "t": "offer", "name": name, "size": 1, "sha256": "a" * 64, "peer": PEER})
+        proto, transport = connect(node)
+        proto.dataReceived(line.encode() + b"\n")
+        assert frames(transport)[0]["code"] == "malformed" and transport.disconnecting
+    assert node.download is None and list(share.parent.iterdir()) == [share]
 
 
 def test_open_for_reading_raises_not_found_through_the_node(share: Path) -> None:
