@@ -47,8 +47,11 @@ def peer_id(i: int) -> str:
 
 
 def register(i: int) -> bytes:
+    # Each peer advertises its own address, as peers on separate hosts would have: answers then hold
+    # the full 20 entries (the tracker puts at most 4 of one host in an answer).
+    host = f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255 or 1}"
     return TrackerRequest("register", i % (2**31 - 1), peer=peer_id(i), udp=1024 + i % 60000,
-                          tcp=1024 + i % 60000).encode() + b"\n"
+                          tcp=1024 + i % 60000, host=host).encode() + b"\n"
 
 
 def read_lines(sock: socket.socket, count: int) -> list[bytes]:

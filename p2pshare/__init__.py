@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from p2pshare.errors import (AlreadyExists, InvalidName, NotFound, P2PError, TrackerError, TransferFailed,
-                             VerificationFailed)
+from p2pshare.errors import (AlreadyExists, AmbiguousName, InvalidName, NotFound, P2PError, TrackerError,
+                             TransferFailed, VerificationFailed)
 from p2pshare.peer import FetchResult, Peer
 from p2pshare.tracker import TrackerFactory, TrackerService
 from p2pshare.wire import Hit
@@ -23,7 +23,8 @@ from p2pshare.wire import Hit
 __version__ = "0.1.0"
 
 __all__ = [
-    "AlreadyExists", "FetchResult", "Hit", "InvalidName", "NotFound", "P2PError", "Peer", "TrackerError",
+    "AlreadyExists", "AmbiguousName", "FetchResult", "Hit", "InvalidName", "NotFound", "P2PError", "Peer",
+    "TrackerError",
     "TrackerService", "TransferFailed", "VerificationFailed", "start_peer", "start_tracker",
 ]
 

@@ -120,6 +120,8 @@ class GetResource(_Guarded):
     def render_POST(self, request: Request) -> Any:
         try:
             body = json.loads(request.content.read(MAX_BODY + 1)[:MAX_BODY])
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object")
             name, sha256 = body.get("name", ""), body.get("sha256", "")
             timeout = float(body.get("timeout", 10.0))
             if not isinstance(name, str) or not isinstance(sha256, str) or not (name or sha256) \

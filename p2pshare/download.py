@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections import deque
 from pathlib import Path
 from typing import IO, Any, Callable, Optional, Protocol
@@ -34,6 +35,8 @@ from p2pshare.errors import TransferFailed, VerificationFailed
 from p2pshare.shares import Shares
 
 RANGE = 16 * 1024 * 1024  # the piece size of a file offered without a manifest
+CLAIM = 16 * 1024 * 1024  # bytes of consecutive pieces one request may cover
+SAVE_EVERY = 1.0  # seconds between updates of the record of verified pieces
 HIGH_WATER = 32 * 1024 * 1024  # pause the sources above this backlog
 LOW_WATER = 8 * 1024 * 1024  # and resume them below this
 SMALL = 256 * 1024  # files up to this size are written and hashed on the reactor thread
@@ -99,6 +102,8 @@ class Download:
         self._keep = False
         self._hash = hashlib.sha256()
         self._hashed = 0  # pieces from the start already in the whole-file hash
+        self._low = 0  # no missing piece before this one
+        self._saved_at = 0.0
         self.tmp_path, self.have_path, self._file = self._open()
         self.resumed_from = self.verified = sum(self._length(i) for i in range(self.count) if self.have[i])
         self.received = self.verified
@@ -124,10 +129,13 @@ class Download:
         have.unlink(missing_ok=True)
         return tmp, have, open(tmp, "w+b")
 
-    def _save_state(self) -> None:
-        if self.pieces is not None:
-            self.have_path.write_text(f"{self.size} {self.piece_size} {self.root} {self.pieces.hex()} "
-                                      f"{bytes(self.have).hex()}\n")
+    def _save_state(self, now: bool = True) -> None:
+        """Record the verified pieces (at most once a SAVE_EVERY unless *now*): a resume trusts only these."""
+        if self.pieces is None or (not now and time.monotonic() - self._saved_at < SAVE_EVERY):
+            return
+        self._saved_at = time.monotonic()
+        self.have_path.write_text(f"{self.size} {self.piece_size} {self.root} {self.pieces.hex()} "
+                                  f"{bytes(self.have).hex()}\n")
 
     # -- sources and pieces ---------------------------------------------------------------
 
@@ -157,23 +165,36 @@ class Download:
         return min(self.piece_size, self.size - index * self.piece_size)
 
     def claim(self, source: Any, has: Callable[[int], bool] = lambda i: True) -> Optional[tuple[int, int]]:
-        """The next piece for *source* to fetch, as (offset, length); None when there is none for it."""
+        """The next range for *source* to fetch, as (offset, length): up to CLAIM bytes of consecutive
+        pieces nobody has claimed, else (endgame) one piece another source is already fetching.
+        None when there is nothing for it."""
         if self._ended or (self.root and self.pieces is None):
             return None
         spare = None
-        for index in range(self.count):
+        for index in range(self._first_missing, self.count):
             if self.have[index] or not has(index):
                 continue
             claimants = self._claims.setdefault(index, set())
             if not claimants:
-                claimants.add(source)
-                return index * self.piece_size, self._length(index)
+                end = index
+                while (end + 1 < self.count and (end + 1 - index) * self.piece_size < CLAIM
+                       and not self.have[end + 1] and not self._claims.get(end + 1) and has(end + 1)):
+                    end += 1
+                for i in range(index, end + 1):
+                    self._claims.setdefault(i, set()).add(source)
+                return index * self.piece_size, sum(self._length(i) for i in range(index, end + 1))
             if spare is None and source not in claimants and len(claimants) < ENDGAME_COPIES:
                 spare = index
         if spare is None:
             return None
         self._claims[spare].add(source)  # endgame: every missing piece is claimed; ask again elsewhere
         return spare * self.piece_size, self._length(spare)
+
+    @property
+    def _first_missing(self) -> int:
+        while self._low < self.count and self.have[self._low]:
+            self._low += 1
+        return self._low
 
     def deliver(self, source: Any, offset: int, chunks: list[bytes]) -> None:
         """*source* received a whole piece."""
@@ -253,7 +274,7 @@ class Download:
             self.have[index] = 1
             self.verified += self._length(index)
             self._claims.pop(index, None)
-            self._save_state()
+            self._save_state(now=False)
         else:
             self.received -= self._length(index)
             self._claims.pop(index, None)

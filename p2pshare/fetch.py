@@ -52,7 +52,7 @@ class FetchResult:
 class _Fetch:
     def __init__(self, name: str, sha256: str, timeout: float) -> None:
         self.name, self.sha256, self.timeout = name, sha256, timeout  # name "" until an offer names it
-        self.key = sha256 or name
+        self.key = f"{name}\0{sha256}"  # by name, by content, or both: joined only when both agree
         self.ids: list[str] = []  # one per query sent: the first, then re-queries
         self.active = True
         self.requery: Optional[IDelayedCall] = None
@@ -160,7 +160,7 @@ class Fetcher:
                     raise AlreadyExists(f"sha256:{sha256} is already here as {here.name}")
         except P2PError as e:
             return fail(e)
-        key = sha256 or name
+        key = f"{name}\0{sha256}"
         f = self.fetches.get(key)
         if f is None:
             f = self.fetches[key] = _Fetch(name, sha256, timeout)

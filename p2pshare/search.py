@@ -274,6 +274,8 @@ class SearchProtocol(DatagramProtocol):
         encodes them; anything else takes the full decoder) and handled without
         parsing the rest: a copy only needs its request ID, an ack is all ID.
         """
+        if len(data) > MAX_DATAGRAM:
+            return False  # the full path counts and drops it
         if data.startswith(_QUERY_PREFIX):
             request_id = data[len(_QUERY_PREFIX): len(_QUERY_PREFIX) + 32]
             if not _HEX32.fullmatch(request_id):

@@ -195,12 +195,13 @@ class Shares:
         self._by_hash = {e.sha256: e for e in sorted(entries.values(), key=lambda e: e.name, reverse=True)}
 
     def lookup(self, name: str, sha256: str = "") -> Optional[Entry]:
-        """The file named *name*; with *sha256*, a file with that content (of that name if there is one)."""
+        """The file named *name*; with *sha256* too, only if it has that content; *sha256* alone: any file
+        with that content."""
         if not sha256:
             return self._entries.get(name)
-        entry = self._entries.get(name) if name else None
-        if entry is not None and entry.sha256 == sha256:
-            return entry
+        if name:  # both: that name, with that content
+            entry = self._entries.get(name)
+            return entry if entry is not None and entry.sha256 == sha256 else None
         return self._by_hash.get(sha256)
 
     def open_for_reading(self, name: str) -> tuple[Entry, IO[bytes]]:

@@ -232,6 +232,8 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
     def _on_manifest(self, frame: Frame) -> None:
         if self._sending is None:
             return self.refuse("unexpected", "'manifest' before an offer")
+        if self._producer is not None or self._gets:
+            return self.refuse("unexpected", "'manifest' while ranges are being sent")
         pieces = self._sending[0].pieces
         if not pieces:
             return self.refuse("no_manifest", "this file has no manifest")
@@ -317,16 +319,29 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
             if not self._raw_left:
                 self._manifest_received(data[len(take):])
             return
-        self._chunks.append(take)
+        self._take_piece_data(take)
         if self._raw_left:
             return
-        offset, _ = self._outstanding.popleft()
-        chunks, self._chunks = self._chunks, []
-        self.download.deliver(self, offset, chunks)
+        self._outstanding.popleft()
         if self.transport.disconnecting:
             return
         self._ask()
         self.setLineMode(data[len(take):])
+
+    def _take_piece_data(self, data: bytes) -> None:
+        """Collect a range's bytes and hand each piece over as soon as it is whole."""
+        assert self.download is not None
+        piece, size = self.download.piece_size, self.download.size
+        start, length = self._outstanding[0]
+        position = start + length - self._raw_left - len(data)  # of data's first byte in the file
+        while data:
+            room = min(piece - position % piece, size - position)
+            take, data = data[:room], data[room:]
+            self._chunks.append(take)
+            position += len(take)
+            if position % piece == 0 or position == size:
+                chunks, self._chunks = self._chunks, []
+                self.download.deliver(self, (position - 1) // piece * piece, chunks)
 
     def pauseProducing(self) -> None:
         self.transport.pauseProducing()

@@ -465,7 +465,7 @@ class Frame:
     offset: int = field(default=0, validator=_size)
     length: int = field(default=0, validator=_int(0, MAX_RANGE))
     peer: str = field(default="", validator=lambda _, a, v: v == "" or _peer_id(_, a, v))
-    piece: int = field(default=0, validator=_int(0, MAX_RANGE))
+    piece: int = field(default=0, validator=_int(0, MAX_SIZE))
     root: str = field(default="", validator=lambda _, a, v: v == "" or _sha256(_, a, v))
     code: str = field(default="", validator=_match(re.compile(r"[a-z_]{0,32}\Z")))
     message: str = field(default="", validator=lambda _, a, v: _short_text(a, v))

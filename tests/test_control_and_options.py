@@ -232,3 +232,9 @@ def test_names_and_hashes_on_the_command_line(argv: list[str], expected: tuple[s
 def test_a_malformed_hash_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--control", "127.0.0.1:1", "get", "sha256:xyz"]) == 1
     assert "not a SHA-256" in capsys.readouterr().err
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_get_body_that_is_not_an_object_is_a_bad_request(api: Any) -> None:
+    url, _, _ = api
+    assert (await call(url + "/v1/get", b"POST", b"[1, 2]"))[0] == 400

@@ -76,20 +76,22 @@ def download(shares: Shares, data: bytes, executor: Any = synchronously) -> Down
 
 
 def feed(dl: Download, source: Source, data: bytes, corrupt: set[int] = frozenset()) -> bool:  # type: ignore
-    """Let *source* claim and deliver one piece; False when it had nothing to claim."""
+    """Let *source* claim a range and deliver its pieces; False when it had nothing to claim."""
     claimed = dl.claim(source)
     if claimed is None:
         return False
     offset, length = claimed
-    piece = bytearray(data[offset: offset + length])
-    if offset // PIECE in corrupt:
-        piece[0] ^= 0xFF
-    dl.deliver(source, offset, [bytes(piece[: length // 2]), bytes(piece[length // 2:])])
+    for start in range(offset, offset + length, PIECE):
+        piece = bytearray(data[start: min(start + PIECE, offset + length)])
+        if start // PIECE in corrupt:
+            piece[0] ^= 0xFF
+        half = len(piece) // 2
+        dl.deliver(source, start, [bytes(piece[:half]), bytes(piece[half:])])
     return True
 
 
 def test_two_sources_share_the_pieces_and_the_file_is_placed(share: Path) -> None:
-    data = os.urandom(5 * PIECE + 321)
+    data = os.urandom(40 * PIECE + 321)
     dl = download(Shares(share), data)
     a, b = Source(), Source()
     dl.attach(a)
@@ -97,9 +99,11 @@ def test_two_sources_share_the_pieces_and_the_file_is_placed(share: Path) -> Non
     placed: list[Path] = []
     dl.done.addCallback(placed.append)
     first_a, first_b = dl.claim(a), dl.claim(b)
-    assert first_a == (0, PIECE) and first_b == (PIECE, PIECE)  # different pieces
-    dl.deliver(b, PIECE, [data[PIECE: 2 * PIECE]])  # out of order
-    dl.deliver(a, 0, [data[:PIECE]])
+    assert first_a == (0, 16 * PIECE) and first_b == (16 * PIECE, 16 * PIECE)  # different pieces
+    for start in range(16 * PIECE, 32 * PIECE, PIECE):  # b's range first: out of order
+        dl.deliver(b, start, [data[start: start + PIECE]])
+    for start in range(0, 16 * PIECE, PIECE):
+        dl.deliver(a, start, [data[start: start + PIECE]])
     while feed(dl, a, data) | feed(dl, b, data):
         pass
     assert placed == [share / "f.bin"] and (share / "f.bin").read_bytes() == data
@@ -116,7 +120,7 @@ def test_a_bad_piece_is_reported_and_fetched_from_another_source(share: Path) ->
     placed: list[Path] = []
     dl.done.addCallback(placed.append)
     assert feed(dl, liar, data, corrupt={0})
-    assert liar.bad == [0] and not dl.have[0]
+    assert liar.bad == [0] and not dl.have[0] and dl.have[1] and dl.have[2]
     dl.detach(liar)  # the fetch drops that connection
     while feed(dl, honest, data):
         pass
@@ -127,15 +131,15 @@ def test_the_last_pieces_may_be_asked_of_a_second_source(share: Path) -> None:
     data = os.urandom(2 * PIECE)
     dl = download(Shares(share), data)
     slow, fast = Source(), Source()
-    assert dl.claim(slow) == (0, PIECE)
+    assert dl.claim(slow) == (0, 2 * PIECE)  # one request for both pieces
+    assert dl.claim(fast) == (0, PIECE)  # endgame: everything is claimed by slow, ask fast too
     assert dl.claim(fast) == (PIECE, PIECE)
-    dl.deliver(fast, PIECE, [data[PIECE:]])
-    assert dl.claim(fast) == (0, PIECE)  # endgame: piece 0 is claimed by slow, ask fast too
     assert dl.claim(Source()) is None  # but not a third time
     placed: list[Path] = []
     dl.done.addCallback(placed.append)
+    dl.deliver(fast, PIECE, [data[PIECE:]])
     dl.deliver(fast, 0, [data[:PIECE]])
-    dl.deliver(slow, 0, [data[:PIECE]])  # the loser's copy is dropped
+    dl.deliver(slow, 0, [data[:PIECE]])  # the loser's copies are dropped
     assert placed and (share / "f.bin").read_bytes() == data
 
 
@@ -198,21 +202,22 @@ def test_a_stopped_download_resumes_from_its_verified_pieces(share: Path) -> Non
     data = os.urandom(4 * PIECE + 7)
     shares = Shares(share)
     dl = download(shares, data)
-    feed(dl, Source(), data)
-    feed(dl, Source(), data)
+    source = Source()
+    dl.claim(source)
+    dl.deliver(source, 0, [data[:PIECE]])
+    dl.deliver(source, PIECE, [data[PIECE: 2 * PIECE]])
     dl.fail(TransferFailed("the peer stopped"), keep=True)
     dl.done.addErrback(lambda f: None)
     assert dl.tmp_path.exists() and dl.have_path.exists()
 
     again = download(Shares(share), data)  # as after a restart
     assert again.resumed_from == 2 * PIECE and not again.needs_manifest
-    assert again.claim(Source()) == (2 * PIECE, PIECE)
+    source = Source()
+    assert again.claim(source) == (2 * PIECE, len(data) - 2 * PIECE)  # only what is missing
     placed: list[Path] = []
     again.done.addCallback(placed.append)
-    source = Source()
-    again.deliver(source, 2 * PIECE, [data[2 * PIECE: 3 * PIECE]])
-    while feed(again, source, data):
-        pass
+    for start in range(2 * PIECE, len(data), PIECE):
+        again.deliver(source, start, [data[start: start + PIECE]])
     assert placed and (share / "f.bin").read_bytes() == data
 
 

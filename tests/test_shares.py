@@ -172,3 +172,16 @@ async def test_a_file_placed_during_a_scan_stays_in_the_index(share: Path) -> No
     s.place(tmp, "arrived.txt", "0" * 64)
     await scanning
     assert s.lookup("arrived.txt") is not None
+
+
+def test_lookup_by_name_by_content_and_by_both(share: Path) -> None:
+    (share / "a.txt").write_bytes(b"same")
+    (share / "b.txt").write_bytes(b"same")
+    (share / "c.txt").write_bytes(b"other")
+    s = Shares(share)
+    s.entries = scan(share, {})
+    same = hashlib.sha256(b"same").hexdigest()
+    assert s.lookup("c.txt").name == "c.txt"  # type: ignore[union-attr]
+    assert s.lookup("", same).name in ("a.txt", "b.txt")  # type: ignore[union-attr]
+    assert s.lookup("b.txt", same).name == "b.txt"  # type: ignore[union-attr]
+    assert s.lookup("c.txt", same) is None  # that name, but not that content
