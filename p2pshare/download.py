@@ -101,7 +101,10 @@ class Download:
         self._ended = False
         self._keep = False
         self._hash = hashlib.sha256()
-        self._hashed = 0  # pieces from the start already in the whole-file hash
+        self._whole_next = 0  # pieces from the start handed to the whole-file hash
+        self._whole_queue: deque[list[bytes]] = deque()
+        self._whole_busy = False
+        self._whole_spoilt = False
         self._low = 0  # no missing piece before this one
         self._saved_at = 0.0
         self.tmp_path, self.have_path, self._file = self._open()
@@ -226,11 +229,34 @@ class Download:
             source, index, chunks = self._queue.popleft()
             self._queued_bytes -= sum(len(c) for c in chunks)
             self._writing = True
+            if index == self._whole_next:  # in order: hash the whole file from memory, in parallel
+                self._whole_next += 1
+                self._whole_queue.append(chunks)
+                self._pump_whole()
             self._run(self._write_piece, index, chunks).addCallbacks(self._written, self._write_failed,
                                                                      (source, index))
-        elif self.complete and not self._finishing:
+        elif self.complete and not self._finishing and not self._whole_busy and not self._whole_queue:
             self._finishing = True
             self._run(self._hash_rest).addCallbacks(lambda _: self._verify(), self._write_failed)
+
+    def _pump_whole(self) -> None:
+        """The whole-file hash, one in-order piece at a time, on another worker than the pieces'."""
+        if self._whole_busy or not self._whole_queue or self._ended:
+            return
+        self._whole_busy = True
+        chunks = self._whole_queue.popleft()
+        self._run(self._hash_chunks, chunks).addCallbacks(self._whole_done, self._write_failed)
+
+    def _hash_chunks(self, chunks: list[bytes]) -> None:
+        for c in chunks:
+            self._hash.update(c)
+
+    def _whole_done(self, _: None) -> None:
+        self._whole_busy = False
+        if self._ended:
+            return
+        self._pump_whole()
+        self._next_job()
 
     def _run(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         # A small file is written here: a hand-off to the worker thread would cost more than the work.
@@ -248,22 +274,20 @@ class Download:
         for c in chunks:
             os.pwrite(fd, c, offset)
             offset += len(c)
-        if index == self._hashed:  # in order: the whole-file hash needs no second read
-            for c in chunks:
-                self._hash.update(c)
-            self._hashed += 1
         return True
 
     def _hash_rest(self) -> None:
         """In the worker, at the end: hash what arrived out of order, reading it back."""
-        offset = self._hashed * self.piece_size
+        if self._whole_spoilt:  # a bad piece went into the whole-file hash: start it again from disk
+            self._hash, self._whole_next = hashlib.sha256(), 0
+        offset = self._whole_next * self.piece_size
         while offset < self.size:
             chunk = os.pread(self._file.fileno(), min(1 << 20, self.size - offset), offset)
             if not chunk:
                 break
             self._hash.update(chunk)
             offset += len(chunk)
-        self._hashed = self.count
+        self._whole_next = self.count
 
     def _written(self, good: bool, source: Any, index: int) -> None:
         self._writing = False
@@ -278,6 +302,8 @@ class Download:
         else:
             self.received -= self._length(index)
             self._claims.pop(index, None)
+            if index < self._whole_next:
+                self._whole_spoilt = True
             if source in self.sources:
                 source.bad_piece(index)
         if self._paused and self._queued_bytes < LOW_WATER:
