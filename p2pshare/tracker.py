@@ -167,13 +167,15 @@ class TrackerFactory(Factory):
             return TrackerReply(req.id, True)
         exclude = req.peer or next(iter(conn.peer_ids), None)
         want = min(req.max, self.max_peers)
-        # One host may hold several places, but never more than PER_HOST_IN_ANSWER in one answer,
-        # so a host that registered many ids cannot crowd out the others.
-        peers, per_host = [], Counter[str]()
-        for info in self.registry.sample(2 * want, exclude, self.rng):
-            if per_host[info.host] < PER_HOST_IN_ANSWER and len(peers) < want:
-                per_host[info.host] += 1
-                peers.append(info)
+        peers = self.registry.sample(want, exclude, self.rng)
+        if len({info.host for info in peers}) < len(peers):
+            # One host may hold several places, but never more than PER_HOST_IN_ANSWER in one answer,
+            # so a host that registered many ids cannot crowd out the others.
+            peers, per_host = [], Counter[str]()
+            for info in self.registry.sample(2 * want, exclude, self.rng):
+                if per_host[info.host] < PER_HOST_IN_ANSWER and len(peers) < want:
+                    per_host[info.host] += 1
+                    peers.append(info)
         return TrackerReply(req.id, True, peers=tuple(peers))
 
     def expire(self) -> None:
