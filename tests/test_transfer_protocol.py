@@ -362,3 +362,13 @@ def test_a_holder_offering_a_name_outside_the_folder_is_refused(share: Path) -> 
 def test_open_for_reading_raises_not_found_through_the_node(share: Path) -> None:
     with pytest.raises(NotFound):
         holder(share, b"u").open_for_sending(Frame("open", name="missing"))
+
+
+def test_a_one_piece_file_needs_no_manifest_round_trip(share: Path) -> None:
+    payload = b"small" * 1000
+    digest = hashlib.sha256(payload).digest()
+    node = Node(Shares(share))
+    proto, transport = connect(node)
+    proto.dataReceived(Frame("offer", id=RID, name="got.bin", size=len(payload), sha256=digest.hex(), peer=PEER,
+                             piece=1024 * 1024, root=hashlib.sha256(digest).hexdigest()).encode() + b"\n")
+    assert [f["t"] for f in frames(transport)] == ["get"]  # straight to the data
