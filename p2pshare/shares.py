@@ -145,10 +145,11 @@ class Shares:
         except (OSError, ValueError, KeyError, TypeError):
             return {}
 
-    def _save_cache(self) -> None:
+    def _save_cache(self, entries: list[Entry]) -> None:
+        """Write the index cache (blocking, megabytes for a large folder: run it in a thread)."""
         tmp = self.state / (CACHE_FILE + ".new")
         files = [{"name": e.name, "size": e.size, "mtime_ns": e.mtime_ns, "sha256": e.sha256,
-                  "piece": e.piece_size, "pieces": e.pieces.hex()} for e in self.entries.values()]
+                  "piece": e.piece_size, "pieces": e.pieces.hex()} for e in entries]
         tmp.write_text(json.dumps({"v": 1, "files": files}))
         os.replace(tmp, self.state / CACHE_FILE)
 
@@ -164,19 +165,19 @@ class Shares:
         pool = self._threadpool or reactor.getThreadPool()
         self._scanning = deferToThreadPool(reactor, pool, scan, self.root, dict(self.entries))
 
-        def done(entries: dict[str, Entry]) -> dict[str, Entry]:
+        def done(entries: dict[str, Entry]) -> Any:
             self._scanning = None
             placed, self._placed = self._placed, {}
             for name, entry in placed.items():  # placed after the walk passed their folder
                 entries.setdefault(name, entry)
             changed = entries != self.entries
             self.entries = entries
-            if changed:
-                try:
-                    self._save_cache()
-                except OSError as e:
-                    self.log.warn("could not save the index cache: {error}", error=e)
-            return entries
+            if not changed:
+                return entries
+            saved = deferToThreadPool(reactor, pool, self._save_cache, list(entries.values()))
+            saved.addErrback(lambda f: self.log.warn("could not save the index cache: {error}",
+                                                     error=f.getErrorMessage()))
+            return saved.addCallback(lambda _: entries)
 
         def failed(f: Any) -> Any:
             self._scanning = None
