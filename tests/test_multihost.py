@@ -57,7 +57,7 @@ BIG_FILE, BIG_HOLDERS, BIG_SIZE = "big.bin", (4, 8), 48 * 1024 * 1024
 SIDE_A, SIDE_B = (0, 1, 2, 3, 4, 5), (6, 7, 8, 9, 10)  # host indexes; the tracker is on side A
 SIDE_A_FILE, SIDE_A_HOLDER = "side-a.txt", 4
 SIDE_B_FILE, SIDE_B_HOLDER = "side-b.txt", 9
-PARTITION_SECONDS = 15.0  # the issue says a minute; 15 s keeps the file within its time budget
+PARTITION_SECONDS = 60.0  # as the issue says: a minute
 DRIVER = str(Path(__file__).with_name("netns_driver.py"))
 PYTHON = sys.executable
 P2PSHARE = str(Path(sys.executable).parent / "p2pshare")
@@ -483,8 +483,8 @@ def test_e_partition_searches_inside_work_across_end_not_found_and_heal_within_t
     listed_a = {line.split("\t")[0] for line in tracker_view.stdout.splitlines()}
     registered = (w["complete_wall"] - healed_wall) if w["complete_wall"] else None
     figures = report(
-        f"[partition for {partitioned:.1f} s: hosts {SIDE_A} (tracker, p1-p5) | {SIDE_B} (p6-p10); the issue's "
-        f"minute shortened to {PARTITION_SECONDS:g} s to keep the file within a few minutes]\n"
+        f"[partition for {partitioned:.1f} s (a minute, as the issue asks): hosts {SIDE_A} (tracker, p1-p5) | "
+        f"{SIDE_B} (p6-p10)]\n"
         f"  inside A, p1 -> {SIDE_A_FILE} at p{SIDE_A_HOLDER}: {rate(ia['found'], 10)} found, "
         f"latency {fmt_latency(ia['latency'])}, hops {ia['hops']}\n"
         f"  inside B, p6 -> {SIDE_B_FILE} at p{SIDE_B_HOLDER}: {rate(ib['found'], 10)} found, "
