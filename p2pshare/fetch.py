@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable, Optional
 
@@ -50,7 +49,7 @@ class FetchResult:
 
 
 class _Fetch:
-    def __init__(self, name: str, sha256: str, timeout: float) -> None:
+    def __init__(self, name: str, sha256: str, timeout: float, started: float) -> None:
         self.name, self.sha256, self.timeout = name, sha256, timeout  # name "" until an offer names it
         self.key = f"{name}\0{sha256}"  # by name, by content, or both: joined only when both agree
         self.ids: list[str] = []  # one per query sent: the first, then re-queries
@@ -68,7 +67,7 @@ class _Fetch:
         self.expired = False
         self.all_sources: list[tuple[Address, str]] = []  # sources that have come and gone
         self.error: Optional[BaseException] = None
-        self.started = time.monotonic()
+        self.started = started  # on the peer's clock
 
     def report(self, got: int, size: int) -> None:
         for listener in self.progress:
@@ -163,7 +162,7 @@ class Fetcher:
         key = f"{name}\0{sha256}"
         f = self.fetches.get(key)
         if f is None:
-            f = self.fetches[key] = _Fetch(name, sha256, timeout)
+            f = self.fetches[key] = _Fetch(name, sha256, timeout, self.peer.reactor.seconds())
             self._fetch_query(f)
             f.timer = self.peer.reactor.callLater(timeout, self._fetch_expired, f)
         if progress is not None:
@@ -180,7 +179,7 @@ class Fetcher:
         rid = self.peer._query(f.name, True, lambda hit: self._fetch_hit(f, hit), f.sha256)
         f.ids.append(rid)
         self.by_id[rid] = f
-        if self.peer.requery < f.timeout - (time.monotonic() - f.started):
+        if self.peer.requery < f.timeout - (self.peer.reactor.seconds() - f.started):
             f.requery = self.peer.reactor.callLater(self.peer.requery, self._fetch_query, f)
 
     def _fetch_hit(self, f: _Fetch, hit: Hit) -> None:
@@ -273,7 +272,7 @@ class Fetcher:
             holders = list(dict.fromkeys("%s:%d" % holder for holder, _ in sources))
             dialled_by = sources[0][1] if sources else "holder"
             result = FetchResult(frame.name, str(path), frame.size, frame.sha256, ", ".join(holders), frame.peer,
-                                 dialled_by, round(time.monotonic() - f.started, 3), download.resumed_from,
+                                 dialled_by, round(self.peer.reactor.seconds() - f.started, 3), download.resumed_from,
                                  len(holders))
             self.peer.counters.add("downloads_completed")
             self.peer.counters.add("bytes_received", frame.size - download.resumed_from)

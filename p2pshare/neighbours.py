@@ -19,6 +19,8 @@ from typing import Iterable, Optional
 
 from attrs import define, field
 
+from p2pshare.ratelimit import touch
+
 Address = tuple[str, int]
 
 MAX_LEARNED = 32
@@ -54,10 +56,7 @@ class Neighbourhood:
             return
         if addr not in table:
             self._cache = None
-        table[addr] = now
-        table.move_to_end(addr)
-        while len(table) > limit:
-            table.popitem(last=False)
+        touch(table, addr, now, limit)
 
     def refresh_tracker(self, fresh: list[Address], want: int) -> list[Address]:
         """Keep our tracker neighbours, fill free places from *fresh*; return the newcomers."""

@@ -14,6 +14,14 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 
+def touch(table: "OrderedDict[Any, Any]", key: Any, value: Any, limit: int) -> None:
+    """Set *key* as the most recently used entry of *table*, forgetting the least recent beyond *limit*."""
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > limit:
+        table.popitem(last=False)
+
+
 class Counters(Counter[str]):
     """Named event counts, shown by ``p2pshare status``."""
 
@@ -40,13 +48,10 @@ class RateLimitedLog:
         if window is None or now - window[0] >= self.period:
             suppressed = int(window[2]) if window is not None else 0
             window = [now, 0, 0]
-            self._windows[key] = window
             if suppressed:
                 template += " ({suppressed} similar messages suppressed)"
                 fields["suppressed"] = suppressed
-        self._windows.move_to_end(key)
-        while len(self._windows) > self.keys:
-            self._windows.popitem(last=False)
+        touch(self._windows, key, window, self.keys)
         if window[1] >= self.burst:
             window[2] += 1
             return False
@@ -69,13 +74,11 @@ class TokenBuckets:
     def allow(self, key: Any, now: float, cost: float = 1.0) -> bool:
         bucket = self._buckets.get(key)
         if bucket is None:
-            bucket = self._buckets[key] = [self.burst, now]
-            while len(self._buckets) > self.keys:
-                self._buckets.popitem(last=False)
+            bucket = [self.burst, now]
         else:
-            self._buckets.move_to_end(key)
             bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
             bucket[1] = now
+        touch(self._buckets, key, bucket, self.keys)
         if bucket[0] < cost:
             return False
         bucket[0] -= cost
@@ -99,10 +102,7 @@ class Backoff:
 
     def failed(self, key: Any, now: float) -> None:
         count = self._failures.get(key, (0, 0.0))[0] + 1
-        self._failures[key] = (count, now + min(self.cap, self.base * 2 ** (count - 1)))
-        self._failures.move_to_end(key)
-        while len(self._failures) > self.keys:
-            self._failures.popitem(last=False)
+        touch(self._failures, key, (count, now + min(self.cap, self.base * 2 ** (count - 1))), self.keys)
 
     def succeeded(self, key: Any) -> None:
         self._failures.pop(key, None)

@@ -88,9 +88,6 @@ class Reaction:
     tracked: list[tuple[str, str, bytes, Address]] = field(factory=list)
     offer: Optional[tuple[Query, Entry]] = None
 
-    def all_datagrams(self) -> list[tuple[bytes, Address]]:
-        return self.sends + [(payload, dest) for _, _, payload, dest in self.tracked]
-
 
 @define
 class SearchCore:

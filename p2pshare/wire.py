@@ -346,9 +346,6 @@ class PeerInfo:
     udp: int = field(validator=_port)
     tcp: int = field(validator=_port)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"peer": self.peer, "host": self.host, "udp": self.udp, "tcp": self.tcp}
-
     def encode(self) -> bytes:
         # Hex id and IP literal: nothing to escape, so no JSON encoder on the tracker's hot path.
         return b'{"peer":"%s","host":"%s","udp":%d,"tcp":%d}' % (
