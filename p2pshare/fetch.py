@@ -14,7 +14,6 @@ from typing import IO, TYPE_CHECKING, Any, Callable, Optional
 
 from attrs import frozen
 from twisted.internet.defer import Deferred, DeferredList, fail
-from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -214,7 +213,6 @@ class Fetcher:
         proto = TransferProtocol(_Dialer(self, f, hit), greeting=greeting, idle=self.peer.idle,
                                  clock=self.peer.reactor)
         f.dialing.add(proto)
-        endpoint = TCP4ClientEndpoint(self.peer.reactor, hit.tcp[0], hit.tcp[1], timeout=10)
 
         def ended(result: Any) -> None:
             f.dialing.discard(proto)
@@ -225,7 +223,7 @@ class Fetcher:
             if proto not in f.sources:
                 self._dial_more(f)
 
-        dial(endpoint, proto).addCallbacks(lambda p: p.closed.addBoth(ended), ended)
+        dial(self.peer.endpoint_to(hit.tcp), proto).addCallbacks(lambda p: p.closed.addBoth(ended), ended)
 
     def _accept(self, f: _Fetch, frame: Frame, proto: TransferProtocol, dialled_by: str) -> Optional[Download]:
         """Take *proto* on as a source of this fetch's download (creating the download first)."""

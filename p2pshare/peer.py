@@ -148,7 +148,7 @@ class Peer(MultiService):
     async def _listen(self) -> None:
         for attempt in range(20):
             tcp = await TCP4ServerEndpoint(self.reactor, self.port, interface=self.interface).listen(
-                TransferFactory(self, self.idle, self.reactor))
+                self.transfer_factory())
             number = tcp.getHost().port
             try:
                 udp = self.reactor.listenUDP(number, self.search_proto, interface=self.interface,
@@ -162,6 +162,14 @@ class Peer(MultiService):
             self.tcp_port = self.udp_port = number
             return
         raise CannotListenError(self.interface, 0, "no port free for both TCP and UDP")
+
+    def transfer_factory(self) -> Any:
+        """The factory for incoming transfer connections."""
+        return TransferFactory(self, self.idle, self.reactor)
+
+    def endpoint_to(self, address: Address) -> IStreamClientEndpoint:
+        """The endpoint for a transfer connection to another peer's TCP *address*."""
+        return TCP4ClientEndpoint(self.reactor, address[0], address[1], timeout=10)
 
     def stopService(self) -> Deferred[Any]:
         for loop in (self._rescan_loop, self._hello_loop):
@@ -349,8 +357,7 @@ class Peer(MultiService):
                 self.log.debug("could not offer {name} to {addr}: {error}", name=entry.name, addr=q.tcp,
                                error=result.value)
 
-        endpoint = TCP4ClientEndpoint(self.reactor, q.tcp[0], q.tcp[1], timeout=10)
-        dial(endpoint, proto).addCallbacks(lambda p: p.closed.addBoth(ended), ended)
+        dial(self.endpoint_to(q.tcp), proto).addCallbacks(lambda p: p.closed.addBoth(ended), ended)
 
     # -- status -------------------------------------------------------------------------
 
