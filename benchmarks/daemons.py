@@ -105,12 +105,13 @@ class PeerDaemon:
         try:
             info = json.loads((self.folder / STATE / "peer.json").read_text())
             url = json.loads((self.folder / STATE / "control.json").read_text())["url"]
+            token = (self.folder / STATE / "control.token").read_text().strip()
         except (OSError, ValueError, KeyError):
             return None
         if info.get("pid") != self.pid:
             return None
         host, port = url.split("//", 1)[1].rsplit(":", 1)
-        return ControlClient(host, int(port))
+        return ControlClient(host, int(port), token)
 
 
 def start_peer(ctx: Context, folder: Path, port: int, peers: Sequence[int] = (), label: str = "peer",
@@ -155,10 +156,11 @@ def can_connect(host: str, port: int) -> bool:
 
 
 class ControlClient:
-    """The control API of one peer over one kept-alive HTTP connection."""
+    """The control API of one peer over one kept-alive HTTP connection, with the peer's token."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, token: str) -> None:
         self.address = (host, port)
+        self.headers = {"content-type": "application/json", "authorization": f"Bearer {token}"}
         self._conn: Optional[http.client.HTTPConnection] = None
 
     def _request(self, method: str, path: str, body: Optional[dict[str, Any]] = None,
@@ -168,7 +170,7 @@ class ControlClient:
                 self._conn = http.client.HTTPConnection(*self.address, timeout=timeout)
             try:
                 payload = json.dumps(body).encode() if body is not None else None
-                self._conn.request(method, path, payload, {"content-type": "application/json"})
+                self._conn.request(method, path, payload, self.headers)
                 return self._conn.getresponse()
             except (http.client.HTTPException, OSError):
                 self.close()

@@ -63,15 +63,50 @@ def control_address(args: argparse.Namespace) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+TOKEN_FILE = "control.token"  # p2pshare.control.TOKEN_FILE (not imported: the CLI starts without Twisted)
+
+
+def control_token(args: argparse.Namespace) -> Optional[str]:
+    """The control API's token: from --token-file, else from the state folder of --dir, else of the
+    peer's default folder (``files``) or the current one if either has it; None when there is none to try."""
+    if args.token_file is not None:
+        path, why = Path(args.token_file), "--token-file"
+    elif args.dir is not None:
+        path, why = Path(args.dir) / STATE_DIR / TOKEN_FILE, f"the peer sharing {args.dir}"
+    else:
+        found = [p for p in (Path("files") / STATE_DIR / TOKEN_FILE, Path(STATE_DIR) / TOKEN_FILE) if p.exists()]
+        if not found:
+            return None  # the peer will answer 401, and _json_reply says what to do
+        path, why = found[0], "the peer's folder"
+    try:
+        token = path.read_text(encoding="ascii").strip()
+    except (OSError, ValueError) as e:
+        raise ControlError(f"cannot read the control token of {why}, {path} ({describe(e)}); only the user "
+                           f"running the peer can use its control API") from None
+    if not token:
+        raise ControlError(f"the control token file {path} is empty")
+    return token
+
+
 def _request(address: tuple[str, int], method: str, path: str, body: Optional[dict[str, Any]] = None,
-             timeout: float = 30.0) -> http.client.HTTPResponse:
+             timeout: float = 30.0, token: Optional[str] = None) -> http.client.HTTPResponse:
     conn = http.client.HTTPConnection(*address, timeout=timeout)
     try:
         payload = json.dumps(body).encode() if body is not None else None
-        conn.request(method, path, payload, {"content-type": "application/json"})
+        headers = {"content-type": "application/json"}
+        if token is not None:
+            headers["authorization"] = f"Bearer {token}"
+        conn.request(method, path, payload, headers)
         return conn.getresponse()
     except OSError as e:
         raise ControlError(f"no peer answers at {address[0]}:{address[1]} ({describe(e)}); is p2ppeer running?")
+
+
+def _control(args: argparse.Namespace, method: str, path: str, body: Optional[dict[str, Any]] = None,
+             timeout: float = 30.0) -> http.client.HTTPResponse:
+    """A request to the control API that *args* designate (--control, --dir, --token-file)."""
+    address = control_address(args)
+    return _request(address, method, path, body, timeout, control_token(args))
 
 
 def _json_reply(response: http.client.HTTPResponse) -> dict[str, Any]:
@@ -79,6 +114,9 @@ def _json_reply(response: http.client.HTTPResponse) -> dict[str, Any]:
         data = json.loads(response.read())
     except ValueError:
         raise ControlError(f"the peer answered HTTP {response.status} with something that is not JSON") from None
+    if response.status == 401:
+        raise ControlError("the peer refused the request without its control token: give --dir DIR (the peer's "
+                           "folder) or --token-file FILE (DIR/.p2pshare/control.token)")
     if response.status != 200:
         raise ControlError(data.get("message") or f"the peer answered HTTP {response.status}")
     return data
@@ -91,7 +129,7 @@ def _lines(response: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = _json_reply(_request(control_address(args), "GET", "/v1/status", timeout=args.timeout))
+    status = _json_reply(_control(args, "GET", "/v1/status", timeout=args.timeout))
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
@@ -121,7 +159,7 @@ def what(args: argparse.Namespace) -> tuple[str, str]:
 def cmd_search(args: argparse.Namespace) -> int:
     name, sha256 = what(args)
     query = urllib.parse.urlencode({"name": name, "sha256": sha256, "timeout": args.timeout})
-    reply = _json_reply(_request(control_address(args), "GET", f"/v1/search?{query}", timeout=args.timeout + 30))
+    reply = _json_reply(_control(args, "GET", f"/v1/search?{query}", timeout=args.timeout + 30))
     if args.json:
         print(json.dumps(reply, indent=2))
     for hit in reply["hits"]:
@@ -142,8 +180,7 @@ def cmd_get(args: argparse.Namespace) -> int:
     if args.tracker:
         return _get_with_own_peer(args)
     name, sha256 = what(args)
-    response = _request(control_address(args), "POST", "/v1/get", {"name": name, "sha256": sha256,
-                                                                    "timeout": args.timeout},
+    response = _control(args, "POST", "/v1/get", {"name": name, "sha256": sha256, "timeout": args.timeout},
                         timeout=args.timeout + 60)
     if response.status != 200:
         _json_reply(response)
@@ -232,12 +269,37 @@ def cmd_peers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """A new network key: into a new file of mode 0600 (--out), or on stdout, made 0600 if it is a file."""
+    import os
+    import stat
+
+    from p2pshare.netkey import NetworkKey, write_key
+
+    key = NetworkKey.generate()
+    if args.out is not None:
+        write_key(args.out, key)  # refuses to overwrite
+        return 0
+    try:
+        fd: Optional[int] = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's capture)
+        fd = None
+    if fd is not None and stat.S_ISREG(os.fstat(fd).st_mode):  # `keygen > net.key`: the shell made it 0644
+        os.fchmod(fd, 0o600)
+    sys.stdout.write(key.encode())
+    sys.stdout.flush()
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--control", default=argparse.SUPPRESS,
                         help=f"the peer's control API, HOST:PORT (default {DEFAULT_CONTROL})")
     common.add_argument("--dir", default=argparse.SUPPRESS,
-                        help="the peer's shared folder (finds its control API; with get --tracker, the target)")
+                        help="the peer's shared folder (finds its control API and token; with get --tracker, "
+                             "the target)")
+    common.add_argument("--token-file", default=argparse.SUPPRESS, metavar="FILE",
+                        help="the control API's token (default: DIR/.p2pshare/control.token with --dir)")
     p = argparse.ArgumentParser(prog="p2pshare", description="Search and fetch files on a p2pshare network.",
                                 parents=[common])
     sub = p.add_subparsers(dest="command", required=True)
@@ -261,13 +323,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max", type=int, default=20, choices=range(1, 101), metavar="1..100")
     s.add_argument("--timeout", type=float, default=5.0)
     s.set_defaults(func=cmd_peers)
+    s = sub.add_parser("keygen", help="create a private network's key (give the file to --key)")
+    s.add_argument("--out", metavar="FILE", help="create FILE (mode 0600, never overwritten) instead of printing")
+    s.set_defaults(func=cmd_keygen)
     return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    for name in ("control", "dir"):
+    for name in ("control", "dir", "token_file"):
         setattr(args, name, getattr(args, name, None))
     if getattr(args, "timeout", 1.0) <= 0:
         p.error("--timeout must be positive")

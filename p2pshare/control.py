@@ -3,12 +3,19 @@
 ``GET /v1/status``, ``GET /v1/search?name=N&timeout=S``, ``POST /v1/get``
 (answers a stream of JSON lines: progress, then ``done`` or ``error``) and
 ``POST /v1/rescan``.  Requests whose Host header is not a loopback name are
-refused, so a web page cannot reach the API through DNS rebinding.
+refused, so a web page cannot reach the API through DNS rebinding; every request
+must carry ``Authorization: Bearer TOKEN``, the token the service keeps in
+``<dir>/.p2pshare/control.token`` (mode 0600), so only the peer's user can drive it.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
+import os
+import secrets
+import stat
+from pathlib import Path
 from urllib.parse import urlsplit
 from typing import Any, Optional
 
@@ -24,10 +31,48 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from p2pshare.errors import AlreadyExists, InvalidName, NotFound, P2PError, describe
 from p2pshare.peer import FetchResult, Peer, hit_json
+from p2pshare.wire import STATE_DIR
 
 MAX_BODY = 64 * 1024
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 STATUS_OF = {InvalidName: 400, NotFound: 404, AlreadyExists: 409}
+TOKEN_FILE = "control.token"  # in the state folder, mode 0600: read by the CLI of the peer's user
+TOKEN_BYTES = 32  # 256 random bits, 64 hex digits
+
+
+def _read_own_token(path: Path) -> Optional[str]:
+    """The token in *path* if it is safe to reuse: a regular file (not a link) of ours, mode 0600, well formed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077 or (hasattr(os, "geteuid")
+                                                                   and st.st_uid != os.geteuid()):
+            return None
+        token = f.read(4 * TOKEN_BYTES).decode("ascii", "replace").strip()
+    return token if len(token) == 2 * TOKEN_BYTES and all(c in "0123456789abcdef" for c in token) else None
+
+
+def ensure_token(path: Path) -> str:
+    """Reuse the token in *path*, or write a new random one there: created 0600, then renamed into place,
+    so it is never readable by others, not even for a moment."""
+    token = _read_own_token(path)
+    if token is not None:
+        return token
+    token = secrets.token_hex(TOKEN_BYTES)
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(8)}.new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)  # whatever the umask
+            f.write(token + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return token
 
 
 def _json(request: Request, obj: Any, code: int = 200) -> bytes:
@@ -66,11 +111,20 @@ def _answer_later(request: Request, d: Deferred[Any]) -> Any:
 
 
 class _Guarded(Resource):
-    """Refuses requests addressed to a non-loopback host name (DNS rebinding)."""
+    """Refuses requests addressed to a non-loopback host name (DNS rebinding), cross-site requests,
+    and requests without the control token."""
 
-    def __init__(self, peer: Peer) -> None:
+    def __init__(self, peer: Peer, token: str) -> None:
         super().__init__()
+        if not token:
+            raise ValueError("the control API needs a token")
         self.peer = peer
+        self._expected = token.encode("ascii")
+
+    def _authorized(self, request: Request) -> bool:
+        scheme, _, given = (request.getHeader(b"authorization") or b"").strip().partition(b" ")
+        # compare_digest: the time taken does not reveal how much of a guess was right.
+        return hmac.compare_digest(given.strip(), self._expected) and scheme.lower() == b"bearer"
 
     def render(self, request: Request) -> Any:
         host = (request.getHeader("host") or "").rsplit(":", 1)[0] if request.getHeader("host") else ""
@@ -79,6 +133,10 @@ class _Guarded(Resource):
         origin = request.getHeader("origin")
         if origin is not None and urlsplit(origin).hostname not in LOOPBACK_HOSTS:
             return _json(request, {"error": "Forbidden", "message": "cross-site requests are refused"}, 403)
+        if not self._authorized(request):
+            request.setHeader(b"www-authenticate", b'Bearer realm="p2pshare"')
+            return _json(request, {"error": "Unauthorized", "message": "send Authorization: Bearer TOKEN, the token "
+                                   f"in {STATE_DIR}/{TOKEN_FILE} of the peer's folder"}, 401)
         if request.method == b"POST" and not (request.getHeader("content-type") or "").startswith(
                 "application/json"):
             # A web page can POST a form to any address without asking; it cannot send JSON so.
@@ -163,13 +221,14 @@ class RescanResource(_Guarded):
         return _answer_later(request, self.peer.shares.rescan().addCallback(lambda files: {"files": len(files)}))
 
 
-def control_site(peer: Peer) -> Site:
+def control_site(peer: Peer, token: str) -> Site:
+    """The API's resources; every request must carry ``Authorization: Bearer`` *token*."""
     root = Resource()
     v1 = Resource()
     root.putChild(b"v1", v1)
     for name, cls in ((b"status", StatusResource), (b"search", SearchResource), (b"get", GetResource),
                       (b"rescan", RescanResource)):
-        v1.putChild(name, cls(peer))
+        v1.putChild(name, cls(peer, token))
     site = Site(root)
     site.noisy = False
     site.displayTracebacks = False
@@ -177,7 +236,11 @@ def control_site(peer: Peer) -> Site:
 
 
 class ControlService(Service):
-    """Serves the control API and writes its URL to ``<state>/control.json`` for the CLI."""
+    """Serves the control API and writes its URL to ``<state>/control.json`` for the CLI.
+
+    At start it makes (or reuses) the token in ``token_path`` (``<state>/control.token``, mode 0600);
+    ``token`` is its value, which every request must send as ``Authorization: Bearer TOKEN``.
+    """
 
     log = Logger()
 
@@ -185,25 +248,34 @@ class ControlService(Service):
         self.endpoint, self.peer = endpoint, peer
         self.port: Optional[IListeningPort] = None
         self.url = ""
+        self.token_path = peer.shares.state / TOKEN_FILE
+        self.token = ""
         self._listening: Deferred[None] = Deferred()
 
     def startService(self) -> None:
         super().startService()
+        try:
+            self.token = ensure_token(self.token_path)
+        except OSError as e:
+            self.log.critical("cannot write the control API's token {path}: {error}", path=self.token_path,
+                              error=describe(e))
+            self._listening.errback(Failure(e))
+            return
 
         def listening(port: IListeningPort) -> None:
-            self._listening.callback(None)
             self.port = port
             host = port.getHost()
             self.url = f"http://{host.host}:{host.port}"
             (self.peer.shares.state / "control.json").write_text(json.dumps({"url": self.url}) + "\n")
             self.log.info("control API on {url}", url=self.url)
+            self._listening.callback(None)  # last: whoever waits sees the URL set
 
         def failed(f: Failure) -> None:
             self.log.critical("the control API could not listen ({error}). Use --control to pick another "
                               "port, or --control none.", error=f.getErrorMessage())
             self._listening.errback(f)
 
-        self.endpoint.listen(control_site(self.peer)).addCallbacks(listening, failed)
+        self.endpoint.listen(control_site(self.peer, self.token)).addCallbacks(listening, failed)
 
     def when_listening(self) -> Deferred[None]:
         """Fires when the API listens, or fails when it cannot."""

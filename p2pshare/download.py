@@ -10,6 +10,13 @@ A bad piece goes back to the pool and its source is reported.  When more than
 ``HIGH_WATER`` bytes wait for the disk, every source is paused until the
 backlog falls under ``LOW_WATER``.
 
+A source is asked for one piece at a time.  With a single holder, in order
+(the first missing piece), so the whole-file hash keeps up from memory.  Once
+the download is ``swarming`` (other peers hold or fetch the same content), at
+random over the whole file among the pieces the source has, and from a complete
+holder preferably among those no partial source of ours has: peers fetching one
+file at once then hold different pieces early and trade them (see
+``watchers``: a peer serves the pieces it has verified while it downloads).
 When the missing pieces are all claimed, the last ones may be claimed a second
 time by another source (endgame), so one slow source does not hold the end
 back.  The verified pieces are recorded beside the temporary file
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import time
 from collections import deque
 from pathlib import Path
@@ -41,6 +49,7 @@ HIGH_WATER = 32 * 1024 * 1024  # pause the sources above this backlog
 LOW_WATER = 8 * 1024 * 1024  # and resume them below this
 SMALL = 256 * 1024  # files up to this size are written and hashed on the reactor thread
 ENDGAME_COPIES = 2  # sources that may fetch one piece at once, at the end
+WHOLE_AHEAD = 16 * 1024 * 1024  # bytes of pieces kept in memory, out of order, for the whole-file hash
 
 Executor = Callable[..., "Deferred[Any]"]
 
@@ -93,6 +102,7 @@ class Download:
         self.sources: set[Any] = set()
         self.have = bytearray(self.count)  # 1: written and verified
         self._claims: dict[int, set[Any]] = {}
+        self._checking: dict[int, int] = {}  # pieces received and waiting to be verified: copies of each
         self._queue: deque[tuple[Any, int, list[bytes]]] = deque()
         self._queued_bytes = 0
         self._writing = False
@@ -101,12 +111,15 @@ class Download:
         self._ended = False
         self._keep = False
         self._hash = hashlib.sha256()
-        self._whole_next = 0  # pieces from the start handed to the whole-file hash
-        self._whole_queue: deque[list[bytes]] = deque()
+        self._whole_next = 0  # pieces from the start hashed into the whole-file hash
+        self._whole_mem: dict[int, list[bytes]] = {}  # received pieces at or just after _whole_next
         self._whole_busy = False
         self._whole_spoilt = False
         self._low = 0  # no missing piece before this one
         self._saved_at = 0.0
+        self.rng = random.Random()
+        self.watchers: set[Any] = set()  # connections serving this download's verified pieces to others
+        self.swarming = False  # other peers hold or fetch this content: pick pieces at random
         if self.root and self.count == 1:
             # One piece: its digest is the file's SHA-256, so the manifest needs no round trip.
             self.set_manifest(bytes.fromhex(sha256))
@@ -170,12 +183,19 @@ class Download:
     def _length(self, index: int) -> int:
         return min(self.piece_size, self.size - index * self.piece_size)
 
-    def claim(self, source: Any, has: Callable[[int], bool] = lambda i: True) -> Optional[tuple[int, int]]:
-        """The next range for *source* to fetch, as (offset, length): up to CLAIM bytes of consecutive
-        pieces nobody has claimed, else (endgame) one piece another source is already fetching.
-        None when there is nothing for it."""
+    def claim(self, source: Any, has: Callable[[int], bool] = lambda i: True,
+              prefer: Callable[[int], bool] = lambda i: True) -> Optional[tuple[int, int]]:
+        """The next range for *source* to fetch, as (offset, length), among the pieces it *has*.
+
+        With a manifest: one piece nobody has claimed, the first one, or when
+        ``swarming`` one at random, those *prefer* accepts first.  Without: up to
+        CLAIM bytes of consecutive pieces.  Else (endgame) one piece another source
+        is already fetching.  None when there is nothing for it.
+        """
         if self._ended or (self.root and self.pieces is None):
             return None
+        if self.pieces is not None and self.count > 1:
+            return self._claim_piece(source, has, prefer)
         spare = None
         for index in range(self._first_missing, self.count):
             if self.have[index] or not has(index):
@@ -196,6 +216,29 @@ class Download:
         self._claims[spare].add(source)  # endgame: every missing piece is claimed; ask again elsewhere
         return spare * self.piece_size, self._length(spare)
 
+    def _claim_piece(self, source: Any, has: Callable[[int], bool],
+                     prefer: Callable[[int], bool]) -> Optional[tuple[int, int]]:
+        free: list[int] = []
+        spare = None
+        for index in range(self._first_missing, self.count):
+            if self.have[index] or index in self._checking or not has(index):
+                continue
+            claimants = self._claims.get(index)
+            if not claimants:
+                free.append(index)
+                if not self.swarming:
+                    break
+            elif spare is None and source not in claimants and len(claimants) < ENDGAME_COPIES:
+                spare = index
+        if free:
+            index = self.rng.choice([i for i in free if prefer(i)] or free)
+        elif spare is not None and self.have.count(0) <= max(ENDGAME_COPIES, len(self.sources)):
+            index = spare  # endgame: only the last few pieces, or every source would fetch copies
+        else:
+            return None
+        self._claims.setdefault(index, set()).add(source)
+        return index * self.piece_size, self._length(index)
+
     @property
     def _first_missing(self) -> int:
         while self._low < self.count and self.have[self._low]:
@@ -211,6 +254,7 @@ class Download:
         length = sum(len(c) for c in chunks)
         self.received = min(self.size, self.received + length)
         self.progress(self.received, self.size)
+        self._checking[index] = self._checking.get(index, 0) + 1  # not to be asked again meanwhile
         self._queue.append((source, index, chunks))
         self._queued_bytes += length
         if not self._paused and self._queued_bytes > HIGH_WATER:
@@ -232,34 +276,43 @@ class Download:
             source, index, chunks = self._queue.popleft()
             self._queued_bytes -= sum(len(c) for c in chunks)
             self._writing = True
-            if index == self._whole_next:  # in order: hash the whole file from memory, in parallel
-                self._whole_next += 1
-                self._whole_queue.append(chunks)
+            ahead = max(1, WHOLE_AHEAD // self.piece_size)
+            if self._whole_next <= index < self._whole_next + ahead and not self._whole_spoilt:
+                self._whole_mem[index] = chunks  # hashed from memory when its turn comes
                 self._pump_whole()
             self._run(self._write_piece, index, chunks).addCallbacks(self._written, self._write_failed,
                                                                      (source, index))
-        elif self.complete and not self._finishing and not self._whole_busy and not self._whole_queue:
+        elif self.complete and not self._finishing and not self._whole_busy:
             self._finishing = True
             self._run(self._hash_rest).addCallbacks(lambda _: self._verify(), self._write_failed)
 
     def _pump_whole(self) -> None:
-        """The whole-file hash, one in-order piece at a time, on another worker than the pieces'."""
-        if self._whole_busy or not self._whole_queue or self._ended:
+        """The whole-file hash, in order, a piece at a time, on another worker than the pieces':
+        from memory when the piece is still there, else read back once it is verified."""
+        if self._whole_busy or self._ended or self._finishing or self._whole_spoilt:
+            return
+        index = self._whole_next
+        chunks = self._whole_mem.pop(index, None)
+        if chunks is None and (index >= self.count or not self.have[index]):
             return
         self._whole_busy = True
-        chunks = self._whole_queue.popleft()
-        self._run(self._hash_chunks, chunks).addCallbacks(self._whole_done, self._write_failed)
+        self._run(self._hash_piece, index, chunks).addCallbacks(self._whole_done, self._write_failed)
 
-    def _hash_chunks(self, chunks: list[bytes]) -> None:
+    def _hash_piece(self, index: int, chunks: Optional[list[bytes]]) -> None:
+        if chunks is None:
+            chunks = [os.pread(self._file.fileno(), self._length(index), index * self.piece_size)]
         for c in chunks:
             self._hash.update(c)
 
     def _whole_done(self, _: None) -> None:
         self._whole_busy = False
+        self._whole_next += 1
+        for stale in [i for i in self._whole_mem if i < self._whole_next]:
+            del self._whole_mem[stale]
         if self._ended:
             return
+        self._next_job()  # first: once every piece is in, the rest is hashed in one pass
         self._pump_whole()
-        self._next_job()
 
     def _run(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         # A small file is written here: a hand-off to the worker thread would cost more than the work.
@@ -281,6 +334,7 @@ class Download:
 
     def _hash_rest(self) -> None:
         """In the worker, at the end: hash what arrived out of order, reading it back."""
+        self._whole_mem.clear()
         if self._whole_spoilt:  # a bad piece went into the whole-file hash: start it again from disk
             self._hash, self._whole_next = hashlib.sha256(), 0
         offset = self._whole_next * self.piece_size
@@ -294,19 +348,26 @@ class Download:
 
     def _written(self, good: bool, source: Any, index: int) -> None:
         self._writing = False
+        if self._checking.get(index, 0) > 1:
+            self._checking[index] -= 1
+        else:
+            self._checking.pop(index, None)
         if self._ended:
             self._discard(self._keep)
             return
-        if good:
+        if good and not self.have[index]:
             self.have[index] = 1
             self.verified += self._length(index)
             self._claims.pop(index, None)
             self._save_state(now=False)
-        else:
+            for watcher in list(self.watchers):
+                watcher.piece_verified(index)
+        elif not good:
             self.received -= self._length(index)
             self._claims.pop(index, None)
-            if index < self._whole_next:
-                self._whole_spoilt = True
+            self._whole_mem.pop(index, None)
+            if index < self._whole_next or (self._whole_busy and index == self._whole_next):
+                self._whole_spoilt = True  # it went into the whole-file hash
             if source in self.sources:
                 source.bad_piece(index)
         if self._paused and self._queued_bytes < LOW_WATER:
@@ -317,6 +378,7 @@ class Download:
             for s in list(self.sources):
                 s.download_finished()
         self._next_job()
+        self._pump_whole()
 
     def _write_failed(self, f: Failure, *_: Any) -> None:
         self._writing = False

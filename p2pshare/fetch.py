@@ -25,7 +25,10 @@ from p2pshare.shares import Entry
 from p2pshare.transfer import ITransferNode, TransferProtocol, dial
 from p2pshare.wire import Address, Frame, Hit, is_sha256, validate_name
 
-MAX_SOURCES = 4  # holders one download draws on at once
+MAX_SOURCES = 8  # holders one download draws on at once
+FIRST_SWARM_QUERY = 0.5  # seconds after a download starts: who else holds or fetches it?
+RETRY_SOURCE = 5.0  # seconds before a holder that was tried may be dialled again in one download
+KEEP_QUERIES = 2  # re-queries of a download in progress still waiting for hits
 
 if TYPE_CHECKING:
     from p2pshare.peer import Peer
@@ -57,7 +60,9 @@ class _Fetch:
         self.waiters: list[Deferred[FetchResult]] = []
         self.progress: list[Callable[[int, int], None]] = []
         self.hits: list[Hit] = []
-        self.tried: set[Address] = set()
+        self.tried: dict[Address, float] = {}  # holder -> when it was last dialled or taken on
+        self.banned: set[Address] = set()  # holders that sent bad pieces: never again in this fetch
+        self.swarm_ids: list[str] = []  # re-queries while downloading (for more holders, partial ones too)
         self.download: Optional[Download] = None
         self.sources: dict[TransferProtocol, tuple[Address, str]] = {}  # connection -> (holder, dialled by)
         self.dialing: set[TransferProtocol] = set()
@@ -101,8 +106,14 @@ class _Dialer:
         self.fetcher, self.fetch, self.hit = fetcher, fetch, hit
         self.peer_id = fetcher.peer.peer_id
 
-    def open_for_sending(self, frame: Frame) -> tuple[Entry, IO[bytes]]:
+    def open_for_sending(self, frame: Frame) -> tuple[Entry, IO[bytes], Optional[Download]]:
         raise NotFound("this connection only receives")
+
+    def sent(self, nbytes: int) -> None:
+        pass  # this connection only receives
+
+    def suspect(self, entry: Entry) -> None:
+        pass  # this connection only receives
 
     def accept_offer(self, frame: Frame, proto: TransferProtocol) -> Optional[Download]:
         if frame.name != self.hit.name or frame.sha256 != self.hit.sha256 or frame.size != self.hit.size:
@@ -130,6 +141,24 @@ class Fetcher:
             self.peer.counters.add("offers_declined")
             return None
         return self._accept(f, frame, proto, "holder")
+
+    def partial_download(self, sha256: str) -> Optional[Download]:
+        """The download in progress of content *sha256*, once it has its manifest (so it can serve)."""
+        for f in self.fetches.values():
+            d = f.download
+            if d is not None and d.sha256 == sha256 and d.pieces is not None and not d.done.called:
+                return d
+        return None
+
+    def partial_entry(self, name: str, sha256: str = "") -> Optional[Entry]:
+        """A file being downloaded, by name and/or content, as an entry to serve its verified pieces."""
+        for f in self.fetches.values():
+            d = f.download
+            if (d is None or d.pieces is None or d.done.called or (name and d.name != name)
+                    or (sha256 and d.sha256 != sha256)):
+                continue
+            return Entry(d.name, d.size, 0, d.sha256, d.piece_size, d.pieces)
+        return None
 
     def stop(self) -> Deferred[Any]:
         """End every fetch; fires once no worker thread writes a temporary file any more."""
@@ -171,9 +200,15 @@ class Fetcher:
         return d
 
     def _fetch_query(self, f: _Fetch) -> None:
-        """Query (again, with a new request ID, while no holder has answered)."""
+        """Query (again, with a new request ID, while no holder has answered; and while
+        downloading, to find more holders: peers downloading the same content answer too)."""
         f.requery = None
-        if f.hits or not f.active:
+        if not f.active:
+            return
+        if f.download is not None:
+            self._swarm_query(f)
+            return
+        if f.hits:
             return
         rid = self.peer._query(f.name, True, lambda hit: self._fetch_hit(f, hit), f.sha256)
         f.ids.append(rid)
@@ -181,15 +216,33 @@ class Fetcher:
         if self.peer.requery < f.timeout - (self.peer.reactor.seconds() - f.started):
             f.requery = self.peer.reactor.callLater(self.peer.requery, self._fetch_query, f)
 
+    def _swarm_query(self, f: _Fetch) -> None:
+        """While a download lacks sources, ask (without asking to be dialled) who else has it."""
+        assert f.download is not None
+        if f.download.complete:
+            return
+        if len(f.sources) + len(f.dialing) < MAX_SOURCES:
+            rid = self.peer._query("", False, lambda hit: self._fetch_hit(f, hit), f.download.sha256)
+            f.swarm_ids.append(rid)
+            while len(f.swarm_ids) > KEEP_QUERIES:
+                self.peer.core.finish_query(f.swarm_ids.pop(0))
+        f.requery = self.peer.reactor.callLater(self.peer.requery, self._fetch_query, f)
+
     def _fetch_hit(self, f: _Fetch, hit: Hit) -> None:
         if not f.wants(hit.name, hit.sha256):
             return
+        if any(h.peer == hit.peer and h.tcp == hit.tcp and h.sha256 == hit.sha256 for h in f.hits):
+            return  # the same holder again, answering a re-query
         f.hits.append(hit)
+        if f.download is not None and any(h.peer != hit.peer and h.sha256 == hit.sha256 for h in f.hits):
+            f.download.swarming = True  # several peers have it: take pieces in an order others will not
         disagreement = f.disagreement()
         if disagreement is not None:  # refuse to guess, even mid-download
             self._finish(f, Failure(AmbiguousName(disagreement)))
             return
-        if not f.sources and not f.dialing and f.dial_timer is None:
+        if f.download is not None:
+            self._dial_more(f)  # a further holder for a download in progress
+        elif not f.sources and not f.dialing and f.dial_timer is None:
             # Holders dial us with offers; if none has connected after dial_wait (we may be
             # unreachable from outside), connect to them ourselves.
             f.dial_timer = self.peer.reactor.callLater(self.peer.dial_wait, self._dial_more, f)
@@ -198,7 +251,9 @@ class Fetcher:
         """Connect to holders that answered, up to MAX_SOURCES connections in all."""
         f.dial_timer = None
         while f.active and len(f.sources) + len(f.dialing) < MAX_SOURCES:
-            busy = {holder for holder, _ in f.sources.values()} | f.tried
+            now = self.peer.reactor.seconds()
+            busy = {holder for holder, _ in f.sources.values()} | f.banned
+            busy |= {holder for holder, when in f.tried.items() if now - when < RETRY_SOURCE}
             sha = f.download.sha256 if f.download is not None else None
             hit = next((h for h in f.hits if h.tcp not in busy and (sha is None or h.sha256 == sha)), None)
             if hit is None:
@@ -207,7 +262,7 @@ class Fetcher:
         self._check_stalled(f)
 
     def _dial(self, f: _Fetch, hit: Hit) -> None:
-        f.tried.add(hit.tcp)
+        f.tried[hit.tcp] = self.peer.reactor.seconds()
         self.peer.counters.add("dials_to_holders")
         greeting = Frame("open", id=hit.id, name=hit.name, sha256=hit.sha256)
         proto = TransferProtocol(_Dialer(self, f, hit), greeting=greeting, idle=self.peer.idle,
@@ -235,6 +290,9 @@ class Fetcher:
             return None
         holder = proto.transport.getPeer()
         address = next((h.tcp for h in f.hits if h.peer == frame.peer), (holder.host, holder.port))
+        if any(a == address for a, _ in f.sources.values()) or address in f.banned:
+            self.peer.counters.add("offers_declined")  # one connection per holder and download
+            return None
         if f.download is None:
             if not self._start_download(f, frame):
                 return None
@@ -243,7 +301,9 @@ class Fetcher:
             return None
         assert f.download is not None
         f.sources[proto] = (address, dialled_by)
-        f.tried.add(address)
+        if len(f.sources) > 1 or frame.have:
+            f.download.swarming = True
+        f.tried[address] = self.peer.reactor.seconds()
         self.peer.counters.add(f"sources_dialled_by_{dialled_by}")
         if f.dial_timer is not None:
             f.dial_timer.cancel()
@@ -264,6 +324,9 @@ class Fetcher:
         download = Download(self.peer.shares, frame.name, frame.size, frame.sha256, f.report,
                             in_thread(self.peer.reactor), frame.piece, frame.root)
         f.download = download
+        if f.requery is not None and f.requery.active():
+            f.requery.cancel()
+        f.requery = self.peer.reactor.callLater(min(FIRST_SWARM_QUERY, self.peer.requery), self._fetch_query, f)
 
         def done(path: Path) -> None:
             sources = f.all_sources + list(f.sources.values())
@@ -286,6 +349,8 @@ class Fetcher:
 
     def _bad_source(self, f: _Fetch, proto: TransferProtocol) -> None:
         self.peer.counters.add("bad_pieces")  # that holder is not asked again in this fetch
+        if proto in f.sources:
+            f.banned.add(f.sources[proto][0])
         f.error = TransferFailed(f"{f.label}: a holder sent pieces that do not match the manifest")
 
     def _source_gone(self, f: _Fetch, proto: TransferProtocol) -> None:
@@ -334,6 +399,8 @@ class Fetcher:
                 proto.transport.loseConnection()
         for rid in f.ids:
             self.by_id.pop(rid, None)
+            self.peer.core.finish_query(rid)
+        for rid in f.swarm_ids:
             self.peer.core.finish_query(rid)
         for call in (f.timer, f.dial_timer, f.requery):
             if call is not None and call.active():

@@ -36,6 +36,7 @@ from p2pshare.transfer import IDLE_TIMEOUT, ITransferNode, TransferFactory, Tran
 from p2pshare.wire import MAX_DATAGRAM, Address, Frame, Hello, Hit, PeerInfo, Query, is_ip, is_sha256, validate_name
 
 MAX_OFFERS = 16  # connections a holder opens to requesters at once
+SUSPECT_EVERY = 60.0  # seconds between re-hashes of one file that requesters say does not match
 
 
 class _Search:
@@ -59,27 +60,46 @@ class Peer(MultiService):
                  interface: str = "0.0.0.0", advertise: Optional[str] = None, peers: tuple[Address, ...] = (),
                  want: int = 4, refresh: float = 30.0, rescan: float = 30.0, ttl: int = DEFAULT_TTL,
                  dial_wait: float = 0.5, idle: float = IDLE_TIMEOUT, requery: float = 3.0,
-                 reactor: Any = None) -> None:
+                 reactor: Any = None, key: Any = None) -> None:
+        """*key*, a ``netkey.NetworkKey``, makes the peer a member of that private network only."""
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
+        self.key = key
+        self.tls: Any = None  # netkey.NetworkTLS: this process's certificate in the private network
+        seal = None
         self.shares = Shares(directory, reactor=reactor)
         self.peer_id = self._load_peer_id()
         self.port, self.interface, self.advertise = port, interface, advertise
         self.static_peers = list(peers)
         self.dial_wait, self.idle, self.requery, self.want = dial_wait, idle, requery, want
         self.counters = Counters()
+        if key is not None:
+            from p2pshare.netkey import DatagramSeal, NetworkTLS, reporter
+            from p2pshare.ratelimit import RateLimitedLog
+
+            self.tls, seal = NetworkTLS.for_key(key), DatagramSeal(key)
+            tls_log = RateLimitedLog(self.log, reactor, burst=1)  # once a minute per source, however many
+            self._outsider = reporter(self.counters, "outsider_connections", tls_log,
+                                      "refused a transfer connection from {host}: it did not prove it holds "
+                                      "this network's key ({why})")
+            self._dial_failed = reporter(self.counters, "tls_dial_failures", tls_log,
+                                         "a transfer connection to {host} failed its TLS handshake ({why}); does "
+                                         "that peer run with the same --key?")
         self.udp_port = self.tcp_port = 0
         self.hood = Neighbourhood(expire_after=refresh * 3)
         self.rng = random.SystemRandom()
         self.core = SearchCore(self.shares.lookup, self.neighbours, self._me, self.counters, max_ttl=ttl,
-                               retransmitter=Retransmitter(self.counters, on_give_up=self._unanswered))
-        self.search_proto = SearchProtocol(self.core, reactor, self._offer, self._heard_from, self._hello)
+                               retransmitter=Retransmitter(self.counters, on_give_up=self._unanswered),
+                               partial=lambda name, sha256: self.fetcher.partial_entry(name, sha256))
+        self.search_proto = SearchProtocol(self.core, reactor, self._offer, self._heard_from, self._hello, seal)
+        # One byte more than the longest acceptable datagram (sealed, in a private network): longer ones were cut.
+        self._read_size = (MAX_DATAGRAM if seal is None else seal.max_sealed) + 1
         self.tracker: Optional[TrackerClient] = None
         if tracker is not None:
             self.tracker = TrackerClient(tracker, reactor, self._registration, self._set_tracker_peers, 2 * want,
-                                         refresh)
+                                         refresh, key=key)
         self._rescan_loop = LoopingCall(self._rescan)
         self._rescan_loop.clock = reactor
         self._hello_loop = LoopingCall(self._say_hello)
@@ -92,6 +112,7 @@ class Peer(MultiService):
         self._connections: set[TransferProtocol] = set()
         self._offering = 0
         self._dial_backoff = Backoff(base=1.0, cap=300.0)
+        self._suspects = Backoff(base=SUSPECT_EVERY, cap=SUSPECT_EVERY)
         self._ready: Optional[Deferred[Peer]] = None
 
     # -- life cycle ---------------------------------------------------------------------
@@ -152,7 +173,7 @@ class Peer(MultiService):
             number = tcp.getHost().port
             try:
                 udp = self.reactor.listenUDP(number, self.search_proto, interface=self.interface,
-                                             maxPacketSize=MAX_DATAGRAM + 1)
+                                             maxPacketSize=self._read_size)
             except CannotListenError:
                 await tcp.stopListening()
                 if self.port:
@@ -164,12 +185,18 @@ class Peer(MultiService):
         raise CannotListenError(self.interface, 0, "no port free for both TCP and UDP")
 
     def transfer_factory(self) -> Any:
-        """The factory for incoming transfer connections."""
-        return TransferFactory(self, self.idle, self.reactor)
+        """The factory for incoming transfer connections (behind TLS in a private network)."""
+        factory = TransferFactory(self, self.idle, self.reactor)
+        if self.tls is None:
+            return factory
+        return self.tls.server(factory, self._outsider)
 
     def endpoint_to(self, address: Address) -> IStreamClientEndpoint:
-        """The endpoint for a transfer connection to another peer's TCP *address*."""
-        return TCP4ClientEndpoint(self.reactor, address[0], address[1], timeout=10)
+        """The endpoint for a transfer connection to another peer's TCP *address* (TLS in a private network)."""
+        endpoint = TCP4ClientEndpoint(self.reactor, address[0], address[1], timeout=10)
+        if self.tls is None:
+            return endpoint
+        return self.tls.client(endpoint, self._dial_failed, self.reactor)
 
     def stopService(self) -> Deferred[Any]:
         for loop in (self._rescan_loop, self._hello_loop):
@@ -312,13 +339,41 @@ class Peer(MultiService):
 
     # -- ITransferNode: the holder's side and offers arriving -----------------------------
 
-    def open_for_sending(self, frame: Frame) -> tuple[Entry, IO[bytes]]:
-        entry, f = self.shares.open_for_reading(frame.name)
+    def open_for_sending(self, frame: Frame) -> tuple[Entry, IO[bytes], Optional[Download]]:
+        try:
+            entry, f = self.shares.open_for_reading(frame.name)
+        except NotFound:
+            partial = self.fetcher.partial_entry(frame.name, frame.sha256)
+            if partial is None:
+                raise
+            download = self.fetcher.partial_download(partial.sha256)
+            if download is None:
+                raise
+            entry = partial
+            f = open(download.tmp_path, "rb")  # its verified pieces only: see TransferProtocol._on_get
+            self.counters.add("uploads_opened_partial")
+            return entry, f, download
         if frame.sha256 and frame.sha256 != entry.sha256:
             f.close()
             raise NotFound(f"{frame.name!r} here has different content")
         self.counters.add("uploads_opened")
-        return entry, f
+        return entry, f, None
+
+    def sent(self, nbytes: int) -> None:
+        self.counters.add("bytes_sent", nbytes)
+
+    def suspect(self, entry: Entry) -> None:
+        """A requester found a piece of *entry* that does not match: hash the file again (at most
+        once a SUSPECT_EVERY per file, so requesters cannot keep us hashing)."""
+        now = self.reactor.seconds()
+        if self.shares.lookup(entry.name, entry.sha256) is None or not self._suspects.allowed(entry.name, now):
+            return
+        self._suspects.failed(entry.name, now)
+        self.counters.add("files_rechecked")
+        self.log.warn("a requester found pieces of {name} that do not match its index; hashing it again",
+                      name=entry.name)
+        self.shares.suspect(entry.name).addErrback(
+            lambda f: self.log.failure("re-indexing {name} failed", f, name=entry.name))
 
     def accept_offer(self, frame: Frame, proto: TransferProtocol) -> Optional[Download]:
         return self.fetcher.accept_offer(frame, proto)

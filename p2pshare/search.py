@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections import OrderedDict
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from attrs import define, field
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -23,6 +23,9 @@ from p2pshare.ratelimit import Counters, RateLimitedLog, TokenBuckets
 from p2pshare.reliable import Retransmitter
 from p2pshare.shares import Entry
 from p2pshare.wire import MAX_DATAGRAM, Ack, Address, Hello, Hit, Query, decode_datagram
+
+if TYPE_CHECKING:
+    from p2pshare.netkey import DatagramSeal
 
 _QUERY_PREFIX = b'{"v":1,"t":"query","id":"'
 _HEX32 = re.compile(rb"[0-9a-f]{32}")
@@ -93,7 +96,9 @@ class Reaction:
 class SearchCore:
     """Flood logic for one peer.
 
-    *lookup* finds a shared file by name and, when given, content hash; *neighbours* lists UDP addresses to
+    *lookup* finds a shared file by name and, when given, content hash; *partial* finds a file
+    being downloaded whose verified pieces we serve (a hit, but the query goes on, to reach
+    holders of the whole file); *neighbours* lists UDP addresses to
     forward to; *me* gives this peer's id and TCP address for hits (an empty
     host means "wherever my datagram came from").
     """
@@ -106,6 +111,7 @@ class SearchCore:
     max_ttl: int = DEFAULT_TTL
     waiting: dict[str, Callable[[Hit], None]] = field(factory=dict)
     retransmitter: Retransmitter = field(default=None)
+    partial: Callable[[str, str], Optional[Entry]] = lambda name, sha256: None
     _floods: OrderedDict[str, _Flood] = field(factory=OrderedDict)
 
     def __attrs_post_init__(self) -> None:
@@ -152,17 +158,24 @@ class SearchCore:
             hit = Hit(q.id, entry.name, entry.size, entry.sha256, tcp, peer, min(q.hops + 1, 255))
             self.counters.add("hits_sent")
             return Reaction(ack, [("hit", q.id, hit.encode(), q.udp)], (q, entry) if q.fetch else None)
+        hits = []
+        partial = self.partial(q.name, q.sha256)
+        if partial is not None:
+            peer, tcp = self.me()
+            hit = Hit(q.id, partial.name, partial.size, partial.sha256, tcp, peer, min(q.hops + 1, 255))
+            self.counters.add("hits_sent_partial")
+            hits.append(("hit", q.id, hit.encode(), q.udp))
         ttl = min(q.ttl, self.max_ttl)
         if ttl <= 0:
             self.counters.add("dropped_expired")
-            return Reaction(ack)
+            return Reaction(ack, hits)
         fwd = q.encode(ttl=ttl - 1, hops=min(q.hops + 1, 255))  # what forwarded(ttl) encodes, unvalidated
         targets = [n for n in self.neighbours() if n != sender and n != q.udp]
         self.counters.add("queries_forwarded", len(targets))
         flood = self._flood(q.id)
         flood.sent_to.update(targets)
         flood.copies[sender] = 1
-        return Reaction(ack, [("query", q.id, fwd, n) for n in targets])
+        return Reaction(ack, hits + [("query", q.id, fwd, n) for n in targets])
 
     def on_duplicate(self, request_id: str, sender: Address, now: float) -> Reaction:
         """A further copy of a query already processed, recognised without decoding it all."""
@@ -217,13 +230,16 @@ class SearchProtocol(DatagramProtocol):
     def __init__(self, core: SearchCore, clock: IReactorTime,
                  on_offer: Callable[[Query, Entry], None] = lambda q, e: None,
                  on_sender: Callable[[Address], None] = lambda a: None,
-                 on_hello: Callable[[Hello, Address], None] = lambda h, a: None) -> None:
+                 on_hello: Callable[[Hello, Address], None] = lambda h, a: None,
+                 seal: Optional["DatagramSeal"] = None) -> None:
         self.core = core
+        self.seal = seal  # a private network's: every datagram sealed on the way out, opened first on the way in
         self.clock = clock
         self.on_offer = on_offer
         self.on_sender = on_sender
         self.on_hello = on_hello
         self.bad_input = RateLimitedLog(self.log, clock)
+        self.outsiders = RateLimitedLog(self.log, clock, burst=1)  # once a minute per source, however many
         self.limit = TokenBuckets(rate=DATAGRAMS_PER_SOURCE, burst=2 * DATAGRAMS_PER_SOURCE)
         self._timer: Optional[IDelayedCall] = None
 
@@ -237,6 +253,11 @@ class SearchProtocol(DatagramProtocol):
             self.bad_input.warn(addr[0], "dropping datagrams from {host}: more than {rate} a second",
                                 host=addr[0], rate=DATAGRAMS_PER_SOURCE)
             return
+        if self.seal is not None:
+            opened = self._open(data, addr)
+            if opened is None:
+                return
+            data = opened
         if self._fast_path(data, addr):
             return
         try:
@@ -263,6 +284,21 @@ class SearchProtocol(DatagramProtocol):
             self.send_all(reaction)
             if reaction.offer is not None:
                 self.on_offer(*reaction.offer)
+
+    def _open(self, data: bytes, addr: Address) -> Optional[bytes]:
+        """The datagram inside a sealed one, or None (counted, logged at a bounded rate) if it is not ours."""
+        assert self.seal is not None
+        if len(data) > self.seal.max_sealed:  # the port reads one byte more: anything longer was cut
+            self.counters.add("dropped_oversized")
+            self.bad_input.warn(addr[0], "dropped oversized datagram from {addr}", addr=addr)
+            return None
+        try:
+            return self.seal.open(data, self.clock.seconds())
+        except MalformedMessage as e:  # netkey.SealError: its class names the counter
+            self.counters.add(getattr(e, "counter", "outsider_datagrams"))
+            self.outsiders.warn(addr[0], "dropped a datagram from {addr}: not from this private network ({error})",
+                                addr=addr, error=e)
+            return None
 
     def _fast_path(self, data: bytes, addr: Address) -> bool:
         """Most datagrams of a flood are acks and copies of queries already processed.
@@ -306,7 +342,8 @@ class SearchProtocol(DatagramProtocol):
             self.counters.add("send_oversized")
             return False
         try:
-            self.transport.write(payload, dest)
+            self.transport.write(payload if self.seal is None else self.seal.seal(payload, self.clock.seconds()),
+                                 dest)
         except Exception as e:  # unroutable or invalid address: this datagram only
             self.counters.add("send_errors")
             self.bad_input.warn(("send", dest[0]), "could not send to {dest}: {error}", dest=dest, error=e)

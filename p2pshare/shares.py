@@ -8,6 +8,7 @@ paths and comparing them component-wise with the root, never by string prefix.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -114,6 +115,30 @@ def scan(root: Path, cache: dict[str, Entry]) -> dict[str, Entry]:
     return entries
 
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # opening a FIFO never waits for a writer
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+
+
+def _open_beneath(root: Path, real: Path) -> int:
+    """Open *real* (resolved, inside *root*) for reading, walking down from *root* one component at a
+    time with ``O_NOFOLLOW``: a component that is a link now, whatever it was when *real* was
+    resolved, fails the open (ELOOP or ENOTDIR).  Where ``dir_fd`` is not supported, only the
+    final component is protected."""
+    if os.open not in os.supports_dir_fd or not _NOFOLLOW:
+        return os.open(real, os.O_RDONLY | _NOFOLLOW | _NONBLOCK)
+    parts = real.relative_to(root).parts
+    fd = os.open(root, os.O_RDONLY | _DIRECTORY)
+    try:
+        for part in parts[:-1]:
+            inner = os.open(part, os.O_RDONLY | _DIRECTORY | _NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        return os.open(parts[-1], os.O_RDONLY | _NOFOLLOW | _NONBLOCK, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
 class Shares:
     """The index of one shared folder and the only way to turn a name into a path."""
 
@@ -136,6 +161,7 @@ class Shares:
         self._threadpool = threadpool
         self._scanning: Optional[Deferred[dict[str, Entry]]] = None
         self._placed: dict[str, Entry] = {}  # downloads placed while a scan runs
+        self._suspects: set[str] = set()  # files to hash again whatever their size and mtime say
 
     def _load_cache(self) -> dict[str, Entry]:
         try:
@@ -163,10 +189,18 @@ class Shares:
 
         reactor = self._reactor or default_reactor
         pool = self._threadpool or reactor.getThreadPool()
-        self._scanning = deferToThreadPool(reactor, pool, scan, self.root, dict(self.entries))
+        suspects = set(self._suspects)
+        cache = {name: e for name, e in self.entries.items() if name not in suspects}
+        self._scanning = deferToThreadPool(reactor, pool, scan, self.root, cache)
 
         def done(entries: dict[str, Entry]) -> Any:
             self._scanning = None
+            self._suspects -= suspects
+            late = set(self._suspects)  # suspected while this scan ran on the old entries
+            for name in late:
+                entries.pop(name, None)
+            if late:
+                reactor.callLater(0, self.rescan)
             placed, self._placed = self._placed, {}
             for name, entry in placed.items():  # placed after the walk passed their folder
                 entries.setdefault(name, entry)
@@ -184,6 +218,17 @@ class Shares:
             return f
 
         return self._scanning.addCallbacks(done, failed)
+
+    def suspect(self, name: str) -> Deferred[dict[str, Entry]]:
+        """A requester found pieces of *name* that do not match its manifest: the file changed
+        behind an unchanged size and mtime.  Stop offering it at once, and index it again from
+        its bytes."""
+        if name in self._entries:
+            self._suspects.add(name)
+            entries = dict(self._entries)
+            del entries[name]
+            self.entries = entries
+        return self.rescan()
 
     @property
     def entries(self) -> dict[str, Entry]:
@@ -208,8 +253,10 @@ class Shares:
     def open_for_reading(self, name: str) -> tuple[Entry, IO[bytes]]:
         """Open an indexed file for serving; raise NotFound unless it is still the indexed file.
 
-        The final component is opened without following links and the *opened*
-        file is checked (regular, same size), so a swap after indexing is caught.
+        The resolved path is opened one component at a time from the root, following
+        no link (a folder or file swapped for a link after resolving is refused), without
+        blocking (a FIFO swapped in would wait for a writer), and the *opened* file is
+        checked (regular, same size and mtime), so a swap after indexing is caught.
         """
         entry = self.entries.get(name)
         if entry is None:
@@ -218,12 +265,19 @@ class Shares:
         real = path.resolve()
         if not within(self.root, real) or within(self.state, real):
             raise NotFound(f"{name!r} is not shared here")
-        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            fd = _open_beneath(self.root, real)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENXIO):  # a link, or not what was indexed
+                raise NotFound(f"{name!r} changed since it was indexed") from None
+            raise
         f = os.fdopen(fd, "rb")
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size != entry.size or st.st_mtime_ns != entry.mtime_ns:
             f.close()
             raise NotFound(f"{name!r} changed since it was indexed")
+        if _NONBLOCK:
+            os.set_blocking(fd, True)  # a regular file: reads as usual
         return entry, f
 
     def destination(self, name: str) -> Path:

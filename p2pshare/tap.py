@@ -62,6 +62,18 @@ def host_port(value: str, what: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def network_key(value: Optional[str]) -> Any:
+    """``--key FILE``: the loaded ``netkey.NetworkKey``, or None for an open network."""
+    if value is None:
+        return None
+    from p2pshare.netkey import NetworkKeyError, load_key
+
+    try:
+        return load_key(value)
+    except NetworkKeyError as e:
+        raise usage.UsageError(f"--key: {e}") from None
+
+
 def tracker_endpoint(reactor: Any, value: str) -> Any:
     """``HOST:PORT`` or a client endpoint string (``tcp:host=...:port=...``)."""
     if value.startswith(("tcp:", "unix:", "tls:")):
@@ -81,10 +93,12 @@ class TrackerOptions(usage.Options):
         ["max-peers", "m", 20, f"Most peers in one answer (at most {MAX_PEERS_ANSWER}).", int],
         ["interval", "i", 10.0, "Heartbeat interval in seconds; silent peers go after three.", float],
         ["max-per-address", None, 32, "Most registrations, and most open connections, from one address.", int],
+        ["key", None, None, "Private network: the key file (p2pshare keygen); only its holders may connect."],
     ]
 
     def postOptions(self) -> None:
         self["port"] = server_endpoint_string(self["port"], "--port")
+        self["key"] = network_key(self["key"])
         if not 1 <= self["max-peers"] <= MAX_PEERS_ANSWER:
             raise usage.UsageError(f"--max-peers must be between 1 and {MAX_PEERS_ANSWER}")
         if not 0.05 <= self["interval"] <= 3600:
@@ -134,6 +148,29 @@ def stop_when_running(reactor: Any) -> None:
     reactor.callWhenRunning(stop)
 
 
+def return_freed_memory() -> bool:
+    """Make glibc hand large freed buffers back to the system (True when it could be asked).
+
+    Socket reads and file pieces are buffers of up to a few MiB.  After the first
+    such buffer is freed, glibc raises the size above which it maps memory
+    directly, so later ones come from its heap, which fragments and is never
+    returned: a 4 GiB download then grows the process by well over 100 MiB.  A
+    fixed threshold (setting it also stops the raising) keeps memory flat.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+
+
+M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
+
+
 def makeTrackerService(options: TrackerOptions, reactor: Any = None) -> IService:
     from p2pshare.tracker import TrackerFactory, TrackerService
 
@@ -141,7 +178,7 @@ def makeTrackerService(options: TrackerOptions, reactor: Any = None) -> IService
         from twisted.internet import reactor
     factory = TrackerFactory(reactor, max_peers=options["max-peers"], interval=options["interval"],
                              max_per_address=options["max-per-address"])
-    tracker = TrackerService(serverFromString(reactor, options["port"]), factory)
+    tracker = TrackerService(serverFromString(reactor, options["port"]), factory, key=options["key"])
     top = _StopOnFailure(reactor, tracker.when_listening)
     tracker.setServiceParent(top)
     return top
@@ -162,6 +199,7 @@ class PeerOptions(usage.Options):
         ["refresh", None, 30.0, "Seconds between neighbour refreshes.", float],
         ["rescan", None, 30.0, "Seconds between rescans of the shared folder.", float],
         ["ttl", None, 7, f"Hops a query may travel (at most {MAX_TTL}).", int],
+        ["key", None, None, "Private network: the key file (p2pshare keygen); talk only to its holders."],
     ]
 
     def __init__(self) -> None:
@@ -188,9 +226,13 @@ class PeerOptions(usage.Options):
             if not 0.05 <= self[name] <= 86400:
                 raise usage.UsageError(f"--{name} must be between 0.05 and 86400 seconds")
         self["control"] = control_endpoint_string(self["control"])
+        self["key"] = network_key(self["key"])
+        if self["key"] is not None and (self["tracker"] or "").startswith("tls:"):
+            raise usage.UsageError("--tracker: with --key, give HOST:PORT or a tcp: endpoint (the key brings TLS)")
 
 
 def makePeerService(options: PeerOptions, reactor: Any = None) -> IService:
+    return_freed_memory()
     from p2pshare.control import ControlService
     from p2pshare.peer import Peer
 
@@ -199,7 +241,8 @@ def makePeerService(options: PeerOptions, reactor: Any = None) -> IService:
     tracker = tracker_endpoint(reactor, options["tracker"]) if options["tracker"] else None
     peer = Peer(options["dir"], tracker=tracker, port=options["port"], interface=options["interface"],
                 advertise=options["advertise"], peers=tuple(options["peers"]), want=options["neighbours"],
-                refresh=options["refresh"], rescan=options["rescan"], ttl=options["ttl"], reactor=reactor)
+                refresh=options["refresh"], rescan=options["rescan"], ttl=options["ttl"], reactor=reactor,
+                key=options["key"])
     ready = [peer.when_ready]
     services: list[IService] = [peer]
     if options["control"] is not None:

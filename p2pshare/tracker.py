@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import random
 from collections import Counter
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
@@ -29,6 +29,9 @@ from p2pshare.errors import MalformedMessage, TrackerError
 from p2pshare.ratelimit import Counters, RateLimitedLog
 from p2pshare.registry import IPeerRegistry, MemoryRegistry
 from p2pshare.wire import MAX_PEERS_ANSWER, MAX_TRACKER_LINE, PeerInfo, TrackerReply, TrackerRequest
+
+if TYPE_CHECKING:
+    from p2pshare.netkey import NetworkKey
 
 EXPIRE_AFTER = 3  # heartbeat intervals without news before a peer is dropped
 PER_HOST_IN_ANSWER = 4  # entries with one host in one answer to "peers"
@@ -190,13 +193,20 @@ class TrackerFactory(Factory):
 
 
 class TrackerService(Service):
-    """Listens on an endpoint and expires silent peers once per heartbeat interval."""
+    """Listens on an endpoint and expires silent peers once per heartbeat interval.
+
+    With a *key* (``netkey.NetworkKey``) it serves a private network: every connection
+    is TLS 1.3 and must prove it holds the key; those that do not are counted
+    (``tracker_outsider_connections``) and closed before a line is read.
+    """
 
     log = Logger()
 
-    def __init__(self, endpoint: IStreamServerEndpoint, factory: TrackerFactory) -> None:
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: TrackerFactory,
+                 key: Optional["NetworkKey"] = None) -> None:
         self.endpoint = endpoint
         self.factory = factory
+        self.key = key
         self.port: Optional[IListeningPort] = None
         self._listening: Deferred[IListeningPort] = Deferred()
         self._expiry = LoopingCall(self._expire)
@@ -204,7 +214,7 @@ class TrackerService(Service):
 
     def startService(self) -> None:
         super().startService()
-        d = self.endpoint.listen(self.factory)
+        d = self.endpoint.listen(self._listening_factory())
 
         def listening(port: IListeningPort) -> IListeningPort:
             self.port = port
@@ -214,6 +224,17 @@ class TrackerService(Service):
 
         d.addCallbacks(listening, self._listening.errback)
         self._expiry.start(self.factory.interval, now=False)
+
+    def _listening_factory(self) -> Factory:
+        if self.key is None:
+            return self.factory
+        from p2pshare.netkey import NetworkTLS, reporter
+
+        once = RateLimitedLog(self.log, self.factory.clock, burst=1)  # a line a minute per source
+        report = reporter(self.factory.counters, "tracker_outsider_connections", once,
+                          "refused a tracker connection from {host}: it did not prove it holds this network's "
+                          "key ({why})")
+        return NetworkTLS.for_key(self.key).server(self.factory, report)
 
     def _expire(self) -> None:
         try:
@@ -307,8 +328,11 @@ class TrackerClient(Service):
 
     def __init__(self, endpoint: IStreamClientEndpoint, clock: IReactorTime,
                  me: Callable[[], tuple[str, int, int, Optional[str]]],
-                 on_peers: Callable[[list[PeerInfo]], None], want: int = 8, refresh: float = 30.0) -> None:
+                 on_peers: Callable[[list[PeerInfo]], None], want: int = 8, refresh: float = 30.0,
+                 key: Optional["NetworkKey"] = None) -> None:
         self.clock = clock
+        if key is not None:  # a private network: TLS to a tracker that must hold the same key
+            endpoint = self._private(endpoint, key)
         self.me = me
         self.on_peers = on_peers
         self.want = want
@@ -332,6 +356,17 @@ class TrackerClient(Service):
         self._heartbeat.clock = clock
         self._refresher = LoopingCall(self.refresh_now)
         self._refresher.clock = clock
+
+    def _private(self, endpoint: IStreamClientEndpoint, key: "NetworkKey") -> IStreamClientEndpoint:
+        from p2pshare.netkey import NetworkTLS
+
+        refusals = RateLimitedLog(self.log, self.clock, burst=1)
+
+        def refused(host: str, why: str) -> None:
+            refusals.warn(host, "the tracker at {host} is not part of this private network, or refused us: TLS "
+                          "failed ({why}); do both run with the same --key?", host=host, why=why)
+
+        return NetworkTLS.for_key(key).client(endpoint, refused, self.clock)
 
     @property
     def registered(self) -> bool:

@@ -8,6 +8,11 @@ bytes, read from disk by a push producer so that a slow reader stops the disk
 reads instead of filling memory.  The requester writes into a temporary file
 in the state folder and hashes as it goes; the file is renamed into place only
 when size and SHA-256 match the offer.
+
+A peer that is still downloading a file serves the pieces it has verified
+(swarming): its offer carries a ``have`` bitmap, it announces each piece it
+verifies later with a ``have`` frame, and it refuses a ``get`` for a piece it
+does not have.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from zope.interface import Interface, implementer
 from p2pshare.download import Download
 from p2pshare.errors import MalformedMessage, NotFound, TransferFailed
 from p2pshare.shares import MAX_PIECES, Entry
-from p2pshare.wire import MAX_FRAME, Frame
+from p2pshare.wire import MAX_FRAME, Frame, have_bits, pack_have
 
 WINDOW = 2  # ranges asked for ahead of the one being received
 CHUNK = 512 * 1024  # bytes the producer reads from disk at a time
@@ -43,14 +48,24 @@ class ITransferNode(Interface):
 
     peer_id: str  # type: ignore[misc]
 
-    def open_for_sending(frame: Frame) -> tuple[Entry, IO[bytes]]:
-        """Open the file an ``open`` frame asks for; raise NotFound if it is not shared."""
+    def open_for_sending(frame: Frame) -> tuple[Entry, IO[bytes], Optional[Download]]:
+        """Open the file an ``open`` frame asks for; raise NotFound if it is not shared.
+
+        The third item is the download when the file is still arriving: only its
+        verified pieces may be sent.
+        """
 
     def accept_offer(frame: Frame, proto: "TransferProtocol") -> Optional["Download"]:
         """The download an ``offer`` frame is for, or None to decline it."""
 
     def track(proto: "TransferProtocol", alive: bool) -> None:
         """Note a connection opening or closing, so that stopping the peer can close it."""
+
+    def sent(nbytes: int) -> None:
+        """A range of *nbytes* of file data went out."""
+
+    def suspect(entry: Entry) -> None:
+        """A requester says a piece of *entry* we sent does not match its manifest."""
 
 
 @implementer(IPushProducer)
@@ -121,8 +136,13 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
         self._unreset = 0  # raw bytes received since the idle timer was last reset
         self.download: Optional[Download] = None
         self._sending = sending  # (entry, open file) once we are the holder
+        self._partial: Optional[Download] = None  # the download whose verified pieces we serve
+        self.remote_have: Optional[bytearray] = None  # a partial holder's pieces (None: it has them all)
         self._gets: deque[Frame] = deque()
         self._producer: Optional[RangeProducer] = None
+        self._sending_length = 0
+        self._dropped = False  # a source that sent a bad piece: ignore the rest of what it sends
+        self._haves: list[int] = []  # pieces verified while a range was being sent: announced after it
         self._raw_left = 0
         self._outstanding: deque[tuple[int, int]] = deque()
         self._awaiting_pieces = False
@@ -165,6 +185,8 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
         # Only whole frames and real progress (PROGRESS bytes of file data) reset the idle
         # timer, so a peer trickling a byte at a time cannot hold the connection open.
         self.resetTimeout()
+        if self._dropped:
+            return
         try:
             frame = Frame.decode(line)
         except MalformedMessage as e:
@@ -180,6 +202,9 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
         if self._sending is not None:
             self._sending[1].close()
             self._sending = None
+        if self._partial is not None:
+            self._partial.watchers.discard(self)
+            self._partial = None
         if self.download is not None:
             self.download.detach(self)  # what this source had claimed goes back to the pool
         self.on_close()
@@ -192,19 +217,43 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
         if self._sending is not None or self.download is not None:
             return self.refuse("unexpected", "'open' after the transfer started")
         try:
-            entry, f = self.node.open_for_sending(frame)
+            entry, f, partial = self.node.open_for_sending(frame)
         except NotFound as e:
             return self.refuse("not_found", str(e))
         except OSError as e:
             return self.refuse("unavailable", f"{frame.name}: {e.strerror}")
         self._sending = (entry, f)
-        self.send(offer_for(entry, frame.id, self.node.peer_id))
+        have = ""
+        if partial is not None and not partial.complete:
+            self._partial = partial
+            partial.watchers.add(self)
+            have = pack_have(partial.have)
+        self.send(offer_for(entry, frame.id, self.node.peer_id, have))
+
+    def piece_verified(self, index: int) -> None:
+        """The download we serve from has verified one more piece: tell the requester (between
+        ranges: never inside the raw bytes of one)."""
+        self._haves.append(index)
+        if self._producer is None:
+            self._send_haves()
+
+    def _send_haves(self) -> None:
+        haves, self._haves = self._haves, []
+        if haves and self.connected and not self.transport.disconnecting:
+            self.resetTimeout()  # announcing pieces is progress too
+            for index in haves:
+                self.send(Frame("have", piece=index))
 
     def _on_get(self, frame: Frame) -> None:
         if self._sending is None:
             return self.refuse("unexpected", "'get' before an offer")
         if frame.length == 0 or frame.offset + frame.length > self._sending[0].size:
             return self.refuse("bad_range", f"range {frame.offset}+{frame.length} is outside the file")
+        if self._partial is not None and not self._partial.complete:
+            piece = self._partial.piece_size
+            if not all(self._partial.have[i] for i in range(frame.offset // piece,
+                                                             -(-(frame.offset + frame.length) // piece))):
+                return self.refuse("not_have", f"range {frame.offset}+{frame.length} is not all here yet")
         if len(self._gets) >= WINDOW * 2:
             return self.refuse("too_many", "too many ranges asked for ahead")
         self._gets.append(frame)
@@ -215,6 +264,7 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
         if not self._gets or self._sending is None:
             return
         frame = self._gets.popleft()
+        self._sending_length = frame.length
         self.send(Frame("data", offset=frame.offset, length=frame.length))
         self._producer = RangeProducer(self._sending[1], frame.offset, frame.length, self.transport,
                                        on_chunk=self.resetTimeout)
@@ -222,6 +272,8 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
 
     def _range_sent(self, _: None) -> None:
         self._producer = None
+        self.node.sent(self._sending_length)
+        self._send_haves()
         self._send_next_range()
 
     def _range_failed(self, f: Failure) -> None:
@@ -257,6 +309,10 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
             self.send(Frame("decline"))
             self.transport.loseConnection()
             return
+        if frame.have:  # a partial holder
+            self.remote_have = have_bits(frame.have, download.count) if download.root else None
+            if self.remote_have is None:
+                return self.refuse("bad_have", "the offer's piece bitmap does not fit the file")
         self.download = download
         download.attach(self)
         if download.complete:  # empty, or every piece verified in an earlier attempt
@@ -291,12 +347,30 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
 
     def _ask(self) -> None:
         assert self.download is not None
+        download = self.download
+        if self._dropped:
+            return
+        if self.remote_have is not None:
+            have = self.remote_have
+            has, prefer = have.__getitem__, (lambda i: True)
+        else:  # a complete holder: ask it first for what no partial source of ours has
+            partial = [s.remote_have for s in download.sources if getattr(s, "remote_have", None) is not None]
+            has, prefer = (lambda i: True), (lambda i: not any(h[i] for h in partial))
         while len(self._outstanding) < WINDOW and self.connected:
-            rng = self.download.claim(self)
+            rng = download.claim(self, has, prefer)
             if rng is None:
                 return
             self._outstanding.append(rng)
             self.send(Frame("get", offset=rng[0], length=rng[1]))
+
+    def _on_have(self, frame: Frame) -> None:
+        if self.download is None or self.remote_have is None:
+            return self.refuse("unexpected", "'have' from a holder that has the whole file")
+        if frame.piece >= len(self.remote_have):
+            return self.refuse("bad_have", f"piece {frame.piece} is outside the file")
+        self.remote_have[frame.piece] = 1
+        if self._manifest is None and not self._awaiting_pieces:
+            self._ask()
 
     def _on_data(self, frame: Frame) -> None:
         if self.download is None or not self._outstanding:
@@ -308,6 +382,8 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
 
     def rawDataReceived(self, data: bytes) -> None:
         assert self.download is not None
+        if self._dropped:
+            return
         self._unreset += len(data)
         if self._unreset >= PROGRESS:
             self._unreset = 0
@@ -356,21 +432,30 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
             self.transport.loseConnection()
 
     def bad_piece(self, index: int) -> None:
-        """A piece from this holder did not match the manifest: it is not asked again."""
+        """A piece from this holder did not match the manifest: it is not asked again, and it is
+        told (its file may have changed on disk behind an unchanged size and mtime)."""
         self.log.warn("piece {index} of {name} from {peer} is corrupt; dropping that holder", index=index,
                       name=self.download.name if self.download else "?", peer=self.transport.getPeer())
         self.on_bad_piece(self)
-        self.transport.abortConnection()
+        self._dropped = True  # nothing more is read from it
+        if self.download is not None:
+            self.download.detach(self)
+        self.transport.pauseProducing()
+        self.send(Frame("error", code="bad_piece", message=f"piece {index} does not match the manifest"))
+        self.transport.loseConnection()
 
     def _on_error(self, frame: Frame) -> None:
+        if self._sending is not None and frame.code == "bad_piece":
+            self.node.suspect(self._sending[0])
         self.error = TransferFailed(f"the holder said {frame.code}: {frame.message}")
         self.transport.loseConnection()
 
 
-def offer_for(entry: Entry, request_id: str, peer_id: str) -> Frame:
-    """The offer of a shared file, with its manifest's root when it has one."""
+def offer_for(entry: Entry, request_id: str, peer_id: str, have: str = "") -> Frame:
+    """The offer of a shared file, with its manifest's root when it has one, and (from a peer
+    still downloading it) the bitmap of the pieces it has."""
     return Frame("offer", id=request_id, name=entry.name, size=entry.size, sha256=entry.sha256, peer=peer_id,
-                 piece=entry.piece_size if entry.pieces else 0, root=entry.root)
+                 piece=entry.piece_size if entry.pieces else 0, root=entry.root, have=have)
 
 
 class TransferFactory(Factory):

@@ -450,6 +450,29 @@ class TrackerReply:
 # -- transfer (TCP: JSON control lines, raw bytes after a "data" line) -------------------
 
 
+# A partial holder's verified pieces: one bit a piece (piece 0 is the high bit of the first
+# byte), in hex; at most 2048 pieces (a manifest's limit).
+MAX_HAVE_BYTES = 256
+_HAVE = re.compile(r"(?:[0-9a-f]{2}){0,%d}\Z" % MAX_HAVE_BYTES)
+
+
+def have_bits(have: str, count: int) -> Optional[bytearray]:
+    """The pieces a ``have`` bitmap marks, one byte (0/1) a piece; None unless it has *count* pieces."""
+    packed = bytes.fromhex(have)
+    if len(packed) != -(-count // 8) or (count % 8 and packed and packed[-1] & (0xFF >> (count % 8))):
+        return None
+    return bytearray((packed[i // 8] >> (7 - i % 8)) & 1 for i in range(count))
+
+
+def pack_have(have: bytes | bytearray) -> str:
+    """The bitmap ``have_bits`` reads, of one byte (0/1) a piece."""
+    packed = bytearray(-(-len(have) // 8))
+    for i, bit in enumerate(have):
+        if bit:
+            packed[i // 8] |= 0x80 >> (i % 8)
+    return packed.hex()
+
+
 @frozen
 class Frame:
     """One transfer control line.  ``t`` is one of FRAME_FIELDS; unused fields keep defaults."""
@@ -466,6 +489,7 @@ class Frame:
     root: str = field(default="", validator=lambda _, a, v: v == "" or _sha256(_, a, v))
     code: str = field(default="", validator=_match(re.compile(r"[a-z_]{0,32}\Z")))
     message: str = field(default="", validator=lambda _, a, v: _short_text(a, v))
+    have: str = field(default="", validator=_match(_HAVE))
 
     def __attrs_post_init__(self) -> None:
         for required in FRAME_FIELDS[self.t]:
@@ -476,6 +500,8 @@ class Frame:
         obj: dict[str, Any] = {"v": VERSION, "t": self.t}
         for name in FRAME_FIELDS[self.t] + FRAME_OPTIONAL[self.t]:
             obj[name] = getattr(self, name)
+        if not self.have:
+            obj.pop("have", None)  # a complete holder's offer
         return _dumps(obj)
 
     @classmethod
@@ -498,10 +524,11 @@ FRAME_FIELDS: dict[str, tuple[str, ...]] = {
     "error": ("code",),
     "manifest": (),
     "pieces": ("length",),
+    "have": ("piece",),
 }
 FRAME_OPTIONAL: dict[str, tuple[str, ...]] = {
     "open": ("id", "sha256"),
-    "offer": ("id", "piece", "root"),
+    "offer": ("id", "piece", "root", "have"),
     "get": (),
     "data": (),
     "decline": (),
@@ -509,6 +536,7 @@ FRAME_OPTIONAL: dict[str, tuple[str, ...]] = {
     "error": ("message",),
     "manifest": (),
     "pieces": (),
+    "have": (),
 }
 
 

@@ -30,6 +30,14 @@ Faults, all with nftables (the kernel here has no netem):
 - **throttle**: ``host.throttle_tcp(rate, sources)`` polices TCP arriving at *host* above a byte
   rate (used to keep a large transfer in flight long enough to kill its holder).
 
+Link rates (not a fault: a slower network), for the swarm benchmark and tests/test_swarm_netns.py:
+``host.rate_limit(bits_per_second)`` limits the host's link to that rate in both directions, with
+a ``tc`` token bucket (``tbf``) on the egress of the host's ``eth0`` (what it uploads) and one on the
+egress of its bridge port ``p<N>`` in the switch namespace (what it downloads: its ingress).  Where
+``tc``/``sch_tbf`` is missing it falls back to nftables policing of the same two directions
+(``limit rate over ... drop``, coarser: TCP sees drops instead of a queue, and the bucket holds a
+second's worth of bytes); it returns which of ``"tbf"`` and ``"nft"`` it used.
+
 ``cleanup_leftovers()`` (run by ``TestNetwork`` on entry) removes namespaces named
 ``p2pt-<pid>-*`` whose creating process is gone (a run killed before its teardown),
 killing by PID the processes still inside them.  ``requires_netns`` skips a test, with the
@@ -42,6 +50,7 @@ twistd_args, cwd)`` (``twistd -n --pidfile= ...``, output to ``cwd/<name>.log``)
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -64,6 +73,8 @@ TWISTD = str(BIN / "twistd")
 LOSS_TABLE = "p2pt_loss"
 THROTTLE_TABLE = "p2pt_throttle"
 PARTITION_TABLE = "p2pt_partition"
+SHAPE_TABLE = "p2pt_shape"  # the nft fallback of Host.rate_limit (one per bridge port in the switch)
+TBF_LATENCY = 0.1  # seconds: the most a packet may wait in a tbf queue before it is dropped
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -81,6 +92,13 @@ def _replace_table(family: str, table: str, body: str) -> str:
     """An nft script that atomically replaces *table* (created empty first, so deleting never fails)."""
     script = f"table {family} {table} {{}}\ndelete table {family} {table}\n"
     return script + (f"table {family} {table} {{\n{body}\n}}\n" if body else "")
+
+
+def _link_bytes(namespace: str, dev: str, direction: str) -> int:
+    """The kernel's byte counter of *dev* in *namespace*, ``"tx"`` or ``"rx"``."""
+    shown = _ip("-n", namespace, "-s", "-j", "link", "show", "dev", dev).stdout
+    stats = json.loads(shown)[0]["stats64"]
+    return int(stats[direction]["bytes"])
 
 
 # -- availability ---------------------------------------------------------------------------------
@@ -268,6 +286,67 @@ class Host:
                     f"    {match}meta l4proto tcp limit rate over {int(bytes_per_second)} bytes/second "
                     f"burst {int(bytes_per_second) // 10} bytes drop\n  }}")
         _nft_script(self.namespace, _replace_table("inet", THROTTLE_TABLE, body))
+
+    def rate_limit(self, bits_per_second: Optional[int], burst_bytes: Optional[int] = None,
+                   method: Optional[str] = None, latency: float = TBF_LATENCY) -> str:
+        """Limit this host's link to *bits_per_second* both ways (None removes the limit).
+
+        Upload: a ``tbf`` root qdisc on the host's ``eth0``; download: the same on the egress of its
+        bridge port ``p<N>`` in the switch namespace (the host's ingress).  The bucket holds
+        *burst_bytes* (default: 2 ms at the rate, at least 64 KiB), and a packet waits at most
+        *latency* seconds in its queue (default 100 ms: a buffer of 0.1 s at the rate; with 50 ms,
+        8 TCP flows through one link lost 2 % of their packets).  tbf counts every frame with its
+        Ethernet, IP and TCP headers, so one TCP flow gets about 96 % of the rate as payload.
+
+        When ``tc`` is missing or the kernel has no tbf (or *method* is ``"nft"``), nftables polices
+        the same two directions instead: an output-hook rule in the host's namespace for what it
+        sends on eth0 and a bridge forward-hook rule in the switch for what the bridge forwards to
+        port ``p<N>``, dropping what exceeds the rate (TCP backs off on the drops; coarser than a
+        queue).  Beware: nftables' byte-rate bucket holds a whole second at the rate on top of the
+        burst, so a flow's first second passes unlimited (measured: 16 MiB at 54 Mbit/s through a
+        40 Mbit/s policer).  Returns the method used: ``"tbf"`` or ``"nft"``.
+        """
+        switch = self.net.switch
+        if bits_per_second is None:
+            for namespace, dev in ((self.namespace, "eth0"), (switch, self.port)):
+                subprocess.run(["ip", "netns", "exec", namespace, "tc", "qdisc", "del", "dev", dev, "root"],
+                               capture_output=True, timeout=30)
+            _nft_script(self.namespace, _replace_table("inet", SHAPE_TABLE, ""))
+            _nft_script(switch, _replace_table("bridge", f"{SHAPE_TABLE}_{self.port}", ""))
+            return "none"
+        rate = int(bits_per_second)
+        burst = int(burst_bytes) if burst_bytes else max(64 * 1024, rate // 8 // 500)
+        if method in (None, "tbf") and shutil.which("tc") is not None:
+            failed = ""
+            for namespace, dev in ((self.namespace, "eth0"), (switch, self.port)):
+                result = subprocess.run(
+                    ["ip", "netns", "exec", namespace, "tc", "qdisc", "replace", "dev", dev, "root", "tbf",
+                     "rate", f"{rate}bit", "burst", str(burst), "latency", f"{latency * 1000:g}ms"],
+                    capture_output=True, text=True, timeout=30)
+                if result.returncode != 0:
+                    failed = result.stderr.strip()
+                    break
+            if not failed:
+                return "tbf"
+            if method == "tbf":
+                raise RuntimeError(f"tc tbf on {self.namespace}: {failed}")
+            for namespace, dev in ((self.namespace, "eth0"), (switch, self.port)):
+                subprocess.run(["ip", "netns", "exec", namespace, "tc", "qdisc", "del", "dev", dev, "root"],
+                               capture_output=True, timeout=30)
+        per_second = rate // 8
+        police = f"limit rate over {per_second} bytes/second burst {burst} bytes drop"
+        _nft_script(self.namespace, _replace_table("inet", SHAPE_TABLE, (
+            "  chain output {\n    type filter hook output priority filter; policy accept;\n"
+            f'    oifname "eth0" {police}\n  }}')))
+        _nft_script(switch, _replace_table("bridge", f"{SHAPE_TABLE}_{self.port}", (
+            "  chain forward {\n    type filter hook forward priority filter; policy accept;\n"
+            f'    oifname "{self.port}" {police}\n  }}')))
+        return "nft"
+
+    def tx_bytes(self) -> int:
+        """Bytes this host has sent on eth0: the veth's count, with headers once per GSO packet (a few
+        percent under what tbf counts for the same traffic)."""
+        return _link_bytes(self.namespace, "eth0", "tx")
 
     def ruleset(self) -> str:
         return self.run("nft", "list", "ruleset").stdout

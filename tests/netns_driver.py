@@ -1,4 +1,5 @@
-"""Runs inside one host namespace and drives that host's peer through its control API.
+"""Runs inside one host namespace and drives that host's peer through its control API
+(with the token the peer keeps in ``<dir>/.p2pshare/control.token``).
 
     ip netns exec NS .venv/bin/python tests/netns_driver.py search --dir D --name N --count 200 --deadline 5
 
@@ -38,21 +39,27 @@ from pathlib import Path
 from typing import Any, Optional
 
 
-def control(directory: str) -> tuple[str, int]:
-    url = json.loads((Path(directory) / ".p2pshare" / "control.json").read_text())["url"]
+Control = tuple[str, int, str]  # host, port, token
+
+
+def control(directory: str) -> Control:
+    """The peer's control API address (``control.json``) and token (``control.token``, mode 0600)."""
+    state = Path(directory) / ".p2pshare"
+    url = json.loads((state / "control.json").read_text())["url"]
     parts = urllib.parse.urlsplit(url)
-    return parts.hostname or "127.0.0.1", parts.port or 80
+    return parts.hostname or "127.0.0.1", parts.port or 80, (state / "control.token").read_text().strip()
 
 
-def request(address: tuple[str, int], method: str, path: str, body: Optional[dict[str, Any]] = None,
+def request(address: Control, method: str, path: str, body: Optional[dict[str, Any]] = None,
             timeout: float = 30.0) -> http.client.HTTPResponse:
-    conn = http.client.HTTPConnection(*address, timeout=timeout)
+    host, port, token = address
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
     conn.request(method, path, json.dumps(body).encode() if body is not None else None,
-                 {"content-type": "application/json"})
+                 {"content-type": "application/json", "authorization": f"Bearer {token}"})
     return conn.getresponse()
 
 
-def status(address: tuple[str, int]) -> dict[str, Any]:
+def status(address: Control) -> dict[str, Any]:
     response = request(address, "GET", "/v1/status", timeout=10)
     data = json.loads(response.read())
     response.close()

@@ -40,17 +40,28 @@ async def api(tmp_path: Path) -> AsyncIterator[tuple[str, Any, Any]]:
         from twisted.internet import task
 
         await task.deferLater(reactor(), 0.01, lambda: None)
+    TOKENS[control.url] = control.token
     yield control.url, requester, holder
+    TOKENS.pop(control.url, None)
     await control.stopService()
     await requester.stopService()
     await holder.stopService()
 
 
+TOKENS: dict[str, str] = {}  # control URL -> its token, while the api fixture runs
+OWN = object()
+
+
 async def call(url: str, method: bytes = b"GET", body: bytes | None = None,
-               host: bytes | None = None, **extra: bytes) -> tuple[int, bytes]:
+               host: bytes | None = None, token: Any = OWN, **extra: bytes) -> tuple[int, bytes]:
+    """A request to the API at *url*, with the token of that API (or *token*; None: no Authorization)."""
     from twisted.web.client import FileBodyProducer
 
     headers = Headers({b"content-type": [b"application/json"]})
+    if token is OWN:
+        token = next((t for u, t in TOKENS.items() if url.startswith(u)), None)
+    if token is not None:
+        headers.setRawHeaders(b"authorization", [f"Bearer {token}".encode()])
     if host:
         headers.setRawHeaders(b"host", [host])
     for name, value in extra.items():
@@ -238,3 +249,152 @@ def test_a_malformed_hash_is_refused(capsys: pytest.CaptureFixture[str]) -> None
 async def test_a_get_body_that_is_not_an_object_is_a_bad_request(api: Any) -> None:
     url, _, _ = api
     assert (await call(url + "/v1/get", b"POST", b"[1, 2]"))[0] == 400
+
+
+# -- the token ----------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_without_the_token_are_refused_401(api: Any) -> None:
+    url, _, _ = api
+    for method, path, body in ((b"GET", "/v1/status", None), (b"GET", "/v1/search?name=doc.txt&timeout=0.2", None),
+                               (b"POST", "/v1/get", b'{"name": "doc.txt"}'), (b"POST", "/v1/rescan", None)):
+        code, reply = await call(url + path, method, body, token=None)
+        assert code == 401, (path, reply)
+        assert json.loads(reply)["error"] == "Unauthorized"
+        assert "control.token" in json.loads(reply)["message"]
+
+
+@pytest.mark.parametrize("header", [
+    b"Bearer " + b"0" * 64,  # well formed, wrong
+    b"Bearer ",
+    b"Bearer",
+    b"Basic dXNlcjpwYXNz",
+    b"",
+])
+@pytest_twisted.ensureDeferred
+async def test_a_wrong_token_is_refused_401(api: Any, header: bytes) -> None:
+    url, _, _ = api
+    assert (await call(url + "/v1/status", token=None, authorization=header))[0] == 401
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_right_token_is_accepted_and_the_scheme_is_case_insensitive(api: Any) -> None:
+    url, _, _ = api
+    token = TOKENS[url]
+    assert (await call(url + "/v1/status", token=token))[0] == 200
+    assert (await call(url + "/v1/status", token=None, authorization=f"bearer {token}".encode()))[0] == 200
+    assert (await call(url + "/v1/status", token=token[:-1]))[0] == 401
+    assert (await call(url + "/v1/status", token=token + "0"))[0] == 401
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_token_does_not_lift_the_host_and_origin_checks(api: Any) -> None:
+    url, _, _ = api
+    assert (await call(url + "/v1/status", host=b"evil.example:7878"))[0] == 403
+    assert (await call(url + "/v1/status", origin=b"https://evil.example"))[0] == 403
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_token_file_is_0600_in_the_state_folder_and_matches_the_service(api: Any) -> None:
+    import stat
+
+    url, requester, _ = api
+    path = requester.shares.state / "control.token"
+    mode = stat.S_IMODE(path.lstat().st_mode)
+    assert mode == 0o600, oct(mode)
+    assert stat.S_ISREG(path.lstat().st_mode)
+    assert path.read_text().strip() == TOKENS[url]
+    assert len(TOKENS[url]) == 64 and int(TOKENS[url], 16) >= 0
+    assert [p.name for p in requester.shares.state.iterdir() if p.name.startswith("control.token")] == \
+        ["control.token"]  # no temporary file left behind
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_library_control_service_makes_its_own_token_and_reuses_only_a_safe_one(tmp_path: Path) -> None:
+    import os
+
+    from p2pshare.control import ControlService, ensure_token
+
+    peer = await start_peer(reactor(), tmp_path, interface="127.0.0.1", peers=(("127.0.0.1", 9),))
+    try:
+        control = ControlService(TCP4ServerEndpoint(reactor(), 0, interface="127.0.0.1"), peer)
+        assert control.token_path == peer.shares.state / "control.token"
+        control.startService()
+        await control.when_listening()
+        first = control.token
+        assert first and control.token_path.read_text().strip() == first
+        await control.stopService()
+        assert control.token_path.exists()  # kept: a CLI holding it keeps working after a restart
+        control = ControlService(TCP4ServerEndpoint(reactor(), 0, interface="127.0.0.1"), peer)
+        control.startService()
+        await control.when_listening()
+        assert control.token == first
+        code, _ = await call(control.url + "/v1/status", token=first)
+        assert code == 200
+        await control.stopService()
+        # A token others could have read (or written) is replaced, not reused.
+        os.chmod(control.token_path, 0o644)
+        second = ensure_token(control.token_path)
+        assert second != first and (control.token_path.stat().st_mode & 0o777) == 0o600
+        # So is a symlink planted in its place (its target is left alone).
+        target = tmp_path / "planted"
+        target.write_text("a" * 64 + "\n")
+        os.chmod(target, 0o600)
+        control.token_path.unlink()
+        control.token_path.symlink_to(target)
+        third = ensure_token(control.token_path)
+        assert third != "a" * 64 and not control.token_path.is_symlink()
+        assert target.read_text() == "a" * 64 + "\n"
+    finally:
+        await peer.stopService()
+
+
+async def _cli(*argv: str) -> int:
+    """``p2pshare ARGV`` in a thread: it blocks on HTTP while the reactor serves the API."""
+    from twisted.internet.threads import deferToThread
+
+    return await deferToThread(cli.main, list(argv))
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_cli_reads_the_token_of_the_peer_it_finds_with_dir(api: Any,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    _, requester, _ = api
+    assert await _cli("--dir", str(requester.shares.root), "status", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["peer"] == requester.peer_id
+    assert await _cli("--dir", str(requester.shares.root), "search", "doc.txt", "--timeout", "0.3") == 0
+    assert capsys.readouterr().out.startswith("doc.txt\t9000\t")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_cli_takes_a_token_file(api: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    url, requester, _ = api
+    monkeypatch.chdir(tmp_path)  # no token to be found around the current folder
+    address = url.split("//", 1)[1]
+    token_file = str(requester.shares.state / "control.token")
+    assert await _cli("--control", address, "--token-file", token_file, "status") == 0
+    assert requester.peer_id in capsys.readouterr().out
+    # Without one: the peer refuses, and the CLI says what to give it.
+    assert await _cli("--control", address, "status") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--token-file" in err and "Traceback" not in err
+    # A wrong one: refused too.
+    wrong = tmp_path / "wrong.token"
+    wrong.write_text("0" * 64 + "\n")
+    assert await _cli("--control", address, "--token-file", str(wrong), "status") == 1
+    assert "control token" in capsys.readouterr().err
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_missing_token_file_is_one_line_and_exit_1(api: Any, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    url, requester, _ = api
+    assert await _cli("--control", url.split("//", 1)[1], "--token-file", str(tmp_path / "nope"), "status") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot read the control token" in err and "nope" in err
+    (requester.shares.state / "control.token").unlink()
+    assert await _cli("--dir", str(requester.shares.root), "status") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot read the control token" in err and "Traceback" not in err

@@ -71,7 +71,8 @@ class Network:
 
     async def stop(self) -> None:
         for p in self.peers:
-            await p.stopService()
+            if p.running:
+                await p.stopService()
         if self.tracker is not None:
             await self.tracker.stopService()
 
@@ -387,3 +388,46 @@ async def test_a_source_sending_bad_pieces_is_dropped_and_the_pieces_come_from_a
     assert (requester.shares.root / "f.bin").read_bytes() == data
     assert requester.counters["bad_pieces"] >= 1
     assert result.sha256 == hashlib.sha256(data).hexdigest()
+    # The liar learns that its file changed and indexes it again: it never offers the old content.
+    await eventually(lambda: liar.counters["files_rechecked"] == 1)
+    await eventually(lambda: liar.shares.lookup("f.bin") is not None)
+    assert liar.shares.lookup("f.bin").sha256 == hashlib.sha256(corrupt).hexdigest()
+    assert liar.shares.lookup("", hashlib.sha256(data).hexdigest()) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_peer_still_downloading_serves_its_verified_pieces_to_another(net: Network) -> None:
+    """Swarming: A's download stalls part-way (its holder goes away).  B, fetching the same file,
+    finds A (a partial holder) and takes the pieces A has verified; when a holder is back, both
+    finish, B with pieces from A and from the holder.  Pass: both files are identical to the
+    original, A counted a partial upload of at least the pieces it had, B drew on 2 sources."""
+    mib = 1024 * 1024
+    data = payload(24 * mib)
+    sha = hashlib.sha256(data).hexdigest()
+    h = await net.add({"s.bin": data})
+    a = await net.add(peers=(("127.0.0.1", h.udp_port),), requery=0.2)
+    b = await net.add(peers=(("127.0.0.1", a.udp_port),), requery=0.2)
+    stopped: list[Any] = []
+
+    def progress(got: int, size: int) -> None:
+        if got >= 6 * mib and not stopped:
+            stopped.append(h.stopService())
+
+    fetch_a = a.fetch("s.bin", timeout=30.0, progress=progress)
+    await eventually(lambda: bool(stopped))
+    await stopped[0]
+    partial = a.fetcher.partial_download(sha)
+    assert partial is not None and not partial.complete
+    await eventually(lambda: partial.verified >= 4 * mib)
+    had = partial.verified
+
+    fetch_b = b.fetch("s.bin", timeout=30.0)
+    await eventually(lambda: a.counters["uploads_opened_partial"] >= 1, timeout=10.0)
+    await eventually(lambda: b.fetcher.partial_download(sha) is not None
+                     and b.fetcher.partial_download(sha).verified >= had, timeout=10.0)
+
+    await net.add({"s.bin": data}, peers=(("127.0.0.1", a.udp_port),))  # a holder again
+    result_a, result_b = await fetch_a, await fetch_b
+    assert (a.shares.root / "s.bin").read_bytes() == data and (b.shares.root / "s.bin").read_bytes() == data
+    assert a.counters["bytes_sent"] >= had and result_b.sources >= 2
+    assert result_a.sha256 == result_b.sha256 == sha

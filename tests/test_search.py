@@ -82,6 +82,17 @@ def test_holder_offers_the_file_when_the_query_is_a_fetch() -> None:
     assert reaction.offer is not None and reaction.offer[1] == entry
 
 
+def test_a_peer_downloading_the_file_answers_and_still_forwards_without_offering() -> None:
+    """A partial holder serves what it has verified, but the query goes on to reach whole copies."""
+    partial = Entry("f.txt", 10, 0, SHA, 1 << 20, b"p" * 32)
+    c = core(neighbours=[("10.0.0.2", 1)])
+    c.partial = lambda name, sha256: partial if name == "f.txt" else None
+    reaction = c.on_query(query(fetch=True), ("10.0.0.9", 1), now=0.0)
+    assert tracked_to(reaction) == [("hit", REQUESTER), ("query", ("10.0.0.2", 1))]
+    assert reaction.offer is None  # the requester dials a partial holder; it is not offered to
+    assert c.counters["hits_sent_partial"] == 1
+
+
 def test_non_holder_forwards_to_neighbours_except_sender_and_requester() -> None:
     sender = ("10.0.0.9", 1)
     c = core(neighbours=[sender, REQUESTER, ("10.0.0.2", 1), ("10.0.0.3", 1)])

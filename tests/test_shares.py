@@ -185,3 +185,137 @@ def test_lookup_by_name_by_content_and_by_both(share: Path) -> None:
     assert s.lookup("", same).name in ("a.txt", "b.txt")  # type: ignore[union-attr]
     assert s.lookup("b.txt", same).name == "b.txt"  # type: ignore[union-attr]
     assert s.lookup("c.txt", same) is None  # that name, but not that content
+
+
+def test_a_folder_swapped_for_a_symlink_between_resolving_and_opening_is_not_followed(
+        tmp_path: Path, share: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race that checking the resolved path cannot catch: a folder on the way is replaced by a
+    symlink to outside after the name was resolved, and the outside file has the indexed size and
+    mtime (whoever can write to the shared folder can set both), so only the open itself can
+    tell: every component is opened without following links."""
+    (share / "sub").mkdir()
+    (share / "sub" / "a.txt").write_bytes(b"abc")
+    s = Shares(share)
+    s.entries = scan(share, {})
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "a.txt").write_bytes(b"xyz")
+    mtime = s.entries["sub/a.txt"].mtime_ns
+    os.utime(outside / "a.txt", ns=(mtime, mtime))
+    resolve = Path.resolve
+
+    def resolve_then_swap(self: Path, strict: bool = False) -> Path:
+        resolved = resolve(self, strict)
+        if self == share / "sub" / "a.txt" and not (share / "sub").is_symlink():
+            (share / "sub").rename(tmp_path / "moved-away")
+            (share / "sub").symlink_to(outside)
+        return resolved
+
+    monkeypatch.setattr(Path, "resolve", resolve_then_swap)
+    try:
+        entry, f = s.open_for_reading("sub/a.txt")
+    except (NotFound, OSError):
+        return
+    served = f.read()
+    f.close()
+    pytest.fail(f"served {served!r} from {outside} through a swapped folder")
+
+
+def test_a_file_swapped_for_a_fifo_after_indexing_is_refused_without_blocking(share: Path) -> None:
+    """Opening a FIFO for reading blocks until a writer comes; the reactor must never wait on that."""
+    import threading
+
+    (share / "a.txt").write_bytes(b"abc")
+    s = Shares(share)
+    s.entries = scan(share, {})
+    (share / "a.txt").unlink()
+    os.mkfifo(share / "a.txt")
+    outcome: list[BaseException | None] = []
+
+    def attempt() -> None:
+        try:
+            s.open_for_reading("a.txt")[1].close()
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(5)
+    if thread.is_alive():
+        os.close(os.open(share / "a.txt", os.O_WRONLY | os.O_NONBLOCK))  # release it
+        thread.join(5)
+        pytest.fail("open_for_reading blocked on a FIFO")
+    assert outcome and isinstance(outcome[0], (NotFound, OSError)), outcome
+
+
+def test_names_that_differ_only_by_unicode_normalisation_are_refused_not_confused(share: Path) -> None:
+    """An NFC name ("café.txt", é one code point) and its NFD twin (e + combining accent) are the
+    same text to a reader and different names to most file systems.  Only NFC names exist on
+    the network: a request for the NFD form of a shared NFC name finds nothing (it is not even a
+    valid name on the wire), a file stored under an NFD name is not shared (so it can never be
+    served for, or confused with, its NFC twin), and a download cannot create an NFD name."""
+    import unicodedata
+
+    from p2pshare.errors import MalformedMessage
+    from p2pshare.wire import Query, decode_datagram
+
+    nfc, nfd = "caf\u00e9.txt", "cafe\u0301.txt"
+    assert unicodedata.normalize("NFC", nfd) == nfc and nfc != nfd
+    (share / nfc).write_bytes(b"composed")
+    (share / "other").mkdir()
+    (share / "other" / nfd).write_bytes(b"decomposed")
+    s = Shares(share)
+    s.entries = scan(share, {})
+    assert sorted(s.entries) == [nfc]  # the NFD-named file is not shared
+    assert s.lookup(nfd) is None and s.lookup("other/" + nfc) is None
+    with pytest.raises(NotFound):
+        s.open_for_reading(nfd)
+    entry, f = s.open_for_reading(nfc)
+    assert f.read() == b"composed"
+    f.close()
+    with pytest.raises(InvalidName):
+        s.destination("new-" + nfd)
+    ok = Query("1" * 32, nfc, ("10.0.0.1", 1), ("10.0.0.1", 1), 3).encode()
+    assert decode_datagram(ok).name == nfc  # type: ignore[union-attr]
+    with pytest.raises(MalformedMessage):
+        decode_datagram(ok.replace(nfc.encode(), nfd.encode()))
+
+
+def test_names_that_differ_only_by_case_are_distinct_and_never_overwrite_each_other(
+        share: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names are compared exactly: "notes.txt" and "NOTES.txt" are two files here, each served with its
+    own content, and a third spelling ("Notes.txt") finds neither.  On a case-insensitive file
+    system the two names are one file: a download asks the file system whether the name exists
+    (``lexists``) and places with ``link()``, which fails if it does, so it never overwrites the
+    other spelling; simulated here by a file system that folds case."""
+    (share / "notes.txt").write_bytes(b"lower")
+    (share / "NOTES.txt").write_bytes(b"UPPER")
+    s = Shares(share)
+    s.entries = scan(share, {})
+    assert sorted(s.entries) == ["NOTES.txt", "notes.txt"]
+    for name, content in (("notes.txt", b"lower"), ("NOTES.txt", b"UPPER")):
+        entry, f = s.open_for_reading(name)
+        assert f.read() == content and entry.name == name
+        f.close()
+    assert s.lookup("Notes.txt") is None
+    with pytest.raises(NotFound):
+        s.open_for_reading("Notes.txt")
+
+    # A case-insensitive file system: every name that exists in some case exists in every case.
+    (share / "NOTES.txt").unlink()
+    existing = {p.name.lower() for p in share.iterdir()}
+    lexists = os.path.lexists
+
+    def folded_lexists(path: str | os.PathLike[str]) -> bool:
+        return lexists(path) or Path(path).name.lower() in existing
+
+    monkeypatch.setattr(shares_module.os.path, "lexists", folded_lexists)
+    with pytest.raises(AlreadyExists):
+        s.destination("NOTES.TXT")
+    tmp, f = s.new_temporary()
+    f.write(b"would overwrite")
+    f.close()
+    with pytest.raises(AlreadyExists):
+        s.place(tmp, "Notes.txt", "0" * 64)
+    assert (share / "notes.txt").read_bytes() == b"lower" and not tmp.exists()

@@ -113,6 +113,9 @@ class Peer:
     def control_url(self) -> str:
         return str(json.loads((self.dir / ".p2pshare" / "control.json").read_text())["url"])
 
+    def control_token(self) -> str:
+        return (self.dir / ".p2pshare" / "control.token").read_text().strip()
+
 
 @dataclass
 class Network:
@@ -310,6 +313,46 @@ def test_get_without_a_daemon_runs_a_peer_for_one_fetch(network: Network, tmp_pa
     assert list((target / ".p2pshare" / "tmp").iterdir()) == []
 
 
+# -- the control API's token ----------------------------------------------------------------------
+
+
+def test_the_control_api_answers_only_requests_with_the_token_kept_0600_in_the_state_folder(
+        network: Network) -> None:
+    import urllib.error
+
+    bob = network.peers["bob"]
+    token_file = bob.dir / ".p2pshare" / "control.token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    for headers in ({}, {"authorization": "Bearer " + "0" * 64}):
+        request = urllib.request.Request(bob.control_url() + "/v1/status", headers=headers)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 401
+        assert json.loads(refused.value.read())["error"] == "Unauthorized"
+    request = urllib.request.Request(bob.control_url() + "/v1/status",
+                                     headers={"authorization": f"Bearer {bob.control_token()}"})
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        assert json.load(reply)["peer"] == bob.status["peer"]
+
+
+def test_the_cli_finds_the_token_with_dir_or_token_file_and_says_when_it_has_none(
+        network: Network, tmp_path: Path) -> None:
+    bob = network.peers["bob"]
+    address = bob.control_url().split("//", 1)[1]
+    by_dir = network.p2pshare("bob", "status", "--json")
+    assert by_dir.returncode == 0, by_dir.stderr + network.logs()
+    assert json.loads(by_dir.stdout)["peer"] == bob.status["peer"]
+    by_file = cli("--control", address, "--token-file", str(bob.dir / ".p2pshare" / "control.token"), "status",
+                  cwd=tmp_path)
+    assert by_file.returncode == 0 and bob.status["peer"] in by_file.stdout, by_file.stderr
+    without = cli("--control", address, "status", cwd=tmp_path)
+    assert without.returncode == 1 and len(without.stderr.strip().splitlines()) == 1
+    assert "--token-file" in without.stderr and "Traceback" not in without.stderr
+    missing = cli("--control", address, "--token-file", str(tmp_path / "absent"), "status", cwd=tmp_path)
+    assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1
+    assert "cannot read the control token" in missing.stderr
+
+
 # -- the tracker --------------------------------------------------------------------------------
 
 
@@ -417,7 +460,8 @@ def test_a_file_added_later_is_found_after_post_rescan(network: Network) -> None
     alice = network.peers["alice"]  # --rescan 3600: only the request can find it
     (alice.dir / "added-later.txt").write_bytes(b"new\n")
     request = urllib.request.Request(alice.control_url() + "/v1/rescan", method="POST", data=b"",
-                                     headers={"content-type": "application/json"})
+                                     headers={"content-type": "application/json",
+                                              "authorization": f"Bearer {alice.control_token()}"})
     on_disk = [p for p in alice.dir.rglob("*") if p.is_file() and ".p2pshare" not in p.parts]
     with urllib.request.urlopen(request, timeout=30) as reply:
         assert json.load(reply) == {"files": len(on_disk)}

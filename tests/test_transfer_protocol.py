@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
-from p2pshare.errors import NotFound, VerificationFailed
+from p2pshare.errors import NotFound, TransferFailed, VerificationFailed
 from p2pshare.shares import Entry, Shares, scan
 from p2pshare.download import RANGE, Download, synchronously
 from p2pshare.transfer import ITransferNode, TransferFactory, TransferProtocol
@@ -34,9 +34,17 @@ class Node:
         self.shares, self.accept = shares, accept
         self.download: Optional[Download] = None
         self.tracked: set[TransferProtocol] = set()
+        self.bytes_sent = 0
+        self.suspects: list[str] = []
 
-    def open_for_sending(self, frame: Frame) -> tuple[Entry, IO[bytes]]:
-        return self.shares.open_for_reading(frame.name)
+    def open_for_sending(self, frame: Frame) -> tuple[Entry, IO[bytes], Optional[Download]]:
+        return (*self.shares.open_for_reading(frame.name), None)
+
+    def sent(self, nbytes: int) -> None:
+        self.bytes_sent += nbytes
+
+    def suspect(self, entry: Entry) -> None:
+        self.suspects.append(entry.name)
 
     def accept_offer(self, frame: Frame, proto: TransferProtocol) -> Optional[Download]:
         if not self.accept:
@@ -335,7 +343,8 @@ def test_a_manifest_is_asked_for_and_checked_against_the_root(share: Path) -> No
     assert frames(transport)[-1] == {"v": 1, "t": "manifest"}
     transport.clear()
     proto.dataReceived(Frame("pieces", length=len(pieces)).encode() + b"\n" + pieces)
-    assert [(f["offset"], f["length"]) for f in frames(transport)] == [(0, 3 << 20)]  # pieces in one range
+    asked = [(f["offset"], f["length"]) for f in frames(transport)]
+    assert len(asked) == 2 and all(length == 1 << 20 and offset % (1 << 20) == 0 for offset, length in asked)
 
 
 def test_a_manifest_that_does_not_hash_to_the_root_closes_the_connection(share: Path) -> None:
@@ -372,3 +381,157 @@ def test_a_one_piece_file_needs_no_manifest_round_trip(share: Path) -> None:
     proto.dataReceived(Frame("offer", id=RID, name="got.bin", size=len(payload), sha256=digest.hex(), peer=PEER,
                              piece=1024 * 1024, root=hashlib.sha256(digest).hexdigest()).encode() + b"\n")
     assert [f["t"] for f in frames(transport)] == ["get"]  # straight to the data
+
+
+# -- swarming: serving the verified pieces of a download in progress -----------------------
+
+MIB = 1024 * 1024
+
+
+def _manifest(payload: bytes) -> tuple[bytes, str]:
+    pieces = b"".join(hashlib.sha256(payload[i: i + MIB]).digest() for i in range(0, len(payload), MIB))
+    return pieces, hashlib.sha256(pieces).hexdigest()
+
+
+class PartialNode(Node):
+    """A peer part-way through downloading a file: it serves the pieces it has verified."""
+
+    def __init__(self, shares: Shares, download: Download) -> None:
+        super().__init__(shares)
+        self.partial = download
+
+    def open_for_sending(self, frame: Frame) -> tuple[Entry, IO[bytes], Optional[Download]]:
+        d = self.partial
+        return Entry(d.name, d.size, 0, d.sha256, d.piece_size, d.pieces or b""), open(d.tmp_path, "rb"), d
+
+
+def partial_download(share: Path, payload: bytes, verified: list[int]) -> Download:
+    pieces, root = _manifest(payload)
+    d = Download(Shares(share), "blob.bin", len(payload), hashlib.sha256(payload).hexdigest(),
+                 executor=synchronously, piece_size=MIB, root=root)
+    assert d.set_manifest(pieces)
+    for i in verified:
+        d.deliver(object(), i * MIB, [payload[i * MIB: (i + 1) * MIB]])
+    return d
+
+
+def test_a_partial_holder_offers_its_bitmap_refuses_missing_pieces_and_announces_new_ones(share: Path) -> None:
+    payload = os.urandom(4 * MIB)
+    d = partial_download(share, payload, [1, 3])
+    node = PartialNode(Shares(share), d)
+    proto, transport = connect(node)
+    proto.dataReceived(Frame("open", id=RID, name="blob.bin").encode() + b"\n")
+    (offer,) = frames(transport)
+    assert offer["have"] == "50"  # 0101 0000: pieces 1 and 3
+    transport.clear()
+    proto.dataReceived(Frame("get", offset=MIB, length=MIB).encode() + b"\n")  # a piece it has
+    drain(transport)
+    assert transport.value().split(b"\n", 1)[1] == payload[MIB: 2 * MIB]
+    assert node.bytes_sent == MIB
+    transport.clear()
+    d.deliver(object(), 0, [payload[:MIB]])  # the download verifies piece 0: the requester hears of it
+    assert frames(transport)[-1] == {"v": 1, "t": "have", "piece": 0}
+    transport.clear()
+    proto.dataReceived(Frame("get", offset=2 * MIB, length=MIB).encode() + b"\n")  # one it lacks
+    assert frames(transport)[0]["code"] == "not_have" and transport.disconnecting
+    proto.connectionLost(None)
+    assert proto not in d.watchers
+    d.fail(TransferFailed("test over"))
+    d.done.addErrback(lambda f: None)
+
+
+def test_a_requester_asks_a_partial_holder_only_for_what_it_has_and_more_after_have(share: Path) -> None:
+    payload = os.urandom(4 * MIB)
+    pieces, root = _manifest(payload)
+    node = Node(Shares(share))
+    proto, transport = connect(node)
+    proto.dataReceived(Frame("offer", id=RID, name="got.bin", size=len(payload),
+                             sha256=hashlib.sha256(payload).hexdigest(), peer=PEER, piece=MIB, root=root,
+                             have="20").encode() + b"\n")  # 0010 0000: piece 2 only
+    assert frames(transport)[-1] == {"v": 1, "t": "manifest"}
+    transport.clear()
+    proto.dataReceived(Frame("pieces", length=len(pieces)).encode() + b"\n" + pieces)
+    assert [(f["t"], f["offset"]) for f in frames(transport)] == [("get", 2 * MIB)]
+    transport.clear()
+    proto.dataReceived(Frame("have", piece=0).encode() + b"\n")
+    assert [(f["t"], f["offset"]) for f in frames(transport)] == [("get", 0)]
+    proto.dataReceived(Frame("have", piece=9).encode() + b"\n")  # outside the file
+    assert frames(transport)[-1]["code"] == "bad_have" and transport.disconnecting
+    proto.connectionLost(None)
+    assert node.download is not None
+    node.download.fail(TransferFailed("test over"))
+    node.download.done.addErrback(lambda f: None)
+
+
+def test_have_from_a_complete_holder_and_a_bitmap_of_the_wrong_size_are_refused(share: Path) -> None:
+    payload = os.urandom(2 * MIB)
+    pieces, root = _manifest(payload)
+    offer = dict(id=RID, name="got.bin", size=len(payload), sha256=hashlib.sha256(payload).hexdigest(),
+                 peer=PEER, piece=MIB, root=root)
+    node = Node(Shares(share))
+    proto, transport = connect(node)
+    proto.dataReceived(Frame("offer", **offer).encode() + b"\n")
+    proto.dataReceived(Frame("have", piece=0).encode() + b"\n")
+    assert frames(transport)[-1]["code"] == "unexpected" and transport.disconnecting
+    proto.connectionLost(None)
+    node.download.fail(TransferFailed("test over"))
+    node.download.done.addErrback(lambda f: None)
+
+    node = Node(Shares(share))
+    proto, transport = connect(node)
+    proto.dataReceived(Frame("offer", **offer, have="ffff").encode() + b"\n")  # 16 pieces, not 2
+    assert frames(transport)[-1]["code"] == "bad_have" and transport.disconnecting
+    proto.connectionLost(None)
+    node.download.fail(TransferFailed("test over"))
+    node.download.done.addErrback(lambda f: None)
+
+
+def test_a_requester_tells_the_holder_of_a_bad_piece_and_the_holder_suspects_its_file(share: Path) -> None:
+    payload = os.urandom(2 * MIB)
+    pieces, root = _manifest(payload)
+    node = Node(Shares(share))
+    proto, transport = connect(node)
+    proto.dataReceived(Frame("offer", id=RID, name="got.bin", size=len(payload),
+                             sha256=hashlib.sha256(payload).hexdigest(), peer=PEER, piece=MIB,
+                             root=root).encode() + b"\n")
+    proto.dataReceived(Frame("pieces", length=len(pieces)).encode() + b"\n" + pieces)
+    (first, _second) = [f for f in frames(transport) if f["t"] == "get"]
+    transport.clear()
+    proto.dataReceived(Frame("data", offset=first["offset"], length=MIB).encode() + b"\n" + b"\0" * MIB)
+    assert frames(transport)[-1]["code"] == "bad_piece" and transport.disconnecting
+    proto.connectionLost(None)
+    node.download.fail(TransferFailed("test over"))
+    node.download.done.addErrback(lambda f: None)
+
+    holding = holder(share / "h" if (share / "h").mkdir() is None else share, payload)
+    proto, transport = connect(holding)
+    proto.dataReceived(Frame("open", id=RID, name="blob.bin").encode() + b"\n")
+    proto.dataReceived(Frame("error", code="bad_piece", message="piece 0").encode() + b"\n")
+    assert holding.suspects == ["blob.bin"] and transport.disconnecting
+
+
+def test_a_piece_verified_while_a_range_streams_is_announced_after_the_range(share: Path) -> None:
+    """A ``have`` line inside a range's raw bytes would corrupt the stream."""
+    payload = os.urandom(4 * MIB)
+    d = partial_download(share, payload, [1])
+    node = PartialNode(Shares(share), d)
+    proto, transport = connect(node)
+    proto.dataReceived(Frame("open", id=RID, name="blob.bin").encode() + b"\n")
+    transport.clear()
+    reset = proto.resetTimeout
+
+    def chunk_sent() -> None:  # the download verifies piece 2 while the range is going out
+        reset()
+        if proto._producer is not None and not d.have[2]:
+            d.deliver(object(), 2 * MIB, [payload[2 * MIB: 3 * MIB]])
+
+    proto.resetTimeout = chunk_sent  # type: ignore[method-assign]
+    proto.dataReceived(Frame("get", offset=MIB, length=MIB).encode() + b"\n")
+    drain(transport)
+    assert d.have[2]
+    head, rest = transport.value().split(b"\n", 1)
+    assert json.loads(head)["t"] == "data" and rest[:MIB] == payload[MIB: 2 * MIB]
+    assert rest[MIB:] == Frame("have", piece=2).encode() + b"\n"
+    proto.connectionLost(None)
+    d.fail(TransferFailed("test over"))
+    d.done.addErrback(lambda f: None)
