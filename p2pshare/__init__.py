@@ -30,13 +30,16 @@ __all__ = [
 
 
 async def start_tracker(reactor: Any, endpoint: str = "tcp:0:interface=127.0.0.1", max_peers: int = 20,
-                        interval: float = 10.0, max_per_address: int = 32) -> TrackerService:
-    """Start a tracker listening on a server endpoint string; returns the running service."""
+                        interval: float = 10.0, max_per_address: int = 32, key: Any = None) -> TrackerService:
+    """Start a tracker listening on a server endpoint string; returns the running service.
+
+    With *key* (a :class:`p2pshare.netkey.NetworkKey`), only holders of that key can use it.
+    """
     from twisted.internet.endpoints import serverFromString
 
     service = TrackerService(serverFromString(reactor, endpoint),
                              TrackerFactory(reactor, max_peers=max_peers, interval=interval,
-                                            max_per_address=max_per_address))
+                                            max_per_address=max_per_address), key=key)
     service.startService()
     await service.when_listening()
     return service

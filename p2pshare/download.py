@@ -31,7 +31,7 @@ import hashlib
 import os
 import random
 import time
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 from typing import IO, Any, Callable, Optional, Protocol
 
@@ -40,7 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from p2pshare.errors import TransferFailed, VerificationFailed
-from p2pshare.shares import Shares
+from p2pshare.shares import Entry, Shares
 
 RANGE = 16 * 1024 * 1024  # the piece size of a file offered without a manifest
 CLAIM = 16 * 1024 * 1024  # bytes of consecutive pieces one request may cover
@@ -102,7 +102,7 @@ class Download:
         self.sources: set[Any] = set()
         self.have = bytearray(self.count)  # 1: written and verified
         self._claims: dict[int, set[Any]] = {}
-        self._checking: dict[int, int] = {}  # pieces received and waiting to be verified: copies of each
+        self._checking: Counter[int] = Counter()  # pieces received and waiting to be verified: copies of each
         self._queue: deque[tuple[Any, int, list[bytes]]] = deque()
         self._queued_bytes = 0
         self._writing = False
@@ -157,6 +157,11 @@ class Download:
                                   f"{bytes(self.have).hex()}\n")
 
     # -- sources and pieces ---------------------------------------------------------------
+
+    def entry(self) -> Entry:
+        """This download as a shared file, to serve its verified pieces (it needs the manifest)."""
+        assert self.pieces is not None
+        return Entry(self.name, self.size, 0, self.sha256, self.piece_size, self.pieces)
 
     @property
     def needs_manifest(self) -> bool:
@@ -254,7 +259,7 @@ class Download:
         length = sum(len(c) for c in chunks)
         self.received = min(self.size, self.received + length)
         self.progress(self.received, self.size)
-        self._checking[index] = self._checking.get(index, 0) + 1  # not to be asked again meanwhile
+        self._checking[index] += 1  # not to be asked again meanwhile
         self._queue.append((source, index, chunks))
         self._queued_bytes += length
         if not self._paused and self._queued_bytes > HIGH_WATER:
@@ -348,10 +353,9 @@ class Download:
 
     def _written(self, good: bool, source: Any, index: int) -> None:
         self._writing = False
-        if self._checking.get(index, 0) > 1:
-            self._checking[index] -= 1
-        else:
-            self._checking.pop(index, None)
+        self._checking[index] -= 1
+        if self._checking[index] <= 0:
+            del self._checking[index]
         if self._ended:
             self._discard(self._keep)
             return

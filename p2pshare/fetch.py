@@ -142,22 +142,14 @@ class Fetcher:
             return None
         return self._accept(f, frame, proto, "holder")
 
-    def partial_download(self, sha256: str) -> Optional[Download]:
-        """The download in progress of content *sha256*, once it has its manifest (so it can serve)."""
+    def serving(self, name: str = "", sha256: str = "") -> Optional[Download]:
+        """The download in progress of *name* and/or content *sha256* whose verified pieces we can
+        serve: one that has its manifest."""
         for f in self.fetches.values():
             d = f.download
-            if d is not None and d.sha256 == sha256 and d.pieces is not None and not d.done.called:
+            if (d is not None and d.pieces is not None and not d.done.called and (not name or d.name == name)
+                    and (not sha256 or d.sha256 == sha256)):
                 return d
-        return None
-
-    def partial_entry(self, name: str, sha256: str = "") -> Optional[Entry]:
-        """A file being downloaded, by name and/or content, as an entry to serve its verified pieces."""
-        for f in self.fetches.values():
-            d = f.download
-            if (d is None or d.pieces is None or d.done.called or (name and d.name != name)
-                    or (sha256 and d.sha256 != sha256)):
-                continue
-            return Entry(d.name, d.size, 0, d.sha256, d.piece_size, d.pieces)
         return None
 
     def stop(self) -> Deferred[Any]:

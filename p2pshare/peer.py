@@ -92,7 +92,7 @@ class Peer(MultiService):
         self.rng = random.SystemRandom()
         self.core = SearchCore(self.shares.lookup, self.neighbours, self._me, self.counters, max_ttl=ttl,
                                retransmitter=Retransmitter(self.counters, on_give_up=self._unanswered),
-                               partial=lambda name, sha256: self.fetcher.partial_entry(name, sha256))
+                               partial=self._partial_entry)
         self.search_proto = SearchProtocol(self.core, reactor, self._offer, self._heard_from, self._hello, seal)
         # One byte more than the longest acceptable datagram (sealed, in a private network): longer ones were cut.
         self._read_size = (MAX_DATAGRAM if seal is None else seal.max_sealed) + 1
@@ -343,21 +343,22 @@ class Peer(MultiService):
         try:
             entry, f = self.shares.open_for_reading(frame.name)
         except NotFound:
-            partial = self.fetcher.partial_entry(frame.name, frame.sha256)
-            if partial is None:
-                raise
-            download = self.fetcher.partial_download(partial.sha256)
+            download = self.fetcher.serving(frame.name, frame.sha256)
             if download is None:
                 raise
-            entry = partial
             f = open(download.tmp_path, "rb")  # its verified pieces only: see TransferProtocol._on_get
             self.counters.add("uploads_opened_partial")
-            return entry, f, download
+            return download.entry(), f, download
         if frame.sha256 and frame.sha256 != entry.sha256:
             f.close()
             raise NotFound(f"{frame.name!r} here has different content")
         self.counters.add("uploads_opened")
         return entry, f, None
+
+    def _partial_entry(self, name: str, sha256: str) -> Optional[Entry]:
+        """A file we are downloading and can serve part of, for the search (a hit that still forwards)."""
+        download = self.fetcher.serving(name, sha256)
+        return download.entry() if download is not None else None
 
     def sent(self, nbytes: int) -> None:
         self.counters.add("bytes_sent", nbytes)

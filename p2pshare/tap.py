@@ -148,6 +148,9 @@ def stop_when_running(reactor: Any) -> None:
     reactor.callWhenRunning(stop)
 
 
+M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
+
+
 def return_freed_memory() -> bool:
     """Make glibc hand large freed buffers back to the system (True when it could be asked).
 
@@ -166,9 +169,6 @@ def return_freed_memory() -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024))
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
-
-
-M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
 
 
 def makeTrackerService(options: TrackerOptions, reactor: Any = None) -> IService:

@@ -75,6 +75,12 @@ def download(shares: Shares, data: bytes, executor: Any = synchronously) -> Down
     return dl
 
 
+def abandon(dl: Download) -> None:
+    """End a download a test leaves unfinished."""
+    dl.fail(TransferFailed("test over"))
+    dl.done.addErrback(lambda f: None)
+
+
 def feed(dl: Download, source: Source, data: bytes, corrupt: set[int] = frozenset()) -> bool:  # type: ignore
     """Let *source* claim a range and deliver its pieces; False when it had nothing to claim."""
     claimed = dl.claim(source)
@@ -266,8 +272,7 @@ def test_one_holder_is_asked_in_order_and_a_swarm_at_random_and_for_what_a_sourc
     data = os.urandom(24 * PIECE)
     dl = download(Shares(share), data)
     assert [dl.claim(Source()) for _ in range(3)] == [(0, PIECE), (PIECE, PIECE), (2 * PIECE, PIECE)]
-    dl.fail(TransferFailed("done"))
-    dl.done.addErrback(lambda f: None)
+    abandon(dl)
 
     firsts = set()
     for _ in range(20):
@@ -276,8 +281,7 @@ def test_one_holder_is_asked_in_order_and_a_swarm_at_random_and_for_what_a_sourc
         offset, length = dl.claim(Source())
         assert length == PIECE
         firsts.add(offset)
-        dl.fail(TransferFailed("done"))
-        dl.done.addErrback(lambda f: None)
+        abandon(dl)
     assert len(firsts) > 5 and max(firsts) > 12 * PIECE  # anywhere in the file
 
     dl = download(Shares(share), data)
@@ -291,8 +295,7 @@ def test_one_holder_is_asked_in_order_and_a_swarm_at_random_and_for_what_a_sourc
         offset, _length = dl.claim(full, prefer=lambda i: i not in odd)
         assert offset // PIECE not in odd
     assert dl.claim(Source(), has=lambda i: False) is None
-    dl.fail(TransferFailed("done"))
-    dl.done.addErrback(lambda f: None)
+    abandon(dl)
 
 
 def test_watchers_hear_of_each_verified_piece_and_not_of_bad_ones(share: Path) -> None:

@@ -7,7 +7,7 @@ import os
 import socket
 import subprocess
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 import pytest
 import pytest_twisted
@@ -15,66 +15,10 @@ from twisted.internet import defer, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 
-from p2pshare import NotFound, Peer, start_peer, start_tracker
+from loopback import Network, eventually, reactor
+from p2pshare import NotFound, start_peer, start_tracker
 from p2pshare.errors import AlreadyExists, AmbiguousName, TransferFailed
 from p2pshare.wire import MAX_DATAGRAM, Query
-
-
-def reactor() -> Any:
-    from twisted.internet import reactor as r
-
-    return r
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait until *check* holds, polling the real reactor."""
-    for _ in range(int(timeout / 0.02)):
-        if check():
-            return
-        await task.deferLater(reactor(), 0.02, lambda: None)
-    assert check()
-
-
-class Network:
-    """A tracker and peers on 127.0.0.1; every one is stopped at teardown."""
-
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.tracker: Any = None
-        self.peers: list[Peer] = []
-
-    async def start_tracker(self) -> str:
-        self.tracker = await start_tracker(reactor(), "tcp:0:interface=127.0.0.1", interval=1.0)
-        return f"127.0.0.1:{self.tracker.port.getHost().port}"
-
-    async def add(self, files: dict[str, bytes] | None = None, **options: Any) -> Peer:
-        folder = self.base / f"peer{len(self.peers)}"
-        folder.mkdir()
-        for name, data in (files or {}).items():
-            (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            (folder / name).write_bytes(data)
-        options.setdefault("interface", "127.0.0.1")
-        options.setdefault("refresh", 0.5)
-        options.setdefault("dial_wait", 0.3)
-        peer = await start_peer(reactor(), folder, **options)
-        self.peers.append(peer)
-        return peer
-
-    async def chain(self, n: int, holder_files: dict[str, bytes], tracker: str | None = None) -> list[Peer]:
-        """Peers 0..n-1 where peer i knows only peer i+1; the last one holds *holder_files*."""
-        peers: list[Peer] = []
-        for i in reversed(range(n)):
-            nxt = [("127.0.0.1", peers[0].udp_port)] if peers else []
-            files = holder_files if i == n - 1 else {}
-            peers.insert(0, await self.add(files, peers=tuple(nxt), tracker=tracker, want=0))
-        return peers
-
-    async def stop(self) -> None:
-        for p in self.peers:
-            if p.running:
-                await p.stopService()
-        if self.tracker is not None:
-            await self.tracker.stopService()
 
 
 @pytest_twisted.async_yield_fixture
@@ -416,15 +360,15 @@ async def test_a_peer_still_downloading_serves_its_verified_pieces_to_another(ne
     fetch_a = a.fetch("s.bin", timeout=30.0, progress=progress)
     await eventually(lambda: bool(stopped))
     await stopped[0]
-    partial = a.fetcher.partial_download(sha)
+    partial = a.fetcher.serving(sha256=sha)
     assert partial is not None and not partial.complete
     await eventually(lambda: partial.verified >= 4 * mib)
     had = partial.verified
 
     fetch_b = b.fetch("s.bin", timeout=30.0)
     await eventually(lambda: a.counters["uploads_opened_partial"] >= 1, timeout=10.0)
-    await eventually(lambda: b.fetcher.partial_download(sha) is not None
-                     and b.fetcher.partial_download(sha).verified >= had, timeout=10.0)
+    await eventually(lambda: b.fetcher.serving(sha256=sha) is not None
+                     and b.fetcher.serving(sha256=sha).verified >= had, timeout=10.0)
 
     await net.add({"s.bin": data}, peers=(("127.0.0.1", a.udp_port),))  # a holder again
     result_a, result_b = await fetch_a, await fetch_b

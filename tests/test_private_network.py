@@ -16,73 +16,20 @@ from typing import Any, AsyncIterator, Callable, Optional
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import LogLevel, capturedLogs
 
-from p2pshare import NotFound, Peer, start_peer, start_tracker
+from loopback import Network, eventually, reactor
+from p2pshare import NotFound, Peer
 from p2pshare.cli import main as cli_main
 from p2pshare.netkey import NetworkKey, NetworkTLS, load_key, write_key
-from p2pshare.tracker import TrackerFactory, TrackerService
 from p2pshare.wire import TrackerReply, TrackerRequest
 from test_system import P2PSHARE, TWISTD, Daemon, peer_status, poll
 
 KEY = NetworkKey.generate()
 OTHER = NetworkKey.generate()
-
-
-def reactor() -> Any:
-    from twisted.internet import reactor as r
-
-    return r
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 10.0) -> None:
-    """Wait until *check* holds, polling the real reactor (a deadline, not a sleep-as-assertion)."""
-    for _ in range(int(timeout / 0.02)):
-        if check():
-            return
-        await task.deferLater(reactor(), 0.02, lambda: None)
-    assert check()
-
-
-class Network:
-    """A tracker (keyed or not) and peers on 127.0.0.1; every one is stopped at teardown."""
-
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.tracker: Any = None
-        self.address = ""
-        self.peers: list[Peer] = []
-
-    async def start_tracker(self, key: Optional[NetworkKey], interval: float = 1.0) -> str:
-        if key is None:
-            self.tracker = await start_tracker(reactor(), "tcp:0:interface=127.0.0.1", interval=interval)
-        else:
-            self.tracker = TrackerService(serverFromString(reactor(), "tcp:0:interface=127.0.0.1"),
-                                          TrackerFactory(reactor(), interval=interval), key=key)
-            self.tracker.startService()
-            await self.tracker.when_listening()
-        self.address = f"127.0.0.1:{self.tracker.port.getHost().port}"
-        return self.address
-
-    async def add(self, key: Optional[NetworkKey], files: dict[str, bytes] | None = None, **options: Any) -> Peer:
-        folder = self.base / f"peer{len(self.peers)}"
-        folder.mkdir()
-        for name, data in (files or {}).items():
-            (folder / name).write_bytes(data)
-        options.setdefault("tracker", self.address or None)
-        peer = await start_peer(reactor(), folder, key=key, interface="127.0.0.1", refresh=0.5, dial_wait=0.3,
-                                **options)
-        self.peers.append(peer)
-        return peer
-
-    async def stop(self) -> None:
-        for p in self.peers:
-            await p.stopService()
-        if self.tracker is not None:
-            await self.tracker.stopService()
 
 
 @pytest_twisted.async_yield_fixture
@@ -134,8 +81,8 @@ async def ask_tracker(address: str, key: Optional[NetworkKey], report: Callable[
 async def test_members_register_search_and_fetch_both_ways_over_tls(net: Network) -> None:
     await net.start_tracker(KEY)
     data = os.urandom(300_000)
-    holder = await net.add(KEY, {"secret.bin": data, "other.bin": b"more"})
-    asker = await net.add(KEY)
+    holder = await net.add({"secret.bin": data, "other.bin": b"more"}, tracker=net.address, key=KEY)
+    asker = await net.add(tracker=net.address, key=KEY)
     await eventually(lambda: len(net.tracker.factory.registry) == 2 and asker.neighbours())
     [hit] = await asker.search("secret.bin", timeout=1.0)
     assert (hit.size, hit.peer) == (len(data), holder.peer_id)
@@ -165,11 +112,12 @@ async def test_a_member_talks_tls_1_3_to_the_tracker(net: Network) -> None:
 @pytest_twisted.ensureDeferred
 async def test_outsiders_cannot_register_search_or_fetch_and_are_counted(net: Network) -> None:
     await net.start_tracker(KEY)
-    holder = await net.add(KEY, {"secret.txt": b"members only\n"})
+    holder = await net.add({"secret.txt": b"members only\n"}, tracker=net.address, key=KEY)
     await eventually(lambda: len(net.tracker.factory.registry) == 1)
     static = (("127.0.0.1", holder.udp_port),)  # outsiders know the holder's address anyway
     with capturedLogs() as events:
-        outsiders = [await net.add(OTHER, peers=static), await net.add(None, peers=static)]
+        outsiders = [await net.add(tracker=net.address, key=OTHER, peers=static),
+                     await net.add(tracker=net.address, key=None, peers=static)]
         await eventually(lambda: net.tracker.factory.counters["tracker_outsider_connections"] >= 2)
         assert len(net.tracker.factory.registry) == 1  # neither registered
         assert not any(o.tracker.registered for o in outsiders)
@@ -222,7 +170,7 @@ async def ask_holder_directly(outsider: Peer, holder: Peer) -> None:
 async def test_a_keyed_peer_refuses_an_unkeyed_tracker_and_says_why(net: Network) -> None:
     await net.start_tracker(None, interval=0.2)  # closes silent connections after 0.6 s
     with capturedLogs() as events:
-        peer = await net.add(KEY)
+        peer = await net.add(tracker=net.address, key=KEY)
 
         def refused() -> bool:
             return any("is not part of this private network" in e.get("log_format", "") for e in events)
@@ -236,7 +184,7 @@ async def test_a_keyed_peer_refuses_an_unkeyed_tracker_and_says_why(net: Network
 @pytest_twisted.ensureDeferred
 async def test_a_keyed_tracker_gives_nothing_to_a_client_without_the_key(net: Network) -> None:
     address = await net.start_tracker(KEY)
-    await net.add(KEY)
+    await net.add(tracker=net.address, key=KEY)
     await eventually(lambda: len(net.tracker.factory.registry) == 1)
     reports: list[str] = []
     plain = await ask_tracker(address, None, lambda host, why: None)

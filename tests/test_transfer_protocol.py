@@ -393,6 +393,21 @@ def _manifest(payload: bytes) -> tuple[bytes, str]:
     return pieces, hashlib.sha256(pieces).hexdigest()
 
 
+def manifest_offer(payload: bytes, **fields: str) -> tuple[bytes, bytes]:
+    """The line of an offer of *payload* with a manifest of 1 MiB pieces, and that manifest."""
+    pieces, root = _manifest(payload)
+    frame = Frame("offer", id=RID, name="got.bin", size=len(payload), sha256=hashlib.sha256(payload).hexdigest(),
+                  peer=PEER, piece=MIB, root=root, **fields)
+    return frame.encode() + b"\n", pieces
+
+
+def abandon(download: Optional[Download]) -> None:
+    """End a download a test leaves unfinished."""
+    assert download is not None
+    download.fail(TransferFailed("test over"))
+    download.done.addErrback(lambda f: None)
+
+
 class PartialNode(Node):
     """A peer part-way through downloading a file: it serves the pieces it has verified."""
 
@@ -436,18 +451,14 @@ def test_a_partial_holder_offers_its_bitmap_refuses_missing_pieces_and_announces
     assert frames(transport)[0]["code"] == "not_have" and transport.disconnecting
     proto.connectionLost(None)
     assert proto not in d.watchers
-    d.fail(TransferFailed("test over"))
-    d.done.addErrback(lambda f: None)
+    abandon(d)
 
 
 def test_a_requester_asks_a_partial_holder_only_for_what_it_has_and_more_after_have(share: Path) -> None:
-    payload = os.urandom(4 * MIB)
-    pieces, root = _manifest(payload)
+    offer, pieces = manifest_offer(os.urandom(4 * MIB), have="20")  # 0010 0000: piece 2 only
     node = Node(Shares(share))
     proto, transport = connect(node)
-    proto.dataReceived(Frame("offer", id=RID, name="got.bin", size=len(payload),
-                             sha256=hashlib.sha256(payload).hexdigest(), peer=PEER, piece=MIB, root=root,
-                             have="20").encode() + b"\n")  # 0010 0000: piece 2 only
+    proto.dataReceived(offer)
     assert frames(transport)[-1] == {"v": 1, "t": "manifest"}
     transport.clear()
     proto.dataReceived(Frame("pieces", length=len(pieces)).encode() + b"\n" + pieces)
@@ -459,51 +470,43 @@ def test_a_requester_asks_a_partial_holder_only_for_what_it_has_and_more_after_h
     assert frames(transport)[-1]["code"] == "bad_have" and transport.disconnecting
     proto.connectionLost(None)
     assert node.download is not None
-    node.download.fail(TransferFailed("test over"))
-    node.download.done.addErrback(lambda f: None)
+    abandon(node.download)
 
 
 def test_have_from_a_complete_holder_and_a_bitmap_of_the_wrong_size_are_refused(share: Path) -> None:
     payload = os.urandom(2 * MIB)
-    pieces, root = _manifest(payload)
-    offer = dict(id=RID, name="got.bin", size=len(payload), sha256=hashlib.sha256(payload).hexdigest(),
-                 peer=PEER, piece=MIB, root=root)
     node = Node(Shares(share))
     proto, transport = connect(node)
-    proto.dataReceived(Frame("offer", **offer).encode() + b"\n")
+    proto.dataReceived(manifest_offer(payload)[0])
     proto.dataReceived(Frame("have", piece=0).encode() + b"\n")
     assert frames(transport)[-1]["code"] == "unexpected" and transport.disconnecting
     proto.connectionLost(None)
-    node.download.fail(TransferFailed("test over"))
-    node.download.done.addErrback(lambda f: None)
+    abandon(node.download)
 
     node = Node(Shares(share))
     proto, transport = connect(node)
-    proto.dataReceived(Frame("offer", **offer, have="ffff").encode() + b"\n")  # 16 pieces, not 2
+    proto.dataReceived(manifest_offer(payload, have="ffff")[0])  # 16 pieces, not 2
     assert frames(transport)[-1]["code"] == "bad_have" and transport.disconnecting
     proto.connectionLost(None)
-    node.download.fail(TransferFailed("test over"))
-    node.download.done.addErrback(lambda f: None)
+    abandon(node.download)
 
 
 def test_a_requester_tells_the_holder_of_a_bad_piece_and_the_holder_suspects_its_file(share: Path) -> None:
     payload = os.urandom(2 * MIB)
-    pieces, root = _manifest(payload)
+    offer, pieces = manifest_offer(payload)
     node = Node(Shares(share))
     proto, transport = connect(node)
-    proto.dataReceived(Frame("offer", id=RID, name="got.bin", size=len(payload),
-                             sha256=hashlib.sha256(payload).hexdigest(), peer=PEER, piece=MIB,
-                             root=root).encode() + b"\n")
+    proto.dataReceived(offer)
     proto.dataReceived(Frame("pieces", length=len(pieces)).encode() + b"\n" + pieces)
     (first, _second) = [f for f in frames(transport) if f["t"] == "get"]
     transport.clear()
     proto.dataReceived(Frame("data", offset=first["offset"], length=MIB).encode() + b"\n" + b"\0" * MIB)
     assert frames(transport)[-1]["code"] == "bad_piece" and transport.disconnecting
     proto.connectionLost(None)
-    node.download.fail(TransferFailed("test over"))
-    node.download.done.addErrback(lambda f: None)
+    abandon(node.download)
 
-    holding = holder(share / "h" if (share / "h").mkdir() is None else share, payload)
+    (share / "h").mkdir()
+    holding = holder(share / "h", payload)
     proto, transport = connect(holding)
     proto.dataReceived(Frame("open", id=RID, name="blob.bin").encode() + b"\n")
     proto.dataReceived(Frame("error", code="bad_piece", message="piece 0").encode() + b"\n")
@@ -533,5 +536,4 @@ def test_a_piece_verified_while_a_range_streams_is_announced_after_the_range(sha
     assert json.loads(head)["t"] == "data" and rest[:MIB] == payload[MIB: 2 * MIB]
     assert rest[MIB:] == Frame("have", piece=2).encode() + b"\n"
     proto.connectionLost(None)
-    d.fail(TransferFailed("test over"))
-    d.done.addErrback(lambda f: None)
+    abandon(d)
