@@ -92,7 +92,7 @@ class Peer(MultiService):
         self.rng = random.SystemRandom()
         self.core = SearchCore(self.shares.lookup, self.neighbours, self._me, self.counters, max_ttl=ttl,
                                retransmitter=Retransmitter(self.counters, on_give_up=self._unanswered),
-                               partial=self._partial_entry)
+                               partial=self._partial_entry, trusted=self._trusted)
         self.search_proto = SearchProtocol(self.core, reactor, self._offer, self._heard_from, self._hello, seal)
         # One byte more than the longest acceptable datagram (sealed, in a private network): longer ones were cut.
         self._read_size = (MAX_DATAGRAM if seal is None else seal.max_sealed) + 1
@@ -354,6 +354,10 @@ class Peer(MultiService):
             raise NotFound(f"{frame.name!r} here has different content")
         self.counters.add("uploads_opened")
         return entry, f, None
+
+    def _trusted(self, addr: Address) -> bool:
+        """Addresses proven without us: the tracker saw them over TCP; static ones, the operator gave."""
+        return addr in self.hood.tracker or addr in self.hood.static
 
     def _partial_entry(self, name: str, sha256: str) -> Optional[Entry]:
         """A file we are downloading and can serve part of, for the search (a hit that still forwards)."""

@@ -90,7 +90,7 @@ class Retransmitter:
     def pending_to(self, kind: str, request_id: str, dest: Address) -> bool:
         return (kind, request_id, dest) in self._pending
 
-    def due(self, now: float) -> list[tuple[bytes, Address]]:
+    def due(self, now: float) -> list[tuple[str, bytes, Address]]:
         """Datagrams whose ack is late: send them again now."""
         resend = []
         while self._heap and self._heap[0][0] <= now:
@@ -108,7 +108,7 @@ class Retransmitter:
             p.deadline = now + p.timeout
             heapq.heappush(self._heap, (p.deadline, next(self._seq), key))
             self.counters.add(f"retries_{key[0]}")
-            resend.append((p.payload, key[2]))
+            resend.append((key[0], p.payload, key[2]))
         return resend
 
     def next_deadline(self) -> Optional[float]:

@@ -19,10 +19,10 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from p2pshare.errors import MalformedMessage, MessageTooLarge, UnsupportedVersion
-from p2pshare.ratelimit import Counters, RateLimitedLog, TokenBuckets
+from p2pshare.ratelimit import Counters, RateLimitedLog, TokenBuckets, touch
 from p2pshare.reliable import Retransmitter
 from p2pshare.shares import Entry
-from p2pshare.wire import MAX_DATAGRAM, Ack, Address, Hello, Hit, Query, decode_datagram
+from p2pshare.wire import MAX_DATAGRAM, MIN_QUERY, Ack, Address, Hello, Hit, Query, decode_datagram
 
 if TYPE_CHECKING:
     from p2pshare.netkey import DatagramSeal
@@ -68,12 +68,53 @@ class DedupCache:
         return len(self._seen)
 
 
+MAX_BUDGETS = 4096  # addresses whose return budget is kept (most recent first)
+HEADERS = 28  # IPv4 and UDP header bytes of a datagram: counted both ways, so the bound holds on the wire
+
+
+@define
+class ReturnBudget:
+    """No amplification: to an address that has not proven it receives our datagrams, send at most
+    the bytes it sent us.
+
+    An address proves itself by acknowledging a datagram we sent it: the ack names a 128-bit
+    request ID that only that datagram carried.  Until then each datagram from it is credit,
+    and each ack or hit to it spends some.  Queries pad themselves (``wire.MIN_QUERY``) so that
+    one buys its ack and a hit.  Queries and hellos, which go only to neighbours, are not limited.
+    """
+
+    max_addresses: int = MAX_BUDGETS
+    overhead: int = HEADERS  # bytes a datagram takes on the wire beyond its payload
+    _credit: OrderedDict[Address, int] = field(factory=OrderedDict)
+    _proven: OrderedDict[Address, None] = field(factory=OrderedDict)
+
+    def received(self, addr: Address, nbytes: int) -> None:
+        if addr not in self._proven:
+            touch(self._credit, addr, self._credit.get(addr, 0) + nbytes + self.overhead, self.max_addresses)
+
+    def prove(self, addr: Address) -> None:
+        touch(self._proven, addr, None, self.max_addresses)
+        self._credit.pop(addr, None)
+
+    def spend(self, addr: Address, nbytes: int) -> bool:
+        """May *nbytes* go to *addr*?  If so, they are spent."""
+        if addr in self._proven:
+            return True
+        credit = self._credit.get(addr, 0)
+        if credit < nbytes + self.overhead:
+            return False
+        self._credit[addr] = credit - nbytes - self.overhead
+        return True
+
+
 @define
 class _Flood:
-    """What this peer did with one request ID: whom it sent copies to, and copies received per sender."""
+    """What this peer did with one request ID: whom it sent copies to, copies received per sender,
+    and where the first copy came from (where hits go back when the requester is unproven)."""
 
     sent_to: set[Address] = field(factory=set)
     copies: dict[Address, int] = field(factory=dict)
+    came_from: Optional[Address] = None
 
 
 MAX_FLOODS = 4096  # request IDs whose flood state is kept (most recent first)
@@ -112,6 +153,8 @@ class SearchCore:
     waiting: dict[str, Callable[[Hit], None]] = field(factory=dict)
     retransmitter: Retransmitter = field(default=None)
     partial: Callable[[str, str], Optional[Entry]] = lambda name, sha256: None
+    budget: ReturnBudget = field(factory=ReturnBudget)
+    trusted: Optional[Callable[[Address], bool]] = None  # addresses proven otherwise (default: our neighbours)
     _floods: OrderedDict[str, _Flood] = field(factory=OrderedDict)
 
     def __attrs_post_init__(self) -> None:
@@ -145,26 +188,53 @@ class SearchCore:
         self.waiting.pop(request_id, None)
         self.retransmitter.forget(request_id)
 
-    def on_query(self, q: Query, sender: Address, now: float) -> Reaction:
+    def _may_send(self, dest: Address, nbytes: int) -> bool:
+        """May an ack or a hit of *nbytes* go to *dest*? (Spends its return budget if it is not trusted.)"""
+        trusted = self.trusted(dest) if self.trusted is not None else dest in self.neighbours()
+        return trusted or self.budget.spend(dest, nbytes)
+
+    def _affordable(self, sends: list[tuple[bytes, Address]]) -> list[tuple[bytes, Address]]:
+        """The acks among *sends* that the return budget allows (the others are counted and dropped)."""
+        allowed = [(payload, dest) for payload, dest in sends if self._may_send(dest, len(payload))]
+        if len(allowed) < len(sends):
+            self.counters.add("dropped_unproven", len(sends) - len(allowed))
+        return allowed
+
+    def _hit_to(self, q: Query, hit: Hit, sender: Address) -> list[tuple[str, str, bytes, Address]]:
+        """A hit goes to the requester if its budget allows, else back to the neighbour the query
+        came from (which passes it on, section 3.10 of protocol.md), else nowhere."""
+        payload = hit.encode()
+        for dest in (q.udp, sender):
+            if self._may_send(dest, len(payload)):
+                if dest != q.udp:
+                    self.counters.add("hits_sent_back")
+                return [("hit", q.id, payload, dest)]
+        self.counters.add("dropped_unproven")
+        return []
+
+    def on_query(self, q: Query, sender: Address, now: float, size: Optional[int] = None) -> Reaction:
+        """A query of *size* bytes (default: as we would encode it) from *sender*."""
+        self.budget.received(sender, len(q.encode()) if size is None else size)
         ack = [(Ack(q.id, "query").encode(), sender)]
         q = q.with_sender(sender[0])
         if not self.seen.add(q.id, now):
             self.counters.add("dropped_duplicate")
-            return Reaction(self._ack_duplicate(q.id, sender, ack, now))
+            return Reaction(self._affordable(self._ack_duplicate(q.id, sender, ack, now)))
         self.counters.add("queries_received")
+        ack = self._affordable(ack)
         entry = self.lookup(q.name, q.sha256)
         if entry is not None:
             peer, tcp = self.me()
             hit = Hit(q.id, entry.name, entry.size, entry.sha256, tcp, peer, min(q.hops + 1, 255))
             self.counters.add("hits_sent")
-            return Reaction(ack, [("hit", q.id, hit.encode(), q.udp)], (q, entry) if q.fetch else None)
+            return Reaction(ack, self._hit_to(q, hit, sender), (q, entry) if q.fetch else None)
         hits = []
         partial = self.partial(q.name, q.sha256)
         if partial is not None:
             peer, tcp = self.me()
             hit = Hit(q.id, partial.name, partial.size, partial.sha256, tcp, peer, min(q.hops + 1, 255))
             self.counters.add("hits_sent_partial")
-            hits.append(("hit", q.id, hit.encode(), q.udp))
+            hits = self._hit_to(q, hit, sender)
         ttl = min(q.ttl, self.max_ttl)
         if ttl <= 0:
             self.counters.add("dropped_expired")
@@ -175,12 +245,15 @@ class SearchCore:
         flood = self._flood(q.id)
         flood.sent_to.update(targets)
         flood.copies[sender] = 1
+        flood.came_from = sender
         return Reaction(ack, hits + [("query", q.id, fwd, n) for n in targets])
 
-    def on_duplicate(self, request_id: str, sender: Address, now: float) -> Reaction:
+    def on_duplicate(self, request_id: str, sender: Address, now: float, size: int = MIN_QUERY) -> Reaction:
         """A further copy of a query already processed, recognised without decoding it all."""
+        self.budget.received(sender, size)
         self.counters.add("dropped_duplicate")
-        return Reaction(self._ack_duplicate(request_id, sender, [(Ack(request_id, "query").encode(), sender)], now))
+        return Reaction(self._affordable(self._ack_duplicate(request_id, sender,
+                                                             [(Ack(request_id, "query").encode(), sender)], now)))
 
     def _ack_duplicate(self, request_id: str, sender: Address, ack: list[tuple[bytes, Address]],
                        now: float) -> list[tuple[bytes, Address]]:
@@ -200,25 +273,46 @@ class SearchCore:
             return []
         return ack
 
-    def on_hit(self, hit: Hit, sender: Address, now: float) -> Reaction:
-        """Deliver a hit to the search that asked (each holder once) and acknowledge it."""
-        ack = Reaction([(Ack(hit.id, "hit").encode(), sender)])
+    def on_hit(self, hit: Hit, sender: Address, now: float, size: Optional[int] = None) -> Reaction:
+        """Deliver a hit to the search that asked (each holder once), or pass on one that came back
+        along the query's path; acknowledge it either way."""
+        self.budget.received(sender, len(hit.encode()) if size is None else size)
+        ack = Reaction(self._affordable([(Ack(hit.id, "hit").encode(), sender)]))
         handler = self.waiting.get(hit.id)
-        if handler is None:
+        flood = self._floods.get(hit.id)
+        if handler is None and (flood is None or flood.came_from in (None, sender)):
             self.counters.add("dropped_unknown_hit")
             return ack
         if not self.seen.add(f"hit:{hit.id}:{hit.peer}", now):
             self.counters.add("dropped_duplicate_hit")
             return ack
+        if handler is None:  # sent back to us: on towards the requester, as far as budgets allow
+            assert flood is not None and flood.came_from is not None
+            payload = hit.encode()
+            if self._may_send(flood.came_from, len(payload)):
+                self.counters.add("hits_passed_back")
+                ack.tracked.append(("hit", hit.id, payload, flood.came_from))
+            else:
+                self.counters.add("dropped_unproven")
+            return ack
         self.counters.add("hits_received")
         handler(hit)
         return ack
 
-    def on_ack(self, ack: Ack, sender: Address, now: float) -> None:
-        self.retransmitter.ack(ack.kind, ack.id, sender, now)
+    def on_ack(self, kind: str, request_id: str, sender: Address, now: float) -> None:
+        """An ack: *sender* received a datagram only it could have read, so it has proven its address."""
+        if self.retransmitter.ack(kind, request_id, sender, now):
+            self.budget.prove(sender)
 
     def due(self, now: float) -> list[tuple[bytes, Address]]:
-        return self.retransmitter.due(now)
+        """Datagrams to send again; hits only as far as the return budget allows."""
+        resend = []
+        for kind, payload, dest in self.retransmitter.due(now):
+            if kind == "hit" and not self._may_send(dest, len(payload)):
+                self.counters.add("dropped_unproven")
+                continue
+            resend.append((payload, dest))
+        return resend
 
 
 class SearchProtocol(DatagramProtocol):
@@ -234,6 +328,8 @@ class SearchProtocol(DatagramProtocol):
                  seal: Optional["DatagramSeal"] = None) -> None:
         self.core = core
         self.seal = seal  # a private network's: every datagram sealed on the way out, opened first on the way in
+        if seal is not None:
+            core.budget.overhead = HEADERS + seal.max_sealed - MAX_DATAGRAM  # sealing adds as much to each
         self.clock = clock
         self.on_offer = on_offer
         self.on_sender = on_sender
@@ -273,14 +369,14 @@ class SearchProtocol(DatagramProtocol):
             return
         now = self.clock.seconds()
         if isinstance(msg, Ack):
-            self.core.on_ack(msg, addr, now)
+            self.core.on_ack(msg.kind, msg.id, addr, now)
         elif isinstance(msg, Hello):
             self.on_hello(msg, addr)
         elif isinstance(msg, Hit):
-            self.send_all(self.core.on_hit(msg.with_sender(addr[0]), addr, now))
+            self.send_all(self.core.on_hit(msg.with_sender(addr[0]), addr, now, len(data)))
         else:
             self.on_sender(addr)
-            reaction = self.core.on_query(msg, addr, now)
+            reaction = self.core.on_query(msg, addr, now, len(data))
             self.send_all(reaction)
             if reaction.offer is not None:
                 self.on_offer(*reaction.offer)
@@ -318,12 +414,12 @@ class SearchProtocol(DatagramProtocol):
             if not self.core.seen.seen_recently(rid, now):
                 return False
             self.on_sender(addr)
-            self.send_all(self.core.on_duplicate(rid, addr, now))
+            self.send_all(self.core.on_duplicate(rid, addr, now, len(data)))
             return True
         match = _ACK.fullmatch(data)
         if match is None:
             return False
-        self.core.retransmitter.ack(match[2].decode(), match[1].decode(), addr, self.clock.seconds())
+        self.core.on_ack(match[2].decode(), match[1].decode(), addr, self.clock.seconds())
         return True
 
     def send_all(self, reaction: Reaction) -> None:

@@ -29,6 +29,8 @@ MAX_TTL = 16  # the most a peer may be configured to forward (--ttl); larger TTL
 MAX_PEERS_ANSWER = 100  # peers in one tracker answer
 MAX_RANGE = 64 * 1024 * 1024  # bytes asked for by one "get"
 MAX_SIZE = 2**63 - 1
+MIN_QUERY = 512  # bytes a query is padded to, at least ...
+QUERY_HEADROOM = 320  # ... and at least this many more than its fields: room for an ack and a hit back
 STATE_DIR = ".p2pshare"  # hidden per-peer state folder, never shared
 
 Address = tuple[str, int]
@@ -236,6 +238,13 @@ class Query:
                "hops": self.hops if hops is None else hops, "fetch": self.fetch}
         if self.sha256:
             obj["sha256"] = self.sha256
+        bare = len(_dumps(obj))
+        # Padding: a query brings its sender the credit for the ack and the hit it may get back
+        # (search.ReturnBudget); never longer than a datagram may be.
+        room = QUERY_HEADROOM + (0 if self.name else MAX_NAME)  # asked by content: the hit names the file
+        pad = min(max(MIN_QUERY - bare, room), MAX_DATAGRAM - bare - 10)
+        if pad > 0:
+            obj["pad"] = " " * pad
         return _dumps(obj)
 
     def forwarded(self, ttl: Optional[int] = None) -> "Query":

@@ -67,7 +67,7 @@ def test_every_query_is_acknowledged_to_its_sender() -> None:
 def test_holder_answers_with_a_hit_to_the_requester_and_does_not_forward() -> None:
     entry = Entry("f.txt", 10, 1, SHA)
     c = core({"f.txt": entry}, neighbours=[("10.0.0.2", 1), ("10.0.0.3", 1)])
-    reaction = c.on_query(query(), ("10.0.0.9", 1), now=0.0)
+    reaction = c.on_query(query(), REQUESTER, now=0.0)  # straight from the requester: its query paid for it
     assert tracked_to(reaction) == [("hit", REQUESTER)]
     hit = decode_datagram(reaction.tracked[0][2])
     assert isinstance(hit, Hit)
@@ -87,10 +87,55 @@ def test_a_peer_downloading_the_file_answers_and_still_forwards_without_offering
     partial = Entry("f.txt", 10, 0, SHA, 1 << 20, b"p" * 32)
     c = core(neighbours=[("10.0.0.2", 1)])
     c.partial = lambda name, sha256: partial if name == "f.txt" else None
-    reaction = c.on_query(query(fetch=True), ("10.0.0.9", 1), now=0.0)
+    reaction = c.on_query(query(fetch=True), REQUESTER, now=0.0)
     assert tracked_to(reaction) == [("hit", REQUESTER), ("query", ("10.0.0.2", 1))]
     assert reaction.offer is None  # the requester dials a partial holder; it is not offered to
     assert c.counters["hits_sent_partial"] == 1
+
+
+def test_a_hit_for_an_unproven_requester_goes_back_along_the_query_path() -> None:
+    """A holder that never heard from the requester sends the hit to the neighbour the query came
+    from, which passes it on to where its own copy came from: only the first hop, which the
+    requester's query paid, sends anything to the requester's address."""
+    entry = Entry("f.txt", 10, 1, SHA)
+    first_hop, holder_address = ("10.0.0.2", 1), ("10.0.0.3", 1)
+    relay = core(neighbours=[holder_address])
+    holder = core({"f.txt": entry}, neighbours=[first_hop])
+    forwarded = relay.on_query(query(), REQUESTER, now=0.0)
+    assert tracked_to(forwarded) == [("query", holder_address)]
+    answer = holder.on_query(decode_datagram(forwarded.tracked[0][2]), first_hop, now=0.0)
+    assert tracked_to(answer) == [("hit", first_hop)] and holder.counters["hits_sent_back"] == 1
+    hit = decode_datagram(answer.tracked[0][2])
+    passed = relay.on_hit(hit.with_sender(holder_address[0]), holder_address, now=0.0)
+    assert tracked_to(passed) == [("hit", REQUESTER)] and relay.counters["hits_passed_back"] == 1
+    assert passed.sends == [(Ack(RID, "hit").encode(), holder_address)]
+    assert decode_datagram(passed.tracked[0][2]).tcp == (holder_address[0], 6000)  # the holder's host, filled in
+
+
+def test_an_unproven_address_gets_no_more_bytes_than_it_sent() -> None:
+    """Forged queries naming a victim as requester and source: the victim's budget is the bytes its
+    (forged) queries brought; acks and hits beyond it, and retransmissions, are dropped and counted.
+    An address that acknowledges a hit has proven it receives: it is no longer limited."""
+    entry = Entry("f.txt", 10, 1, SHA)
+    c = core({"f.txt": entry})
+    received = sent = 0
+    for i in range(20):
+        q = query(rid=f"{i:032x}")
+        received += len(q.encode())
+        reaction = c.on_query(q, REQUESTER, now=0.0)
+        sent += sum(len(p) for p, _ in reaction.sends) + sum(len(p) for *_, p, _ in reaction.tracked)
+        for kind, rid, payload, dest in reaction.tracked:
+            c.retransmitter.track(kind, rid, payload, dest, 0.0)
+    for t in range(1, 40):
+        sent += sum(len(p) for p, _ in c.due(t * 2.0))
+    assert 0 < sent <= received and c.counters["dropped_unproven"] > 0
+    assert c.on_query(query(rid="e" * 32), REQUESTER, now=80.0, size=1).tracked == []  # no credit, no hit
+    answered = c.on_query(query(rid="d" * 32), REQUESTER, now=80.0)
+    (kind, rid, payload, dest), = answered.tracked
+    c.retransmitter.track(kind, rid, payload, dest, 80.0)
+    c.on_ack("hit", rid, REQUESTER, now=80.1)  # the pending hit acknowledged: proven
+    reaction = c.on_query(query(rid="f" * 32), REQUESTER, now=81.0, size=1)  # a tiny datagram: answered
+    assert reaction.sends and tracked_to(reaction) == [("hit", REQUESTER)]
 
 
 def test_non_holder_forwards_to_neighbours_except_sender_and_requester() -> None:

@@ -308,17 +308,12 @@ def test_forged_queries_aimed_at_a_victim_cause_a_bounded_number_of_dials(
     assert attack.at_victim["udp_from_holder"]["packets"] <= FORGED * (Retransmitter().tries + 1), figures
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "not defended yet: a holder resends each hit to the (forged) requester address until acknowledged, "
-    "7 sends in all, and acknowledges each query to its (forged) source, so the victim receives about ten "
-    "times the attacker's bytes; needs a limit in p2pshare/search.py on unacknowledged hits per destination"))
 def test_forged_queries_aimed_at_a_victim_cause_no_udp_amplification(
         forged_attack: Attack, capsys: pytest.CaptureFixture[str]) -> None:
     """Pass criterion: the UDP bytes the victim receives from the holder (nft, IP lengths) are at most
-    the bytes the attacker sent (nft on the attacker's output, IP lengths).
-
-    Known to fail today (strict xfail: it will report XPASS, and fail, once a fix lands, so that
-    the marker is removed): the measured ratio is printed.
+    the bytes the attacker sent (nft on the attacker's output, IP lengths).  The defence is the
+    return budget (search.ReturnBudget): to an address that has not proven it receives, a peer
+    sends no more than it received from it.  The measured ratio is printed.
     """
     attack = forged_attack
     figures = report(capsys, f"[amplification] victim received {attack.udp_bytes} UDP bytes, attacker sent "
