@@ -13,9 +13,10 @@ backlog falls under ``LOW_WATER``.
 A source is asked for one piece at a time.  With a single holder, in order
 (the first missing piece), so the whole-file hash keeps up from memory.  Once
 the download is ``swarming`` (other peers hold or fetch the same content), at
-random over the whole file among the pieces the source has, and from a complete
-holder preferably among those no partial source of ours has: peers fetching one
-file at once then hold different pieces early and trade them (see
+random over the whole file among the pieces the source has that score best
+(the caller's ``rank``: from a partial holder the rarest among our sources, from
+a complete holder those no partial source of ours has): peers fetching one file
+at once then hold different pieces early and trade them (see
 ``watchers``: a peer serves the pieces it has verified while it downloads).
 When the missing pieces are all claimed, the last ones may be claimed a second
 time by another source (endgame), so one slow source does not hold the end
@@ -49,6 +50,7 @@ HIGH_WATER = 32 * 1024 * 1024  # pause the sources above this backlog
 LOW_WATER = 8 * 1024 * 1024  # and resume them below this
 SMALL = 256 * 1024  # files up to this size are written and hashed on the reactor thread
 ENDGAME_COPIES = 2  # sources that may fetch one piece at once, at the end
+RANDOM_START = 2  # first pieces picked at random even with one holder: peers starting together differ
 WHOLE_AHEAD = 16 * 1024 * 1024  # bytes of pieces kept in memory, out of order, for the whole-file hash
 
 Executor = Callable[..., "Deferred[Any]"]
@@ -66,6 +68,9 @@ class Source(Protocol):
 
     def bad_piece(self, index: int) -> None:
         """A piece this source sent did not match the manifest."""
+
+    def more(self) -> None:
+        """Pieces changed hands (one verified, a source gone): claim again if there is room."""
 
 
 def in_thread(reactor: Any = None) -> Executor:
@@ -120,6 +125,7 @@ class Download:
         self.rng = random.Random()
         self.watchers: set[Any] = set()  # connections serving this download's verified pieces to others
         self.swarming = False  # other peers hold or fetch this content: pick pieces at random
+        self._claimed = 0  # pieces handed out so far
         if self.root and self.count == 1:
             # One piece: its digest is the file's SHA-256, so the manifest needs no round trip.
             self.set_manifest(bytes.fromhex(sha256))
@@ -184,23 +190,33 @@ class Download:
         self.sources.discard(source)
         for claimants in self._claims.values():
             claimants.discard(source)
+        self._kick()
+
+    def _kick(self) -> None:
+        for source in list(self.sources):
+            source.more()
+
+    @property
+    def missing(self) -> int:
+        """Pieces not verified yet."""
+        return self.have.count(0)
 
     def _length(self, index: int) -> int:
         return min(self.piece_size, self.size - index * self.piece_size)
 
     def claim(self, source: Any, has: Callable[[int], bool] = lambda i: True,
-              prefer: Callable[[int], bool] = lambda i: True) -> Optional[tuple[int, int]]:
+              rank: Callable[[int], int] = lambda i: 0) -> Optional[tuple[int, int]]:
         """The next range for *source* to fetch, as (offset, length), among the pieces it *has*.
 
         With a manifest: one piece nobody has claimed, the first one, or when
-        ``swarming`` one at random, those *prefer* accepts first.  Without: up to
+        ``swarming`` one at random among those of the lowest *rank*.  Without: up to
         CLAIM bytes of consecutive pieces.  Else (endgame) one piece another source
         is already fetching.  None when there is nothing for it.
         """
         if self._ended or (self.root and self.pieces is None):
             return None
         if self.pieces is not None and self.count > 1:
-            return self._claim_piece(source, has, prefer)
+            return self._claim_piece(source, has, rank)
         spare = None
         for index in range(self._first_missing, self.count):
             if self.have[index] or not has(index):
@@ -222,7 +238,7 @@ class Download:
         return spare * self.piece_size, self._length(spare)
 
     def _claim_piece(self, source: Any, has: Callable[[int], bool],
-                     prefer: Callable[[int], bool]) -> Optional[tuple[int, int]]:
+                     rank: Callable[[int], int]) -> Optional[tuple[int, int]]:
         free: list[int] = []
         spare = None
         for index in range(self._first_missing, self.count):
@@ -231,17 +247,20 @@ class Download:
             claimants = self._claims.get(index)
             if not claimants:
                 free.append(index)
-                if not self.swarming:
+                if not self.swarming and self._claimed >= RANDOM_START:
                     break
             elif spare is None and source not in claimants and len(claimants) < ENDGAME_COPIES:
                 spare = index
         if free:
-            index = self.rng.choice([i for i in free if prefer(i)] or free)
+            ranks = [rank(i) for i in free]
+            best = min(ranks)
+            index = self.rng.choice([i for i, r in zip(free, ranks) if r == best])
         elif spare is not None and self.have.count(0) <= max(ENDGAME_COPIES, len(self.sources)):
             index = spare  # endgame: only the last few pieces, or every source would fetch copies
         else:
             return None
         self._claims.setdefault(index, set()).add(source)
+        self._claimed += 1
         return index * self.piece_size, self._length(index)
 
     @property
@@ -381,6 +400,8 @@ class Download:
         if self.complete:
             for s in list(self.sources):
                 s.download_finished()
+        else:
+            self._kick()
         self._next_job()
         self._pump_whole()
 

@@ -65,6 +65,7 @@ class _Fetch:
         self.swarm_ids: list[str] = []  # re-queries while downloading (for more holders, partial ones too)
         self.download: Optional[Download] = None
         self.sources: dict[TransferProtocol, tuple[Address, str]] = {}  # connection -> (holder, dialled by)
+        self.source_peers: dict[TransferProtocol, str] = {}  # connection -> the holder's peer id
         self.dialing: set[TransferProtocol] = set()
         self.timer: Optional[IDelayedCall] = None
         self.dial_timer: Optional[IDelayedCall] = None
@@ -226,6 +227,9 @@ class Fetcher:
         if any(h.peer == hit.peer and h.tcp == hit.tcp and h.sha256 == hit.sha256 for h in f.hits):
             return  # the same holder again, answering a re-query
         f.hits.append(hit)
+        for proto, peer in f.source_peers.items():
+            if peer == hit.peer:  # it dialled us before its hit came: now we know its listening address
+                f.sources[proto] = (hit.tcp, f.sources[proto][1])
         if f.download is not None and any(h.peer != hit.peer and h.sha256 == hit.sha256 for h in f.hits):
             f.download.swarming = True  # several peers have it: take pieces in an order others will not
         disagreement = f.disagreement()
@@ -246,8 +250,10 @@ class Fetcher:
             now = self.peer.reactor.seconds()
             busy = {holder for holder, _ in f.sources.values()} | f.banned
             busy |= {holder for holder, when in f.tried.items() if now - when < RETRY_SOURCE}
+            connected = set(f.source_peers.values())  # a holder that dialled us has no hit address
             sha = f.download.sha256 if f.download is not None else None
-            hit = next((h for h in f.hits if h.tcp not in busy and (sha is None or h.sha256 == sha)), None)
+            hit = next((h for h in f.hits if h.tcp not in busy and h.peer not in connected
+                        and (sha is None or h.sha256 == sha)), None)
             if hit is None:
                 break
             self._dial(f, hit)
@@ -282,7 +288,8 @@ class Fetcher:
             return None
         holder = proto.transport.getPeer()
         address = next((h.tcp for h in f.hits if h.peer == frame.peer), (holder.host, holder.port))
-        if any(a == address for a, _ in f.sources.values()) or address in f.banned:
+        if (any(a == address for a, _ in f.sources.values()) or frame.peer in f.source_peers.values()
+                or address in f.banned):
             self.peer.counters.add("offers_declined")  # one connection per holder and download
             return None
         if f.download is None:
@@ -293,6 +300,7 @@ class Fetcher:
             return None
         assert f.download is not None
         f.sources[proto] = (address, dialled_by)
+        f.source_peers[proto] = frame.peer
         if len(f.sources) > 1 or frame.have:
             f.download.swarming = True
         f.tried[address] = self.peer.reactor.seconds()
@@ -347,6 +355,7 @@ class Fetcher:
 
     def _source_gone(self, f: _Fetch, proto: TransferProtocol) -> None:
         source = f.sources.pop(proto, None)
+        f.source_peers.pop(proto, None)
         if source is not None:
             f.all_sources.append(source)
             if proto.error is not None:

@@ -36,6 +36,7 @@ from p2pshare.shares import MAX_PIECES, Entry
 from p2pshare.wire import MAX_FRAME, Frame, have_bits, pack_have
 
 WINDOW = 2  # ranges asked for ahead of the one being received
+ENDGAME_ZONE = 2  # pieces missing below which a complete holder may be asked for any piece
 CHUNK = 512 * 1024  # bytes the producer reads from disk at a time
 IDLE_TIMEOUT = 30.0
 PROGRESS = 64 * 1024  # bytes of file data that count as progress for the idle timer
@@ -138,6 +139,7 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
         self._sending = sending  # (entry, open file) once we are the holder
         self._partial: Optional[Download] = None  # the download whose verified pieces we serve
         self.remote_have: Optional[bytearray] = None  # a partial holder's pieces (None: it has them all)
+        self.remote_peer = ""  # the holder's peer id, from its offer
         self._gets: deque[Frame] = deque()
         self._producer: Optional[RangeProducer] = None
         self._sending_length = 0
@@ -314,6 +316,7 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
             if self.remote_have is None:
                 return self.refuse("bad_have", "the offer's piece bitmap does not fit the file")
         self.download = download
+        self.remote_peer = frame.peer
         download.attach(self)
         if download.complete:  # empty, or every piece verified in an earlier attempt
             download.start()
@@ -350,14 +353,32 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
         download = self.download
         if self._dropped:
             return
-        if self.remote_have is not None:
-            have = self.remote_have
-            has, prefer = have.__getitem__, (lambda i: True)
-        else:  # a complete holder: ask it first for what no partial source of ours has
-            partial = [s.remote_have for s in download.sources if getattr(s, "remote_have", None) is not None]
-            has, prefer = (lambda i: True), (lambda i: not any(h[i] for h in partial))
-        while len(self._outstanding) < WINDOW and self.connected:
-            rng = download.claim(self, has, prefer)
+        has: Callable[[int], bool] = lambda i: True
+        rank: Callable[[int], int] = lambda i: 0
+        others = [s for s in download.sources if getattr(s, "remote_have", None) is not None]
+        partial = [s.remote_have for s in others]
+        if self.remote_have is not None:  # a partial holder: the pieces fewest of our sources have first
+            has = self.remote_have.__getitem__
+            rank = lambda i: sum(h[i] for h in partial)  # noqa: E731
+        elif others:  # a complete holder: what no partial source of ours has
+
+            def rare(i: int) -> bool:
+                return not any(h[i] for h in partial)
+
+            # Peers fetching together split the rare pieces by stripes (piece index modulo
+            # their number, in order of peer id), so the holder sends each about once.
+            ids = sorted({self.node.peer_id} | {s.remote_peer for s in others})
+            stripes, mine = len(ids), ids.index(self.node.peer_id)
+            rank = lambda i: 0 if i % stripes == mine else 1  # noqa: E731
+            if download.missing > ENDGAME_ZONE:
+                # Only rare ones, until the end: the holder's upload is the swarm's
+                # scarcest, and what a partial source has, the others can trade.
+                has = rare
+        # A complete holder shared with partial sources: one piece at a time, so that fewer of its
+        # pieces are in flight, unknown to the other peers, which might ask for the same ones.
+        window = 1 if self.remote_have is None and others else WINDOW
+        while len(self._outstanding) < window and self.connected:
+            rng = download.claim(self, has, rank)
             if rng is None:
                 return
             self._outstanding.append(rng)
@@ -418,6 +439,12 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
             if position % piece == 0 or position == size:
                 chunks, self._chunks = self._chunks, []
                 self.download.deliver(self, (position - 1) // piece * piece, chunks)
+
+    def more(self) -> None:
+        """The download's pieces changed hands: ask for more if this connection has room."""
+        if (self.download is not None and self._manifest is None and not self._awaiting_pieces
+                and self.connected and not self.transport.disconnecting):
+            self._ask()
 
     def pauseProducing(self) -> None:
         self.transport.pauseProducing()

@@ -11,7 +11,7 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.python.failure import Failure
 
-from p2pshare.download import HIGH_WATER, LOW_WATER, Download, synchronously
+from p2pshare.download import HIGH_WATER, LOW_WATER, RANDOM_START, Download, synchronously
 from p2pshare.errors import TransferFailed, VerificationFailed
 from p2pshare.shares import Shares
 
@@ -46,6 +46,7 @@ class Source:
         self.pauses = 0
         self.finished = False
         self.bad: list[int] = []
+        self.asked_again = 0
 
     def pauseProducing(self) -> None:
         self.paused = True
@@ -59,6 +60,9 @@ class Source:
 
     def bad_piece(self, index: int) -> None:
         self.bad.append(index)
+
+    def more(self) -> None:
+        self.asked_again += 1
 
 
 def manifest(data: bytes) -> tuple[bytes, str]:
@@ -266,13 +270,20 @@ def test_resumable_partial_downloads_survive_a_restart_and_junk_does_not(share: 
 
 
 def test_one_holder_is_asked_in_order_and_a_swarm_at_random_and_for_what_a_source_has(share: Path) -> None:
-    """A single holder's pieces come in order (the whole-file hash keeps up from memory).  Peers
-    fetching one file at once start on different pieces, so they can trade them; a partial source
-    is asked only for what it has, and a complete one preferably for what no partial source has."""
+    """A single holder's pieces come in order (the whole-file hash keeps up from memory) after the
+    first RANDOM_START, taken at random so that peers starting together do not all ask for piece 0.
+    Peers fetching one file at once (swarming) pick at random, so they can trade; a partial source
+    is asked only for what it has, and the pieces of the lowest rank come first."""
     data = os.urandom(24 * PIECE)
-    dl = download(Shares(share), data)
-    assert [dl.claim(Source()) for _ in range(3)] == [(0, PIECE), (PIECE, PIECE), (2 * PIECE, PIECE)]
-    abandon(dl)
+    starts = set()
+    for _ in range(10):
+        dl = download(Shares(share), data)
+        first = [dl.claim(Source())[0] // PIECE for _ in range(RANDOM_START)]
+        rest = [dl.claim(Source())[0] // PIECE for _ in range(3)]
+        assert rest == [i for i in range(24) if i not in first][:3]  # then in order
+        starts.add(first[0])
+        abandon(dl)
+    assert len(starts) > 3
 
     firsts = set()
     for _ in range(20):
@@ -292,7 +303,7 @@ def test_one_holder_is_asked_in_order_and_a_swarm_at_random_and_for_what_a_sourc
         offset, _length = dl.claim(partial, has=lambda i: i in odd)
         assert offset // PIECE in odd
     for _ in range(5):
-        offset, _length = dl.claim(full, prefer=lambda i: i not in odd)
+        offset, _length = dl.claim(full, rank=lambda i: 1 if i in odd else 0)
         assert offset // PIECE not in odd
     assert dl.claim(Source(), has=lambda i: False) is None
     abandon(dl)

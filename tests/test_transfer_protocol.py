@@ -537,3 +537,40 @@ def test_a_piece_verified_while_a_range_streams_is_announced_after_the_range(sha
     assert rest[MIB:] == Frame("have", piece=2).encode() + b"\n"
     proto.connectionLost(None)
     abandon(d)
+
+
+class SharedDownloadNode(Node):
+    """Every offer joins one download, as a fetch's sources do."""
+
+    def accept_offer(self, frame: Frame, proto: TransferProtocol) -> Optional[Download]:
+        if self.download is None:
+            super().accept_offer(frame, proto)
+            assert self.download is not None
+            self.download.swarming = True
+        return self.download
+
+
+def test_a_complete_holder_beside_partial_ones_is_asked_for_rare_pieces_one_at_a_time(share: Path) -> None:
+    """Its upload is the swarm's scarcest: it is asked only for what no partial source has (the
+    others can trade the rest), the pieces of our stripe first, one get at a time; when a partial
+    source goes away, its pieces are rare again and the holder is asked for them."""
+    payload = os.urandom(16 * MIB)
+    node = SharedDownloadNode(Shares(share))
+    node.peer_id = "a" * 32  # sorts before the holders' PEER: stripe 0 of 2, the even pieces
+    offer, pieces = manifest_offer(payload, have="ff00")  # a partial holder with pieces 0-7
+    partial, partial_transport = connect(node)
+    partial.dataReceived(offer)
+    partial.dataReceived(Frame("pieces", length=len(pieces)).encode() + b"\n" + pieces)
+    complete, transport = connect(node)
+    complete.dataReceived(manifest_offer(payload)[0])
+    asked = [f for f in frames(transport) if f["t"] == "get"]
+    assert len(asked) == 1 and asked[0]["offset"] // MIB >= 8  # rare, and one at a time
+    assert (asked[0]["offset"] // MIB) % 2 == 0  # our stripe
+    transport.clear()
+    partial.connectionLost(None)  # pieces 0-7 are rare again: the download asks its other sources
+    complete.dataReceived(Frame("data", offset=asked[0]["offset"], length=MIB).encode() + b"\n"
+                          + payload[asked[0]["offset"]: asked[0]["offset"] + MIB])
+    assert [f for f in frames(transport) if f["t"] == "get"]  # asked again, as a lone complete holder
+    assert len([f for f in frames(transport) if f["t"] == "get"]) == 2  # the usual window once alone
+    complete.connectionLost(None)
+    abandon(node.download)
