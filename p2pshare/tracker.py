@@ -342,16 +342,20 @@ class TrackerClient(Service):
         self.proto: Optional[TrackerClientProtocol] = None
         self._first_peers: list[Deferred[list[PeerInfo]]] = []
         self.last_peers: Optional[list[PeerInfo]] = None
-        factory = Factory.forProtocol(TrackerClientProtocol)
+        self._refusals = 0  # registrations failed in a row: they back off like failed connections
+        factory = Factory.forProtocol(self._connection)
         factory.noisy = False
         # A reconnection waits at most max_delay plus a jitter (which spreads the herd after a restart)
         # of at most half of it, so a restarted tracker hears from every peer within two refresh
         # intervals; Twisted's default jitter (up to 1 s) alone would break that for refresh <= 1 s.
         max_delay = max(1.0, min(30.0, refresh))
-        self._client = ClientService(endpoint, factory,
-                                     retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=max_delay,
-                                                               jitter=lambda: random.random() * min(1.0, max_delay / 2)),
-                                     clock=clock, prepareConnection=self._registered)
+        policy = backoffPolicy(initialDelay=0.5, maxDelay=max_delay,
+                               jitter=lambda: random.random() * min(1.0, max_delay / 2))
+        # Registration runs on a connection ClientService already holds, not as its prepareConnection:
+        # a connection lost while prepareConnection runs (a tracker that hangs up on an outsider)
+        # reaches a state of ClientService's machine that has no transition for it (NoTransition).
+        self._client = ClientService(endpoint, factory, clock=clock,
+                                     retryPolicy=lambda attempt: policy(attempt + self._refusals))
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = clock
         self._refresher = LoopingCall(self.refresh_now)
@@ -372,11 +376,20 @@ class TrackerClient(Service):
     def registered(self) -> bool:
         return self.proto is not None and self.proto.connected
 
-    def _registered(self, proto: TrackerClientProtocol) -> Deferred[None]:
+    def _connection(self) -> TrackerClientProtocol:
+        proto = TrackerClientProtocol()
+        proto.connected_d.addCallback(lambda _: self._register(proto))
+        return proto
+
+    def _register(self, proto: TrackerClientProtocol) -> Deferred[None]:
         peer, udp, tcp, host = self.me()
         d = proto.request("register", peer=peer, udp=udp, tcp=tcp, host=host)
 
         def done(reply: TrackerReply) -> None:
+            if not self.running:  # stopped while registering
+                proto.transport.loseConnection()
+                return
+            self._refusals = 0
             self.proto = proto
             self.observed_host = reply.host
             self.log.info("registered with the tracker as {host}:{udp}", host=reply.host, udp=udp)
@@ -387,10 +400,10 @@ class TrackerClient(Service):
                 self._heartbeat.start(self.interval, now=False)
             self.refresh_now()
 
-        def failed(f: Failure) -> Failure:
+        def failed(f: Failure) -> None:
             self.log.warn("registration failed: {error}", error=f.value)
-            proto.transport.loseConnection()
-            return f
+            self._refusals += 1
+            proto.transport.loseConnection()  # ClientService connects again after its backoff
 
         return d.addCallbacks(done, failed)
 

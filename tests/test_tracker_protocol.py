@@ -247,3 +247,40 @@ def test_a_heartbeat_without_answer_aborts_the_connection() -> None:
     assert transport.disconnecting or transport.disconnected
     proto.connectionLost(None)  # the pending heartbeat was already given up: no second failure
     assert not clock.getDelayedCalls()
+
+
+class HangingUpTracker:
+    """A client endpoint to a tracker that accepts each connection and hangs up on the register."""
+
+    def __init__(self) -> None:
+        self.connections: list[TrackerClientProtocol] = []
+
+    def connect(self, factory):  # type: ignore[no-untyped-def]
+        from twisted.internet.defer import succeed
+
+        proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        proto.makeConnection(StringTransport())
+        self.connections.append(proto)
+        return succeed(proto)
+
+
+def test_a_tracker_that_hangs_up_on_registration_is_retried_with_growing_delays() -> None:
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    from p2pshare.tracker import TrackerClient
+
+    clock, tracker = Clock(), HangingUpTracker()
+    client = TrackerClient(tracker, clock, lambda: (peer_id(1), 1, 1, None), lambda peers: None)  # type: ignore
+    client.startService()
+    delays = []
+    for attempt in range(1, 6):
+        assert len(tracker.connections) == attempt
+        tracker.connections[-1].connectionLost(Failure(ConnectionDone()))  # during registration
+        (retry,) = [c for c in clock.getDelayedCalls() if c is not client._refresher.call]
+        delays.append(retry.getTime() - clock.seconds())
+        clock.advance(delays[-1])
+    assert not client.registered
+    assert delays[-1] > delays[0] + 2  # backed off, not retried at the first delay forever
+    client.stopService()
+    assert not clock.getDelayedCalls()
