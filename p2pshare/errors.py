@@ -43,6 +43,10 @@ class AlreadyExists(P2PError):
     """A file of that name already exists in the shared folder."""
 
 
+class PlaceFailed(P2PError):
+    """The verified download could not be moved into the shared folder."""
+
+
 class TransferFailed(P2PError):
     """The transfer failed before the file was complete."""
 

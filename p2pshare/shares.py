@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from p2pshare.errors import AlreadyExists, InvalidName, NotFound
+from p2pshare.errors import AlreadyExists, InvalidName, NotFound, PlaceFailed
 from p2pshare.wire import STATE_DIR, validate_name
 
 _RESUMABLE = re.compile(r"[0-9a-f]{64}\.(part|have)")
@@ -114,6 +114,13 @@ def scan(root: Path, cache: dict[str, Entry]) -> dict[str, Entry]:
                 continue  # unreadable, vanished, a link loop or an unshareable name
     return entries
 
+
+# The link(2) errors that mean "no hard links here": vfat and exfat say EPERM, FUSE filesystems
+# without link support ENOSYS or EOPNOTSUPP (ENOTSUP, the same number on Linux), and EMLINK is a
+# filesystem that takes no more links to the file.  A rename works there.  Anything else (EACCES,
+# EROFS, ENOSPC, EIO, and EXDEV: a folder on another filesystem, where a rename fails too) is a
+# real failure.
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK})
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # opening a FIFO never waits for a writer
@@ -305,7 +312,8 @@ class Shares:
     def place(self, tmp_path: Path, name: str, sha256: str, piece_size: int = 0, pieces: bytes = b"") -> Path:
         """Move a verified temporary file into place without overwriting anything.
 
-        The temporary file is gone afterwards, whether or not it was placed.
+        The temporary file is gone afterwards, whether or not it was placed; raises
+        AlreadyExists, InvalidName or PlaceFailed when it was not.
         """
         try:
             target = self.destination(name)
@@ -313,14 +321,10 @@ class Shares:
                 os.link(tmp_path, target)  # atomic, and fails if the target appeared meanwhile
             except FileExistsError:
                 raise AlreadyExists(f"{name} already exists in {self.root}") from None
-            except OSError:
-                # No hard links here: claim the name with an exclusive create, then replace
-                # our own empty placeholder, so a file that appeared meanwhile is never overwritten.
-                try:
-                    os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-                except FileExistsError:
-                    raise AlreadyExists(f"{name} already exists in {self.root}") from None
-                os.replace(tmp_path, target)
+            except OSError as e:
+                if e.errno not in _NO_HARD_LINKS:
+                    raise PlaceFailed(f"could not move {name} into {self.root}: {e.strerror}") from e
+                self._place_without_links(tmp_path, target, name)
         finally:
             tmp_path.unlink(missing_ok=True)
         st = target.stat()
@@ -329,3 +333,33 @@ class Shares:
         if self._scanning is not None:
             self._placed[name] = entry
         return target
+
+    def _place_without_links(self, tmp_path: Path, target: Path, name: str) -> None:
+        """Claim *target* with an exclusive create, then replace that empty placeholder by the file,
+        so a file that appeared meanwhile is never overwritten.  When the replace fails the
+        placeholder is removed, if it is still ours and still empty: no empty file is left to share."""
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            raise AlreadyExists(f"{name} already exists in {self.root}") from None
+        except OSError as e:
+            raise PlaceFailed(f"could not create {name} in {self.root}: {e.strerror}") from e
+        try:
+            mine = os.fstat(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.replace(tmp_path, target)
+        except OSError as e:
+            self._remove_placeholder(target, mine)
+            raise PlaceFailed(f"could not move {name} into {self.root}: {e.strerror}") from e
+
+    def _remove_placeholder(self, target: Path, mine: os.stat_result) -> None:
+        try:
+            st = os.lstat(target)
+            if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino) and stat.S_ISREG(st.st_mode) and not st.st_size:
+                os.unlink(target)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            self.log.warn("could not remove the empty placeholder {path}: {error}", path=target, error=e.strerror)

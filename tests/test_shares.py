@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import pytest_twisted
 
 from p2pshare import shares as shares_module
-from p2pshare.errors import AlreadyExists, InvalidName, NotFound
+from p2pshare.errors import AlreadyExists, InvalidName, NotFound, PlaceFailed
 from p2pshare.shares import MAX_PIECES, Entry, Shares, piece_size_for, scan, sha256_file, within
 
 
@@ -319,3 +320,91 @@ def test_names_that_differ_only_by_case_are_distinct_and_never_overwrite_each_ot
     with pytest.raises(AlreadyExists):
         s.place(tmp, "Notes.txt", "0" * 64)
     assert (share / "notes.txt").read_bytes() == b"lower" and not tmp.exists()
+
+
+def downloaded(s: Shares, data: bytes = b"data") -> Path:
+    tmp, f = s.new_temporary()
+    f.write(data)
+    f.close()
+    return tmp
+
+
+def failing(code: int):  # type: ignore[no-untyped-def]
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError(code, os.strerror(code))
+    return fail
+
+
+@pytest.mark.parametrize("code", [errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK])
+def test_without_hard_links_the_file_is_placed_by_rename(share: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         code: int) -> None:
+    """vfat and exfat refuse link() with EPERM, FUSE filesystems without links with ENOSYS or EOPNOTSUPP."""
+    s = Shares(share)
+    tmp = downloaded(s)
+    monkeypatch.setattr(shares_module.os, "link", failing(code))
+    assert s.place(tmp, "got.txt", "0" * 64) == share / "got.txt"
+    assert (share / "got.txt").read_bytes() == b"data"
+    assert not tmp.exists()
+    assert s.lookup("got.txt") is not None
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS, errno.ENOSPC, errno.EIO, errno.EXDEV])
+def test_other_link_errors_fail_the_placing_and_create_nothing(share: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               code: int) -> None:
+    s = Shares(share)
+    tmp = downloaded(s)
+    monkeypatch.setattr(shares_module.os, "link", failing(code))
+    with pytest.raises(PlaceFailed, match=os.strerror(code)) as raised:
+        s.place(tmp, "got.txt", "0" * 64)
+    assert isinstance(raised.value.__cause__, OSError) and raised.value.__cause__.errno == code
+    assert not os.path.lexists(share / "got.txt")
+    assert not tmp.exists()
+    assert s.lookup("got.txt") is None
+
+
+def test_a_failed_rename_leaves_no_empty_placeholder(share: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Shares(share)
+    tmp = downloaded(s)
+    monkeypatch.setattr(shares_module.os, "link", failing(errno.EPERM))
+    monkeypatch.setattr(shares_module.os, "replace", failing(errno.EIO))
+    with pytest.raises(PlaceFailed):
+        s.place(tmp, "got.txt", "0" * 64)
+    assert not os.path.lexists(share / "got.txt")
+    assert not tmp.exists()
+    assert s.lookup("got.txt") is None
+    assert scan(share, {}) == {}
+
+
+def test_a_file_that_took_the_placeholders_place_is_kept(share: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Shares(share)
+    tmp = downloaded(s)
+    target = share / "got.txt"
+
+    def swapped_then_failed(src: object, dst: object) -> None:
+        target.unlink()  # someone else's file now holds the name
+        target.write_bytes(b"theirs")
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(shares_module.os, "link", failing(errno.EPERM))
+    monkeypatch.setattr(shares_module.os, "replace", swapped_then_failed)
+    with pytest.raises(PlaceFailed):
+        s.place(tmp, "got.txt", "0" * 64)
+    assert target.read_bytes() == b"theirs"
+    assert not tmp.exists()
+
+
+def test_without_hard_links_a_file_that_appeared_meanwhile_is_not_overwritten(
+        share: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Shares(share)
+    tmp = downloaded(s)
+    target = share / "got.txt"
+
+    def appeared_then_refused(src: object, dst: object) -> None:
+        target.write_bytes(b"theirs")
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(shares_module.os, "link", appeared_then_refused)
+    with pytest.raises(AlreadyExists):
+        s.place(tmp, "got.txt", "0" * 64)
+    assert target.read_bytes() == b"theirs"
+    assert not tmp.exists()
