@@ -12,7 +12,7 @@ import pytest_twisted
 
 from p2pshare import shares as shares_module
 from p2pshare.errors import AlreadyExists, InvalidName, NotFound, PlaceFailed
-from p2pshare.shares import MAX_PIECES, Entry, Shares, piece_size_for, scan, sha256_file, within
+from p2pshare.shares import MAX_PIECES, MIN_PIECE, Entry, Shares, piece_size_for, scan, sha256_file, within
 
 
 def test_scan_indexes_files_in_subfolders_with_posix_names(share: Path) -> None:
@@ -408,3 +408,51 @@ def test_without_hard_links_a_file_that_appeared_meanwhile_is_not_overwritten(
         s.place(tmp, "got.txt", "0" * 64)
     assert target.read_bytes() == b"theirs"
     assert not tmp.exists()
+
+
+def hashed_by_whole_pieces(path: Path, piece: int) -> tuple[str, int, bytes]:
+    """The reference: each piece read whole."""
+    data = path.read_bytes()
+    digests = b"".join(hashlib.sha256(data[i:i + piece]).digest() for i in range(0, len(data), piece))
+    return hashlib.sha256(data).hexdigest(), piece, digests
+
+
+@pytest.mark.parametrize("chunk", [1000, 4096, 10_000])
+@pytest.mark.parametrize("size", [0, 1, 999, 1000, 4095, 4096, 4097, 8192, 3 * 4096 - 1, 3 * 4096 + 1000])
+def test_hashing_in_chunks_gives_the_digests_of_whole_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            size: int, chunk: int) -> None:
+    monkeypatch.setattr(shares_module, "piece_size_for", lambda size: 4096)
+    monkeypatch.setattr(shares_module, "HASH_CHUNK", chunk)
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(size))
+    assert shares_module.hash_file(path) == hashed_by_whole_pieces(path, 4096)
+
+
+@pytest.mark.parametrize("size", [MIN_PIECE - 1, MIN_PIECE, MIN_PIECE + 1, 2 * MIN_PIECE + 12345])
+def test_hashing_real_piece_sizes_gives_the_digests_of_whole_pieces(tmp_path: Path, size: int) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(size))
+    assert shares_module.hash_file(path) == hashed_by_whole_pieces(path, MIN_PIECE)
+
+
+def test_hashing_a_file_of_64_mib_pieces_takes_a_few_mib_of_memory(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import tracemalloc
+
+    piece = 64 * MIN_PIECE
+    monkeypatch.setattr(shares_module, "piece_size_for", lambda size: piece)
+    path = tmp_path / "sparse"
+    with open(path, "wb") as f:
+        f.truncate(piece + MIN_PIECE)  # sparse: zeros, and no disk
+    tracemalloc.start()
+    try:
+        digest, _, pieces = shares_module.hash_file(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    zeros = hashlib.sha256()
+    for _ in range(65):
+        zeros.update(bytes(MIN_PIECE))
+    assert digest == zeros.hexdigest()
+    assert pieces[32:] == hashlib.sha256(bytes(MIN_PIECE)).digest()
+    assert peak < 4 * MIN_PIECE
