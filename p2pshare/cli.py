@@ -1,8 +1,8 @@
 """The ``p2pshare`` command: talks to a running peer's control API, or runs a peer for one fetch.
 
 Exit codes: 0 success, 1 the operation failed (not found, transfer failed,
-daemon unreachable), 2 usage error.  Expected failures print one line, never
-a traceback.
+daemon unreachable), 2 usage error, 130 interrupted (Ctrl-C).  Expected failures
+and interruptions print one line, never a traceback.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from p2pshare.errors import ControlError, P2PError, describe
 from p2pshare.wire import STATE_DIR, is_sha256
 
 DEFAULT_CONTROL = "127.0.0.1:7878"
+INTERRUPT_STATUS = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
+KEPT = "any verified pieces are kept for the next get"
 
 
 class Progress:
@@ -44,6 +46,7 @@ class Progress:
 
     def close(self) -> None:
         if self.shown:
+            self.shown = False
             self.stream.write("\n")
             self.stream.flush()
 
@@ -197,27 +200,47 @@ def cmd_get(args: argparse.Namespace) -> int:
                 bar.close()
                 print(f"p2pshare: {event['message']}", file=sys.stderr)
                 return 1
+    except KeyboardInterrupt:
+        bar.close()
+        response.close()  # the peer sees us go and stops the download unless another fetch waits for it
+        print(f"p2pshare: {args.name}: interrupted; the peer stops the download unless another fetch waits for "
+              f"it; {KEPT}", file=sys.stderr)
+        return INTERRUPT_STATUS
     finally:
         bar.close()
     raise ControlError(f"{args.name}: the peer closed the connection before the fetch ended")
 
 
 def _get_with_own_peer(args: argparse.Namespace) -> int:
-    """Run a temporary peer in this process for one fetch."""
-    from twisted.internet import defer
-    from twisted.internet.defer import ensureDeferred
-    from twisted.internet.task import react
+    """Run a temporary peer in this process for one fetch.
 
-    from p2pshare import start_peer
+    The peer shares only what it downloads (``only_placed``): not the other files of the folder
+    it writes into, which it neither hashes nor serves.  Ctrl-C stops the fetch, keeping its
+    verified pieces, and exits with INTERRUPT_STATUS.
+    """
+    from twisted.internet import defer
+    from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+    from twisted.internet.task import react
+    from twisted.python.usage import UsageError
+
+    from p2pshare.peer import Peer
+    from p2pshare.tap import tracker_endpoint
 
     directory = Path(args.dir or ".")
     if not directory.is_dir():
         raise P2PError(f"--dir: {directory} is not a folder")
 
     async def run(reactor: Any) -> None:
-        peer = await start_peer(reactor, directory, tracker=args.tracker, interface="0.0.0.0")
+        try:
+            tracker = tracker_endpoint(reactor, args.tracker)
+        except UsageError as e:
+            print(f"p2pshare: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        peer = Peer(directory, tracker=tracker, interface="0.0.0.0", only_placed=True, reactor=reactor)
         bar = Progress(args.name)
         try:
+            peer.startService()
+            await peer.when_ready()
             assert peer.tracker is not None
             wait = min(args.timeout, 10.0)
             try:
@@ -226,6 +249,10 @@ def _get_with_own_peer(args: argparse.Namespace) -> int:
                 raise P2PError(f"the tracker at {args.tracker} did not answer within {wait:g}s") from None
             name, sha256 = what(args)
             result = await peer.fetch(name, args.timeout, bar.update, sha256)
+        except CancelledError:
+            bar.close()
+            print(f"p2pshare: {args.name}: interrupted; {KEPT}", file=sys.stderr)
+            raise SystemExit(INTERRUPT_STATUS) from None
         except Exception as e:
             bar.close()
             print(f"p2pshare: {describe(e)}", file=sys.stderr)
@@ -236,7 +263,20 @@ def _get_with_own_peer(args: argparse.Namespace) -> int:
         _report({"name": result.name, "size": result.size, "holder": result.holder, "seconds": result.seconds,
                  "sha256": result.sha256, "path": result.path})
 
-    react(lambda reactor: ensureDeferred(run(reactor)))  # exits the process with run's status
+    def main(reactor: Any) -> Deferred[None]:
+        running = ensureDeferred(run(reactor))
+        over: Deferred[None] = Deferred()
+        running.addBoth(lambda result: (over.callback(None), result)[1])
+
+        def interrupted() -> Deferred[None]:
+            """Ctrl-C (SIGINT) stops the reactor: first cancel the fetch and stop the peer."""
+            running.cancel()  # does nothing once run has ended
+            return over
+
+        reactor.addSystemEventTrigger("before", "shutdown", interrupted)
+        return running
+
+    react(main)  # exits the process with run's status
     return 0  # not reached
 
 
@@ -342,7 +382,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"p2pshare: {describe(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        return 130
+        print("p2pshare: interrupted", file=sys.stderr)
+        return INTERRUPT_STATUS
 
 
 def run() -> None:

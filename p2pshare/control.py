@@ -1,7 +1,8 @@
 """The local control API of a running peer: HTTP + JSON on loopback, for the ``p2pshare`` CLI.
 
 ``GET /v1/status``, ``GET /v1/search?name=N&timeout=S``, ``POST /v1/get``
-(answers a stream of JSON lines: progress, then ``done`` or ``error``) and
+(answers a stream of JSON lines: progress, then ``done`` or ``error``; a client
+that disconnects first withdraws from the fetch, which stops unless others wait for it) and
 ``POST /v1/rescan``.  Requests whose Host header is not a loopback name are
 refused, so a web page cannot reach the API through DNS rebinding; every request
 must carry ``Authorization: Bearer TOKEN``, the token the service keeps in
@@ -171,7 +172,9 @@ class SearchResource(_Guarded):
 
 
 class GetResource(_Guarded):
-    """Streams one JSON object a line: ``progress`` events, then ``done`` or ``error``."""
+    """Streams one JSON object a line: ``progress`` events, then ``done`` or ``error``.
+
+    A client that disconnects before the end cancels its fetch (``Peer.fetch``)."""
 
     isLeaf = True
 
@@ -210,7 +213,11 @@ class GetResource(_Guarded):
                 request.finish()
 
         line({"event": "searching", "name": name, "sha256": sha256})
-        self.peer.fetch(name, timeout, progress, sha256).addBoth(done)
+        fetching = self.peer.fetch(name, timeout, progress, sha256)
+        fetching.addBoth(done)
+        # A client that goes away (Ctrl-C) no longer waits: withdraw it, which stops the download
+        # when nobody else waits for it.
+        request.notifyFinish().addErrback(lambda _: fetching.cancel())
         return NOT_DONE_YET
 
 

@@ -166,7 +166,10 @@ class Fetcher:
 
     def fetch(self, name: str = "", timeout: float = 10.0, progress: Optional[Callable[[int, int], None]] = None,
               sha256: str = "") -> Deferred[FetchResult]:
-        """Find *name* (or content *sha256*, or both), download it, verify it, put it in the shared folder."""
+        """Find *name* (or content *sha256*, or both), download it, verify it, put it in the shared folder.
+
+        Callers asking for the same thing at once share one fetch; cancelling the returned Deferred
+        withdraws one caller, and the last one to withdraw ends the fetch (see ``_cancel``)."""
         try:
             if sha256 and not is_sha256(sha256):
                 raise InvalidName(f"{sha256!r} is not a SHA-256 in hex")
@@ -188,9 +191,20 @@ class Fetcher:
             f.timer = self.peer.reactor.callLater(timeout, self._fetch_expired, f)
         if progress is not None:
             f.progress.append(progress)
-        d: Deferred[FetchResult] = Deferred()
+        d: Deferred[FetchResult] = Deferred(lambda d: self._cancel(f, d, progress))
         f.waiters.append(d)
         return d
+
+    def _cancel(self, f: _Fetch, d: Deferred[FetchResult], progress: Optional[Callable[[int, int], None]]) -> None:
+        """A waiter's Deferred was cancelled (its caller went away): drop that waiter; when it was the
+        last, end the fetch, keeping the verified pieces of its download for a later resume."""
+        if d in f.waiters:
+            f.waiters.remove(d)
+        if progress is not None and progress in f.progress:
+            f.progress.remove(progress)
+        if f.active and not f.waiters:
+            self.peer.counters.add("fetches_cancelled")
+            self._finish(f, Failure(TransferFailed(f"{f.label}: cancelled")))
 
     def _fetch_query(self, f: _Fetch) -> None:
         """Query (again, with a new request ID, while no holder has answered; and while

@@ -60,8 +60,9 @@ class Peer(MultiService):
                  interface: str = "0.0.0.0", advertise: Optional[str] = None, peers: tuple[Address, ...] = (),
                  want: int = 4, refresh: float = 30.0, rescan: float = 30.0, ttl: int = DEFAULT_TTL,
                  dial_wait: float = 0.5, idle: float = IDLE_TIMEOUT, requery: float = 3.0,
-                 reactor: Any = None, key: Any = None) -> None:
-        """*key*, a ``netkey.NetworkKey``, makes the peer a member of that private network only."""
+                 reactor: Any = None, key: Any = None, only_placed: bool = False) -> None:
+        """*key*, a ``netkey.NetworkKey``, makes the peer a member of that private network only.
+        With *only_placed*, the peer shares only the files it downloads, none of the folder's others."""
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
@@ -69,7 +70,7 @@ class Peer(MultiService):
         self.key = key
         self.tls: Any = None  # netkey.NetworkTLS: this process's certificate in the private network
         seal = None
-        self.shares = Shares(directory, reactor=reactor)
+        self.shares = Shares(directory, reactor=reactor, only_placed=only_placed)
         self.peer_id = self._load_peer_id()
         self.port, self.interface, self.advertise = port, interface, advertise
         self.static_peers = list(peers)
@@ -333,7 +334,8 @@ class Peer(MultiService):
         holder, verify it and put it in the shared folder.
 
         Asked by name alone, a fetch fails with AmbiguousName when holders answer with
-        different contents, rather than guess.
+        different contents, rather than guess.  Cancelling the Deferred withdraws this caller;
+        when no other caller waits for the same fetch, it stops, keeping the verified pieces.
         """
         return self.fetcher.fetch(name, timeout, progress, sha256)
 

@@ -15,7 +15,7 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import IO, Any, Optional
+from typing import IO, Any, Iterable, Optional
 
 from attrs import frozen
 from twisted.internet.defer import Deferred
@@ -93,37 +93,31 @@ def hash_file(path: Path) -> tuple[str, int, bytes]:
     return whole.hexdigest(), piece, b"".join(digests)
 
 
-def scan(root: Path, cache: dict[str, Entry]) -> dict[str, Entry]:
-    """Walk *root* (blocking: run it in a thread) and return the index.
+def scan(root: Path, cache: dict[str, Entry], names: Optional[Iterable[str]] = None) -> dict[str, Entry]:
+    """Walk *root* (blocking: run it in a thread) and return the index; with *names*, index only
+    those files instead of walking.
 
     Skips the state folder, anything that is not a regular file, names that are
     not valid share names, and symlinks whose target lies outside *root*.
     """
     root = root.resolve()
     entries: dict[str, Entry] = {}
+    if names is not None:
+        for name in sorted(names):
+            entry = _index_one(root, name, cache)
+            if entry is not None:
+                entries[name] = entry
+        return entries
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         base = Path(dirpath)
         if base == root:
             dirnames[:] = [d for d in dirnames if d != STATE_DIR]
         dirnames.sort()
         for fn in sorted(filenames):
-            path = base / fn
-            name = path.relative_to(root).as_posix()
-            try:
-                validate_name(name)
-                real = path.resolve(strict=True)
-                if not within(root, real) or within(root / STATE_DIR, real):
-                    continue
-                st = real.stat()
-                if not stat.S_ISREG(st.st_mode):
-                    continue
-                old = cache.get(name)
-                if old is not None and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns and old.piece_size:
-                    entries[name] = old
-                else:
-                    entries[name] = Entry(name, st.st_size, st.st_mtime_ns, *hash_file(real))
-            except (InvalidName, OSError, RuntimeError):
-                continue  # unreadable, vanished, a link loop or an unshareable name
+            name = (base / fn).relative_to(root).as_posix()
+            entry = _index_one(root, name, cache)
+            if entry is not None:
+                entries[name] = entry
     return entries
 
 
@@ -133,6 +127,26 @@ def scan(root: Path, cache: dict[str, Entry]) -> dict[str, Entry]:
 # EROFS, ENOSPC, EIO, and EXDEV: a folder on another filesystem, where a rename fails too) is a
 # real failure.
 _NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK})
+
+
+def _index_one(root: Path, name: str, cache: dict[str, Entry]) -> Optional[Entry]:
+    """The entry of file *name* under *root*: from *cache* when its size and mtime are unchanged,
+    else hashed; None when it is not a shareable file."""
+    try:
+        validate_name(name)
+        real = (root / name).resolve(strict=True)
+        if not within(root, real) or within(root / STATE_DIR, real):
+            return None
+        st = real.stat()
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        old = cache.get(name)
+        if old is not None and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns and old.piece_size:
+            return old
+        return Entry(name, st.st_size, st.st_mtime_ns, *hash_file(real))
+    except (InvalidName, OSError, RuntimeError):
+        return None  # unreadable, vanished, a link loop or an unshareable name
+
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # opening a FIFO never waits for a writer
@@ -159,11 +173,16 @@ def _open_beneath(root: Path, real: Path) -> int:
 
 
 class Shares:
-    """The index of one shared folder and the only way to turn a name into a path."""
+    """The index of one shared folder and the only way to turn a name into a path.
+
+    With *only_placed*, only the files this object placed (finished downloads) are indexed and
+    served: the other files of the folder are never hashed, and no index cache is read or written.
+    """
 
     log = Logger()
 
-    def __init__(self, root: Path | str, threadpool: Any = None, reactor: Any = None) -> None:
+    def __init__(self, root: Path | str, threadpool: Any = None, reactor: Any = None,
+                 only_placed: bool = False) -> None:
         self.root = Path(root).resolve(strict=True)
         self.state = self.root / STATE_DIR
         self.tmp = self.state / "tmp"
@@ -175,7 +194,9 @@ class Shares:
                 stale.unlink(missing_ok=True)
         self._entries: dict[str, Entry] = {}
         self._by_hash: dict[str, Entry] = {}
-        self.entries = self._load_cache()
+        self.only_placed = only_placed
+        self._own: set[str] = set()  # with only_placed: the names placed here, the only ones indexed
+        self.entries = {} if only_placed else self._load_cache()
         self._reactor = reactor
         self._threadpool = threadpool
         self._scanning: Optional[Deferred[dict[str, Entry]]] = None
@@ -210,7 +231,8 @@ class Shares:
         pool = self._threadpool or reactor.getThreadPool()
         suspects = set(self._suspects)
         cache = {name: e for name, e in self.entries.items() if name not in suspects}
-        self._scanning = deferToThreadPool(reactor, pool, scan, self.root, cache)
+        names = sorted(self._own) if self.only_placed else None
+        self._scanning = deferToThreadPool(reactor, pool, scan, self.root, cache, names)
 
         def done(entries: dict[str, Entry]) -> Any:
             self._scanning = None
@@ -225,7 +247,7 @@ class Shares:
                 entries.setdefault(name, entry)
             changed = entries != self.entries
             self.entries = entries
-            if not changed:
+            if not changed or self.only_placed:  # the folder's cache is for a peer that shares all of it
                 return entries
             saved = deferToThreadPool(reactor, pool, self._save_cache, list(entries.values()))
             saved.addErrback(lambda f: self.log.warn("could not save the index cache: {error}",
@@ -340,6 +362,7 @@ class Shares:
         finally:
             tmp_path.unlink(missing_ok=True)
         st = target.stat()
+        self._own.add(name)
         entry = self._entries[name] = Entry(name, st.st_size, st.st_mtime_ns, sha256, piece_size, pieces)
         self._by_hash.setdefault(sha256, entry)
         if self._scanning is not None:

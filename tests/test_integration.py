@@ -375,3 +375,80 @@ async def test_a_peer_still_downloading_serves_its_verified_pieces_to_another(ne
     assert (a.shares.root / "s.bin").read_bytes() == data and (b.shares.root / "s.bin").read_bytes() == data
     assert a.counters["bytes_sent"] >= had and result_b.sources >= 2
     assert result_a.sha256 == result_b.sha256 == sha
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fetch_cancelled_by_one_of_two_callers_goes_on_for_the_other(net: Network) -> None:
+    data = payload(2_000_000)
+    peers = await net.chain(2, {"shared.bin": data})
+    first, second = peers[0].fetch("shared.bin", 5.0), peers[0].fetch("shared.bin", 5.0)
+    first.cancel()
+    with pytest.raises(defer.CancelledError):
+        await first
+    result = await second
+    assert (peers[0].shares.root / "shared.bin").read_bytes() == data and result.size == len(data)
+    assert peers[0].counters["fetches_cancelled"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fetch_cancelled_by_its_last_caller_stops_and_keeps_its_verified_pieces(net: Network) -> None:
+    """The holder hangs part-way (it stops reading its connections); the only caller cancels.
+    Pass: the fetch is over at once (no fetch in the status, no connection to the holder), the
+    verified pieces stay in the state folder's tmp, and the next fetch resumes from them."""
+    mib = 1024 * 1024
+    data = payload(16 * mib)
+    sha = hashlib.sha256(data).hexdigest()
+    requester, holder = await net.chain(2, {"big.bin": data})
+    hung: list[int] = []
+
+    def progress(got: int, size: int) -> None:
+        if got >= 2 * mib and not hung:
+            hung.append(got)
+            for conn in list(holder._connections):
+                conn.transport.pauseProducing()
+
+    fetching = requester.fetch("big.bin", timeout=5.0, progress=progress)
+    await eventually(lambda: bool(hung))
+    download = requester.fetcher.serving(sha256=sha)
+    assert download is not None
+    await eventually(lambda: download.verified >= 2 * mib)
+    fetching.cancel()
+    with pytest.raises(defer.CancelledError):
+        await fetching
+    assert requester.status()["fetching"] == {} and requester.counters["fetches_cancelled"] == 1
+    await download.settled
+    tmp = requester.shares.tmp
+    assert {p.name for p in tmp.iterdir()} == {f"{sha}.part", f"{sha}.have"}
+    assert not (requester.shares.root / "big.bin").exists()
+    assert requester.counters["downloads_failed"] == 0  # withdrawn, not failed
+
+    for conn in list(holder._connections):
+        conn.transport.resumeProducing()
+    result = await requester.fetch("big.bin", timeout=5.0)
+    assert result.resumed >= 2 * mib and (requester.shares.root / "big.bin").read_bytes() == data
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_peer_sharing_only_what_it_placed_never_hashes_the_rest_of_its_folder(
+        net: Network, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``only_placed`` (the CLI's one-shot peer): the folder's own files are never hashed, indexed,
+    found or served; the file the peer downloads is."""
+    from p2pshare import shares
+
+    hashed: list[str] = []
+    hash_file = shares.hash_file
+    monkeypatch.setattr(shares, "hash_file", lambda path: (hashed.append(Path(path).name), hash_file(path))[1])
+    holder = await net.add({"wanted.bin": payload(3_000_000)})
+    requester = await net.add({"private.txt": b"mine\n", "sub/notes.txt": b"mine too\n"},
+                              peers=(("127.0.0.1", holder.udp_port),), only_placed=True)
+    asker = await net.add(peers=(("127.0.0.1", requester.udp_port),))
+    assert requester.shares.entries == {}
+    assert await asker.search("private.txt", 0.5) == []
+
+    await requester.fetch("wanted.bin", timeout=5.0)
+    await requester.shares.rescan()  # a rescan too indexes only what the peer placed
+    assert set(requester.shares.entries) == {"wanted.bin"}
+    assert requester.peer_id in {hit.peer for hit in await asker.search("wanted.bin", 1.0)}
+    assert await asker.search("sub/notes.txt", 0.5) == []
+    assert "private.txt" not in hashed and "notes.txt" not in hashed
+    assert not (requester.shares.state / "index.json").exists()  # nor a cache a daemon of this folder would read

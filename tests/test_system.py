@@ -11,11 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, TypeVar
@@ -311,6 +313,114 @@ def test_get_without_a_daemon_runs_a_peer_for_one_fetch(network: Network, tmp_pa
     assert result.returncode == 0, result.stderr + network.logs()
     assert (target / "bob.txt").read_bytes() == (network.peers["bob"].dir / "bob.txt").read_bytes()
     assert list((target / ".p2pshare" / "tmp").iterdir()) == []
+
+
+def test_a_get_without_a_daemon_shares_only_the_file_it_fetches(network: Network, tmp_path: Path) -> None:
+    here = tmp_path / "here"  # no --dir: the current folder, which holds files of the user's own
+    (here / "sub").mkdir(parents=True)
+    (here / "private.txt").write_bytes(b"not for the network\n")
+    (here / "sub" / "diary.txt").write_bytes(b"nor this\n")
+    result = cli("get", "bob.txt", "--tracker", network.tracker_address, cwd=here)
+    assert result.returncode == 0, result.stderr + network.logs()
+    assert (here / "bob.txt").read_bytes() == (network.peers["bob"].dir / "bob.txt").read_bytes()
+    assert (here / "private.txt").read_bytes() == b"not for the network\n"
+    assert not (here / ".p2pshare" / "index.json").exists()  # nothing of the folder was hashed or indexed
+
+
+BIG = 128 * 1024 * 1024  # bytes: a download that a test can interrupt part-way
+
+
+@contextmanager
+def holder_of_big_file(root: Path) -> Iterator[tuple[str, str, list[Daemon]]]:
+    """A tracker and a peer daemon "holder" sharing big.bin (BIG random bytes), in *root*.
+
+    Yields (the tracker's HOST:PORT, big.bin's SHA-256, the daemons; more may be appended).
+    Every daemon is resumed (it may have been stopped with SIGSTOP) and stopped at the end.
+    """
+    data = os.urandom(BIG)
+    (root / "holder").mkdir()
+    (root / "holder" / "big.bin").write_bytes(data)
+    address = f"127.0.0.1:{free_port()}"
+    daemons = [start_tracker(root, f"tcp:{address.split(':')[1]}:interface=127.0.0.1")]
+    try:
+        poll(lambda: accepts(address), "the tracker listening", tuple(daemons))
+        daemons.append(start_peer(root, "holder", address, "--refresh", "0.5"))
+        poll(lambda: peer_status(root, root / "holder"), "the holder's control API", tuple(daemons))
+        yield address, hashlib.sha256(data).hexdigest(), daemons
+    finally:
+        for daemon in daemons:
+            if daemon.proc.poll() is None:
+                daemon.proc.send_signal(signal.SIGCONT)
+            daemon.stop()
+
+
+def ctrl_c_part_way(argv: list[str], cwd: Path, have: Path, holder: Daemon) -> subprocess.CompletedProcess[str]:
+    """Run ``p2pshare ARGV``; once the record *have* shows a verified piece, hang *holder*
+    (SIGSTOP), so the download cannot finish, and press Ctrl-C (SIGINT)."""
+    get = subprocess.Popen([P2PSHARE, *argv], cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + DEADLINE
+        while not have.exists():  # written as soon as the first piece is verified
+            assert get.poll() is None and time.monotonic() < deadline, get.communicate()
+            time.sleep(0.002)
+        holder.proc.send_signal(signal.SIGSTOP)
+        get.send_signal(signal.SIGINT)
+        out, err = get.communicate(timeout=DEADLINE)
+    finally:
+        if get.poll() is None:
+            get.kill()
+            get.wait()
+    return subprocess.CompletedProcess(argv, get.returncode, out, err)
+
+
+def verified_pieces(have: Path) -> bytes:
+    """The record's bitmap of verified pieces, once complete (the worker may still be writing it)."""
+    def record() -> Optional[bytes]:
+        fields = have.read_text().split()
+        return bytes.fromhex(fields[4]) if len(fields) == 5 and fields[4].strip("0") else None
+
+    return poll(record, f"a record of verified pieces in {have}")
+
+
+def test_ctrl_c_on_get_stops_the_daemons_download_and_keeps_its_verified_pieces(tmp_path: Path) -> None:
+    """The holder hangs part-way; the user presses Ctrl-C.  Pass: the command exits 130 with
+    one line, the requester's daemon has no fetch left, and the verified pieces stay in its
+    state folder for the next get."""
+    with holder_of_big_file(tmp_path) as (address, digest, daemons):
+        requester = tmp_path / "requester"
+        requester.mkdir()
+        daemons.append(start_peer(tmp_path, "requester", address, "--refresh", "0.5"))
+        poll(lambda: True if (s := peer_status(tmp_path, requester)) and s["neighbours"] else None,
+             "the requester with a neighbour", tuple(daemons))
+        have = requester / ".p2pshare" / "tmp" / f"{digest}.have"
+        result = ctrl_c_part_way(["--dir", "requester", "get", "big.bin"], tmp_path, have, daemons[1])
+        assert result.returncode == 130, result.stdout + result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "interrupted" in result.stderr
+        assert "Traceback" not in result.stderr
+
+        status = poll(lambda: s if (s := peer_status(tmp_path, requester)) and not s["fetching"] else None,
+                      "the requester's fetch stopped", (daemons[0], daemons[2]))
+        assert status["counters"]["fetches_cancelled"] == 1
+        assert {p.name for p in have.parent.iterdir()} == {f"{digest}.part", f"{digest}.have"}
+        verified = verified_pieces(have)
+        assert 0 < sum(verified) < len(verified)  # some pieces, not all: a resume has work left
+        assert not (requester / "big.bin").exists()
+
+
+def test_ctrl_c_on_get_without_a_daemon_exits_130_and_keeps_the_verified_pieces(tmp_path: Path) -> None:
+    with holder_of_big_file(tmp_path) as (address, digest, daemons):
+        here = tmp_path / "here"
+        here.mkdir()
+        have = here / ".p2pshare" / "tmp" / f"{digest}.have"
+        result = ctrl_c_part_way(["get", "big.bin", "--tracker", address], here, have, daemons[1])
+        assert result.returncode == 130, result.stdout + result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "interrupted" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert {p.name for p in have.parent.iterdir()} == {f"{digest}.part", f"{digest}.have"}
+        verified = verified_pieces(have)
+        assert 0 < sum(verified) < len(verified)
+        assert not (here / "big.bin").exists()
 
 
 # -- the control API's token ----------------------------------------------------------------------
