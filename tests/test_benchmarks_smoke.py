@@ -44,6 +44,22 @@ def test_transfer_reports_rates_for_p2pshare_and_both_baselines(ctx: Context) ->
     assert got["p2pshare / raw"].verdict in ("pass", "FAIL")
 
 
+@needs_curl
+def test_transfer_reports_the_private_network_and_cpu_per_gib_against_the_raw_ends(ctx: Context) -> None:
+    got = by_name(transfer.run(ctx))
+    assert got["private network (--key, TLS 1.3) 1 MiB, verified"].median > 0
+    assert got["1 MiB over a private network (--key, TLS 1.3) / raw"].verdict in ("pass", "FAIL")
+    for side in ("holder", "requester", "raw sender", "raw receiver", "private network (--key, TLS 1.3) holder",
+                 "private network (--key, TLS 1.3) requester"):
+        assert got[f"{side} CPU-seconds per GiB"].median >= 0
+    for above, daemon, raw in (("sender's own, holder", "holder", "raw sender"),
+                               ("receiver's own, requester", "requester", "raw receiver")):
+        figure = got[f"CPU-seconds per GiB above the raw {above}"]
+        assert figure.verdict in ("pass", "FAIL")
+        assert figure.samples == [d - r for d, r in zip(got[f"{daemon} CPU-seconds per GiB"].samples,
+                                                        got[f"{raw} CPU-seconds per GiB"].samples)]
+
+
 def test_small_files_reports_files_per_second(ctx: Context) -> None:
     got = by_name(small_files.run(ctx))
     assert got["10 x 16 KiB via the control API"].median > 0
