@@ -66,17 +66,22 @@ def test_small_files_reports_files_per_second(ctx: Context) -> None:
     assert got["time per file, median"].median > 0
 
 
-def test_swarm_reports_t_over_t_min_and_the_sequential_baseline(ctx: Context) -> None:
+def test_swarm_reports_t_over_t_min_upload_and_cpu_share_at_40_and_100_mbit(ctx: Context) -> None:
     figures = swarm.run(ctx)
     reason = swarm.unavailable_reason()
     if reason is not None:
-        (figure,) = figures
-        assert figure.verdict == "skipped" and reason in figure.note
+        assert [f.name.split(",")[0] for f in figures] == ["T / T_min at 40 Mbit/s", "T / T_min at 100 Mbit/s"]
+        assert all(f.verdict == "skipped" and reason in f.note for f in figures)
         return
     got = by_name([f for f in figures if f.samples])
-    assert got["T / T_min"].median > 0 and got["T / T_min"].verdict in ("pass", "FAIL")
-    assert got["2 sequential single-source downloads, total"].median > 0
-    assert got["speed-up: sequential / T"].median > 0
+    for rate in ("40", "100"):
+        at = f"at {rate} Mbit/s"
+        assert got[f"T / T_min {at}"].median > 0 and got[f"T / T_min {at}"].verdict in ("pass", "FAIL")
+        assert got[f"holder eth0 bytes sent / F {at}"].median > 0
+        assert 0 < got[f"daemons' CPU share {at}"].median <= 100
+    assert got["holder upload (bytes_sent) / F at 40 Mbit/s"].verdict in ("pass", "FAIL")
+    assert got["2 sequential single-source downloads at 40 Mbit/s, total"].median > 0
+    assert got["speed-up at 40 Mbit/s: sequential / T"].median > 0
 
 
 def test_search_counts_datagrams_and_reach_for_p2pshare_and_the_naive_flood(ctx: Context) -> None:
