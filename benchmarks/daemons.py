@@ -2,7 +2,7 @@
 
 Peers are driven through their control API (``POST /v1/get``, ``GET
 /v1/status``), exactly what the ``p2pshare`` command does; memory is read from
-``/proc/PID/status``.
+``/proc/PID/status``, CPU time from ``/proc/PID/stat``.
 """
 
 from __future__ import annotations
@@ -82,6 +82,24 @@ def rss_kib(pid: int, field: str = "VmRSS") -> int:
     raise BenchmarkError(f"no {field} for process {pid}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and all its threads so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14 and 15
+
+
+def thread_cpu_seconds() -> float:
+    """User + system CPU time of the calling thread (of the whole process where Linux's
+    ``RUSAGE_THREAD`` is missing)."""
+    import resource
+
+    usage = resource.getrusage(getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF))
+    return usage.ru_utime + usage.ru_stime
+
+
 def reset_peak_rss(pid: int) -> None:
     """Make VmHWM start again from the current RSS (Linux 4.0+: ``5`` to clear_refs)."""
     Path(f"/proc/{pid}/clear_refs").write_text("5")
@@ -115,17 +133,31 @@ class PeerDaemon:
 
 
 def start_peer(ctx: Context, folder: Path, port: int, peers: Sequence[int] = (), label: str = "peer",
-               extra: Sequence[str] = ()) -> PeerDaemon:
-    """Start ``twistd -n p2ppeer`` sharing *folder* on 127.0.0.1:*port*, knowing *peers* (ports)."""
+               extra: Sequence[str] = (), key: Optional[Path] = None) -> PeerDaemon:
+    """Start ``twistd -n p2ppeer`` sharing *folder* on 127.0.0.1:*port*, knowing *peers* (ports);
+    with *key* (a file from :func:`keygen`), a member of that private network."""
     for stale in ("peer.json", "control.json"):
         (folder / STATE / stale).unlink(missing_ok=True)
     args = [tool("twistd"), "-n", "--pidfile=", "p2ppeer", "--dir", str(folder), "--port", str(port),
             "--interface", "127.0.0.1", "--control", "tcp:0:interface=127.0.0.1", "--rescan", "3600"]
     for p in peers or (9,):  # a peer needs a neighbour or a tracker; port 9 (discard) is never asked
         args += ["--peer", f"127.0.0.1:{p}"]
+    if key is not None:
+        args += ["--key", str(key)]
     started = time.monotonic()
     proc = ctx.procs.start([*args, *extra], ctx.folder("logs") / f"{label}.log", cwd=ctx.folder("logs"))
     return PeerDaemon(proc, folder, port, started)
+
+
+def keygen(ctx: Context, name: str = "network.key") -> Path:
+    """A new private network's key file, made by ``p2pshare keygen`` as a user would."""
+    path = ctx.folder("keys") / name
+    if not path.exists():
+        done = subprocess.run([tool("p2pshare"), "keygen", "--out", str(path)], stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise BenchmarkError(f"p2pshare keygen failed: {done.stderr.strip()}")
+    return path
 
 
 def wait_ready(peer: PeerDaemon, files: Optional[int] = None, deadline: float = START_DEADLINE) -> "ControlClient":

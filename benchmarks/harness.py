@@ -176,6 +176,14 @@ class Context:
         return out
 
 
+def size_text(size: int) -> str:
+    """*size* bytes as the tables name it: "1 GiB", "64 MiB", "16 KiB"."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 1 << shift and size % (1 << shift) == 0:
+            return f"{size >> shift} {unit}"
+    return f"{size} B"
+
+
 def write_random(path: Path, size: int, chunk: int = 8 * 1024 * 1024) -> None:
     """*size* bytes from ``os.urandom``: incompressible and with no holes."""
     with open(path, "wb") as f:

@@ -14,6 +14,8 @@ both directions (``Host.rate_limit``: a ``tc tbf`` on the host's eth0 and one on
 its bridge port, or nftables policing where tbf is missing; the figures' notes
 say which ran), so u_s = u_i = d_min = R and T_min = F / R (F in bits).  tbf
 counts whole frames, so TCP/IP headers alone keep T / T_min above about 1.05.
+The same network runs at two rates, 40 and 100 Mbit/s: each repeat has one
+round at each, in rotating order, the links reshaped in between.
 
 Each round: every peer's file is deleted (and gone from its index), then a
 helper process starts in each peer's namespace (``python -m benchmarks.swarm
@@ -26,19 +28,19 @@ download is left.
 
 Baseline, in the same run on the same network: the N peers fetch the file one
 after another, each alone (the others' copies deleted, so the holder is the
-only source); its total is the sum of the N fetch times.  It runs first and
-stands in for this benchmark's warm-up round (``--warmup N`` adds N - 1 swarm
+only source); its total is the sum of the N fetch times.  It runs first, at
+the first rate, and stands in for this benchmark's warm-up round (``--warmup N`` adds N - 1 swarm
 rounds before the repeats).  Also reported: the holder's upload during the
 swarm round as a multiple of F, from its ``bytes_sent`` counter (file bytes;
 "n/a" while the peer has no such counter) and from the kernel's count of bytes
-its eth0 sent (what used its link); and the CPU time of all the daemons
-during T as a share of the machine, to show whether CPU rather than the links
-limited T.
+its eth0 sent (what used its link); and the CPU share: the CPU time of all
+the daemons from the instant the peers ask to the last ``done``, divided by
+that wall time and by ``os.cpu_count()``, to show whether CPU rather than the
+links limited T.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -49,8 +51,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Optional, Sequence
 
-from benchmarks.daemons import STATE, BenchmarkError, ControlClient
+from benchmarks.daemons import STATE, BenchmarkError, cpu_seconds
 from benchmarks.harness import Context, Figure, Goal, link_into
+from benchmarks.swarm_helper import FETCH_TIMEOUT, READY_DEADLINE
 
 BENCH = "3 swarm"
 NAME = "swarm.bin"
@@ -58,9 +61,7 @@ REPO = Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"
 PORT = 7000  # every peer's UDP and TCP port (each host has its own address)
 TRACKER_PORT = 8000
-FETCH_TIMEOUT = 600.0
 START_MARGIN = 0.2  # seconds from "all the fetch helpers are ready" to the instant they all ask
-READY_DEADLINE = 60.0
 
 
 def kumar_ross(size: int, server_up: float, peer_ups: Sequence[float], min_down: float) -> float:
@@ -94,15 +95,6 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (0 once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Swarm:
@@ -150,10 +142,14 @@ class Swarm:
     def holder_address(self) -> str:
         return f"{self.host(0).ip}:{PORT}"
 
+    def set_rate(self, rate: int) -> None:
+        """Shape every host's link to *rate* bits/s both ways (again, for a new rate)."""
+        methods = {h.rate_limit(rate) for h in self.net.hosts}
+        self.rate, self.shaping = rate, "/".join(sorted(methods))
+        self.say(f"{len(self.net.hosts)} namespaces, every link {rate / 1e6:g} Mbit/s both ways ({self.shaping})")
+
     def _start(self) -> None:
-        methods = {h.rate_limit(self.rate) for h in self.net.hosts}
-        self.shaping = "/".join(sorted(methods))
-        self.say(f"{len(self.net.hosts)} namespaces, every link {self.rate / 1e6:g} Mbit/s both ways ({self.shaping})")
+        self.set_rate(self.rate)
         self.sha256 = _sha256(self.source)
         for k in range(self.peers + 1):
             self.dir(k).mkdir(parents=True, exist_ok=True)
@@ -217,11 +213,13 @@ class Swarm:
         if ks:
             self.wait_all(lambda k: 0, peers=ks)
 
-    def fetch(self, peers: Sequence[int]) -> tuple[float, dict[int, dict[str, Any]]]:
+    def fetch(self, peers: Sequence[int], at_instant: Optional[Callable[[], None]] = None,
+              ) -> tuple[float, dict[int, dict[str, Any]]]:
         """*peers* all ask for the file at one instant; (that instant, each helper's result).
 
         Each helper starts, checks that its peer answers, says so and waits for the instant on its
         stdin; the instant is set once all are ready (slow starts on a busy machine do not count).
+        *at_instant* is called at that instant, here.
         """
         timeout = self.fetch_timeout
         procs: dict[int, subprocess.Popen[str]] = {}
@@ -242,6 +240,9 @@ class Swarm:
             assert proc.stdin is not None
             proc.stdin.write(f"{at!r}\n")
             proc.stdin.flush()
+        if at_instant is not None:
+            time.sleep(max(0.0, at - time.time()))
+            at_instant()
         results = self._collect(procs, timeout + 60)
         failed = {k: r for k, r in results.items() if r.get("event") != "done"}
         if failed:
@@ -271,19 +272,25 @@ class Swarm:
         return found + [f"p{k}: partial or stray files left: {names}" for k, names in left.items()]
 
     def cpu_seconds(self) -> float:
-        return sum(_cpu_seconds(d.proc.pid) for d in self.net.daemons)
+        """The CPU time of every daemon (tracker, holder, peers) so far."""
+        return sum(cpu_seconds(d.proc.pid) for d in self.net.daemons)
 
     # -- one measurement ----------------------------------------------------------------------
 
     def swarm_round(self) -> dict[str, Any]:
-        """Every peer asks at once; T, the holder's upload and the daemons' CPU over the round."""
+        """Every peer asks at once; T, the holder's upload and the daemons' CPU over the round.
+
+        The CPU share is the daemons' CPU time from the instant the peers ask until every helper has
+        reported, over that wall time and every core.
+        """
         peers = list(range(1, self.peers + 1))
         self.clear(peers)
         before = self.status(0)["counters"]
-        tx0, cpu0 = self.host(0).tx_bytes(), self.cpu_seconds()
-        at, results = self.fetch(peers)
+        tx0 = self.host(0).tx_bytes()
+        start: list[float] = []
+        at, results = self.fetch(peers, lambda: start.extend((time.monotonic(), self.cpu_seconds())))
+        cpu, wall = self.cpu_seconds() - start[1], time.monotonic() - start[0]
         ended = max(r["ended_wall"] for r in results.values())
-        cpu = self.cpu_seconds() - cpu0
         tx = self.host(0).tx_bytes() - tx0
         after = self.status(0)["counters"]
         problems = self.problems(peers)
@@ -292,7 +299,7 @@ class Swarm:
         return {"T": seconds, "late": max(r["started_wall"] - at for r in results.values()),
                 "load": os.getloadavg()[0],
                 "problems": problems, "results": results,
-                "bytes_sent": sent, "tx_bytes": tx, "cpu": cpu,
+                "bytes_sent": sent, "tx_bytes": tx, "cpu": cpu, "cpu_share": cpu / (wall * (os.cpu_count() or 1)),
                 "sources": {k: r["done"].get("sources", 1) for k, r in results.items()},
                 "each": {k: round(r["ended_wall"] - at, 3) for k, r in results.items()}}
 
@@ -317,58 +324,88 @@ class Swarm:
 # -- the benchmark ----------------------------------------------------------------------------------
 
 
+RATES = (40_000_000, 100_000_000)  # bits/s, every link, both ways; the first also runs the sequential baseline
+
+
+def _mbit(rate: int) -> str:
+    return f"{rate / 1e6:g} Mbit/s"
+
+
 def run(ctx: Context) -> list[Figure]:
     peers = ctx.size(8, 4, 2)
     size = ctx.size(64 << 20, 16 << 20, 2 << 20)
-    # bits/s, every link, both ways: slow enough that the links, not the 2 cores running 9 daemons, limit T
-    rate = ctx.size(40_000_000, 100_000_000, 100_000_000)
-    t_min = kumar_ross(size, rate, [rate] * peers, rate)
-    label = f"{peers} peers x {size >> 20} MiB at {rate / 1e6:g} Mbit/s"
+    label = f"{peers} peers x {size >> 20} MiB"
     reason = unavailable_reason()
     if reason is not None:
-        return [Figure(BENCH, f"T / T_min, {label}", "", [], Goal("<=", 1.5), status="skipped",
-                       note=f"not measured: {reason}")]
+        return [Figure(BENCH, f"T / T_min at {_mbit(rate)}, {label}", "", [], Goal("<=", 1.3), status="skipped",
+                       note=f"not measured: {reason}") for rate in RATES]
     source = ctx.random_file(size)
-    with Swarm(ctx.folder("swarm"), peers, rate, source, say=ctx.say) as swarm:
-        ctx.say(f"baseline: {peers} sequential single-source downloads (also the warm-up)")
+    with Swarm(ctx.folder("swarm"), peers, RATES[0], source, say=ctx.say) as swarm:
+        ctx.say(f"baseline: {peers} sequential single-source downloads at {_mbit(RATES[0])} (also the warm-up)")
         seq = swarm.sequential()
         ctx.say(f"sequential total {seq['total']:.1f} s: {seq['each']}")
+
+        def once(i: int) -> dict[int, dict[str, Any]]:
+            order = list(RATES[i % len(RATES):] + RATES[: i % len(RATES)])  # rotate, so no rate always goes first
+            out = {}
+            for rate in order:
+                if swarm.rate != rate:
+                    swarm.set_rate(rate)
+                out[rate] = _round(ctx, swarm, kumar_ross(size, rate, [rate] * peers, rate))
+            return out
+
         warmups = ctx.warmup
         ctx.warmup = max(0, warmups - 1)  # the sequential baseline was the first warm-up round
         try:
-            rounds = ctx.repeat(lambda i: _round(ctx, swarm, t_min))
+            rounds = ctx.repeat(once)
         finally:
             ctx.warmup = warmups
         shaping = swarm.shaping
+    figures = []
+    for rate in RATES:
+        figures += _figures(peers, size, rate, [r[rate] for r in rounds], shaping)
+        if rate == RATES[0]:
+            ts = [r[rate]["T"] for r in rounds]
+            figures += [
+                Figure(BENCH, f"{peers} sequential single-source downloads at {_mbit(rate)}, total", "s",
+                       [seq["total"]], note=f"each fetch alone from the holder (s): {seq['each']}"),
+                Figure(BENCH, f"speed-up at {_mbit(rate)}: sequential / T", "x", [seq["total"] / t for t in ts]),
+            ]
+    return figures
+
+
+def _figures(peers: int, size: int, rate: int, rounds: list[dict[str, Any]], shaping: str) -> list[Figure]:
+    """The figures of the swarm rounds at one *rate*."""
+    at = f"at {_mbit(rate)}"
+    t_min = kumar_ross(size, rate, [rate] * peers, rate)
     ts = [r["T"] for r in rounds]
-    shaped = f"{label}, holder + {peers} peers + tracker in network namespaces, links shaped by {shaping}"
+    shaped = f"holder + {peers} peers + tracker in network namespaces, every link {_mbit(rate)} both ways, " \
+             f"shaped by {shaping}"
     sent = [r["bytes_sent"] / size for r in rounds if r["bytes_sent"] is not None]
     sources = sorted({s for r in rounds for s in r["sources"].values()})
+    upload_goal = Goal("<=", 1.15) if rate == 40_000_000 else None
     figures = [
-        Figure(BENCH, f"T: {peers} peers get {size >> 20} MiB at once", "s", ts,
+        Figure(BENCH, f"T: {peers} peers get {size >> 20} MiB at once {at}", "s", ts,
                note=f"{shaped}; sources per download: {sources}; per peer (last repeat): {rounds[-1]['each']}; "
                     f"load average after each round: {[round(r['load'], 1) for r in rounds]}"),
-        Figure(BENCH, "T_min (Kumar-Ross bound)", "s", [t_min] * len(ts),
+        Figure(BENCH, f"T_min (Kumar-Ross bound) {at}", "s", [t_min] * len(ts),
                note="max(F/u_s, F/d_min, N F/(u_s + sum u_i)) with every rate R: F/R"),
-        Figure(BENCH, "T / T_min", "x", [t / t_min for t in ts], Goal("<=", 1.5)),
-        Figure(BENCH, f"{peers} sequential single-source downloads, total", "s", [seq["total"]],
-               note=f"each fetch alone from the holder (s): {seq['each']}"),
-        Figure(BENCH, "speed-up: sequential / T", "x", [seq["total"] / t for t in ts]),
+        Figure(BENCH, f"T / T_min {at}", "x", [t / t_min for t in ts], Goal("<=", 1.3)),
     ]
     if sent:
-        figures.append(Figure(BENCH, "holder upload (bytes_sent) / F", "x", sent))
+        figures.append(Figure(BENCH, f"holder upload (bytes_sent) / F {at}", "x", sent, upload_goal))
     else:
-        figures.append(Figure(BENCH, "holder upload (bytes_sent) / F", "", [], status="n/a",
+        figures.append(Figure(BENCH, f"holder upload (bytes_sent) / F {at}", "", [], upload_goal, status="n/a",
                               note="the peer has no bytes_sent counter in /v1/status yet"))
     figures += [
-        Figure(BENCH, "holder eth0 bytes sent / F", "x", [r["tx_bytes"] / size for r in rounds],
+        Figure(BENCH, f"holder eth0 bytes sent / F {at}", "x", [r["tx_bytes"] / size for r in rounds],
                note="the kernel's count of what left the holder's eth0 (IP packets, headers once per GSO packet; "
                     "searches and acknowledgements included): what used its link; bytes_sent counts a range once it "
                     "is handed to the connection, also if the connection then closes before sending it all"),
-        Figure(BENCH, "daemons' CPU during T, share of all cores", "%",
-               [100 * r["cpu"] / (r["T"] * (os.cpu_count() or 1)) for r in rounds],
-               note=f"user + system time of the {peers + 2} daemons over {os.cpu_count()} cores: "
-                    "near 100 % means CPU, not the links, limited T"),
+        Figure(BENCH, f"daemons' CPU share {at}", "%", [100 * r["cpu_share"] for r in rounds],
+               note=f"user + system time of the {peers + 2} daemons from the instant the peers ask to the last "
+                    f"done, over that wall time x {os.cpu_count()} cores: near 100 % means CPU, not the links, "
+                    "limited T"),
     ]
     return figures
 
@@ -378,71 +415,13 @@ def _round(ctx: Context, swarm: Swarm, t_min: float) -> dict[str, Any]:
     if r["problems"]:
         raise BenchmarkError("; ".join(r["problems"]))
     sent = "n/a" if r["bytes_sent"] is None else f"{r['bytes_sent'] / swarm.size:.2f} F"
-    ctx.say(f"T {r['T']:.2f} s = {r['T'] / t_min:.2f} T_min; holder sent {sent} "
-            f"({r['tx_bytes'] / swarm.size:.2f} F on the wire); start spread {r['late'] * 1000:.0f} ms")
+    ctx.say(f"{_mbit(swarm.rate)}: T {r['T']:.2f} s = {r['T'] / t_min:.2f} T_min; holder sent {sent} "
+            f"({r['tx_bytes'] / swarm.size:.2f} F on the wire); CPU share {100 * r['cpu_share']:.0f} %; "
+            f"start spread {r['late'] * 1000:.0f} ms")
     return r
 
 
-# -- the helper run inside each namespace (python -m benchmarks.swarm ...) --------------------------
+if __name__ == "__main__":  # the helper inside each namespace: python -m benchmarks.swarm fetch|wait|status
+    from benchmarks.swarm_helper import helper
 
-
-def _control(directory: str) -> ControlClient:
-    """A client of the control API of the peer sharing *directory* (with its token, when it keeps one)."""
-    state = Path(directory) / STATE
-    url = json.loads((state / "control.json").read_text())["url"]
-    host, port = url.split("//", 1)[1].rsplit(":", 1)
-    token = state / "control.token"
-    return ControlClient(host, int(port), *([token.read_text().strip()] if token.exists() else []))
-
-
-def helper(argv: Sequence[str]) -> int:
-    """``status``, ``wait`` (until the peer shares --files files) or ``fetch`` (at the time.time() read
-    from stdin, once it has said it is ready)."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.swarm")
-    p.add_argument("command", choices=("status", "wait", "fetch"))
-    p.add_argument("--dir", required=True)
-    p.add_argument("--files", type=int)
-    p.add_argument("--connected", action="store_true", help="wait: also registered with the tracker")
-    p.add_argument("--deadline", type=float, default=READY_DEADLINE)
-    p.add_argument("--name")
-    p.add_argument("--timeout", type=float, default=FETCH_TIMEOUT)
-    args = p.parse_args(argv)
-    if args.command == "fetch":
-        client = _control(args.dir)
-        if client.status().get("counters") is None:  # the peer answers (and the imports are done)
-            print(json.dumps({"event": "error", "message": "the control API does not answer"}))
-            return 0
-        client.close()  # get() opens its own connection, with the fetch's timeout
-        print(json.dumps({"ready": time.time()}), flush=True)
-        at = float(sys.stdin.readline())  # the instant, once every helper is ready
-        time.sleep(max(0.0, at - time.time()))
-        out: dict[str, Any] = {"started_wall": time.time()}
-        try:
-            out.update(event="done", done=client.get(args.name, args.timeout))
-        except Exception as e:
-            out.update(event="error", message=f"{type(e).__name__}: {e}")
-        out["ended_wall"] = time.time()
-        print(json.dumps(out))
-        return 0
-    end = time.monotonic() + args.deadline
-    status: dict[str, Any] = {}
-    while True:
-        try:
-            status = _control(args.dir).status()
-        except (OSError, ValueError, KeyError):
-            status = {"files": None}  # not started yet
-        if args.command == "status" and status.get("counters") is not None:
-            break
-        if args.command == "wait" and status.get("files") == args.files and (
-                not args.connected or (status.get("tracker") or {}).get("connected")):
-            break
-        if time.monotonic() > end:
-            print(f"not within {args.deadline:g}s: {args.command} {argv}; last status {status}", file=sys.stderr)
-            return 1
-        time.sleep(0.05)
-    print(json.dumps(status))
-    return 0
-
-
-if __name__ == "__main__":
     sys.exit(helper(sys.argv[1:]))

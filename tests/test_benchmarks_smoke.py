@@ -44,23 +44,44 @@ def test_transfer_reports_rates_for_p2pshare_and_both_baselines(ctx: Context) ->
     assert got["p2pshare / raw"].verdict in ("pass", "FAIL")
 
 
+@needs_curl
+def test_transfer_reports_the_private_network_and_cpu_per_gib_against_the_raw_ends(ctx: Context) -> None:
+    got = by_name(transfer.run(ctx))
+    assert got["private network (--key, TLS 1.3) 1 MiB, verified"].median > 0
+    assert got["1 MiB over a private network (--key, TLS 1.3) / raw"].verdict in ("pass", "FAIL")
+    for side in ("holder", "requester", "raw sender", "raw receiver", "private network (--key, TLS 1.3) holder",
+                 "private network (--key, TLS 1.3) requester"):
+        assert got[f"{side} CPU-seconds per GiB"].median >= 0
+    for above, daemon, raw in (("sender's own, holder", "holder", "raw sender"),
+                               ("receiver's own, requester", "requester", "raw receiver")):
+        figure = got[f"CPU-seconds per GiB above the raw {above}"]
+        assert figure.verdict in ("pass", "FAIL")
+        assert figure.samples == [d - r for d, r in zip(got[f"{daemon} CPU-seconds per GiB"].samples,
+                                                        got[f"{raw} CPU-seconds per GiB"].samples)]
+
+
 def test_small_files_reports_files_per_second(ctx: Context) -> None:
     got = by_name(small_files.run(ctx))
     assert got["10 x 16 KiB via the control API"].median > 0
     assert got["time per file, median"].median > 0
 
 
-def test_swarm_reports_t_over_t_min_and_the_sequential_baseline(ctx: Context) -> None:
+def test_swarm_reports_t_over_t_min_upload_and_cpu_share_at_40_and_100_mbit(ctx: Context) -> None:
     figures = swarm.run(ctx)
     reason = swarm.unavailable_reason()
     if reason is not None:
-        (figure,) = figures
-        assert figure.verdict == "skipped" and reason in figure.note
+        assert [f.name.split(",")[0] for f in figures] == ["T / T_min at 40 Mbit/s", "T / T_min at 100 Mbit/s"]
+        assert all(f.verdict == "skipped" and reason in f.note for f in figures)
         return
     got = by_name([f for f in figures if f.samples])
-    assert got["T / T_min"].median > 0 and got["T / T_min"].verdict in ("pass", "FAIL")
-    assert got["2 sequential single-source downloads, total"].median > 0
-    assert got["speed-up: sequential / T"].median > 0
+    for rate in ("40", "100"):
+        at = f"at {rate} Mbit/s"
+        assert got[f"T / T_min {at}"].median > 0 and got[f"T / T_min {at}"].verdict in ("pass", "FAIL")
+        assert got[f"holder eth0 bytes sent / F {at}"].median > 0
+        assert 0 < got[f"daemons' CPU share {at}"].median <= 100
+    assert got["holder upload (bytes_sent) / F at 40 Mbit/s"].verdict in ("pass", "FAIL")
+    assert got["2 sequential single-source downloads at 40 Mbit/s, total"].median > 0
+    assert got["speed-up at 40 Mbit/s: sequential / T"].median > 0
 
 
 def test_search_counts_datagrams_and_reach_for_p2pshare_and_the_naive_flood(ctx: Context) -> None:
@@ -82,5 +103,8 @@ def test_tracker_reports_rate_latency_and_memory(ctx: Context) -> None:
 def test_memory_reports_peak_rss_and_start_up_times(ctx: Context) -> None:
     got = by_name(memory.run(ctx))
     assert got["holder peak RSS serving 2 x 4 MiB"].median >= got["holder RSS before the downloads"].median > 1
+    assert got["holder peak RSS serving 2 x 4 MiB"].verdict in ("pass", "FAIL")
+    assert got["requester peak RSS fetching 4 MiB"].median >= got["requester RSS before the fetch"].median > 1
+    assert got["requester peak RSS fetching 4 MiB"].verdict in ("pass", "FAIL")
     assert got["start to ready, 200 files, index cached"].median > 0
     assert got["first indexing, 4 MiB in 200 files"].median > 0
