@@ -20,7 +20,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from p2pshare.download import Download, in_thread
-from p2pshare.errors import (AlreadyExists, AmbiguousName, InvalidName, NotFound, P2PError, TransferFailed)
+from p2pshare.errors import (AlreadyExists, AmbiguousName, InvalidName, NotFound, P2PError, TransferFailed,
+                             VerificationFailed)
 from p2pshare.shares import Entry
 from p2pshare.transfer import ITransferNode, TransferProtocol, dial
 from p2pshare.wire import Address, Frame, Hit, is_sha256, validate_name
@@ -62,6 +63,8 @@ class _Fetch:
         self.hits: list[Hit] = []
         self.tried: dict[Address, float] = {}  # holder -> when it was last dialled or taken on
         self.banned: set[Address] = set()  # holders that sent bad pieces: never again in this fetch
+        self.bad_roots: set[str] = set()  # manifests whose pieces made a file that is not the content
+        self.other_roots: set[Address] = set()  # holders that offered the content with another manifest
         self.swarm_ids: list[str] = []  # re-queries while downloading (for more holders, partial ones too)
         self.download: Optional[Download] = None
         self.sources: dict[TransferProtocol, tuple[Address, str]] = {}  # connection -> (holder, dialled by)
@@ -215,7 +218,7 @@ class Fetcher:
         if f.download is not None:
             self._swarm_query(f)
             return
-        if f.hits:
+        if any(h.tcp not in f.banned for h in f.hits):
             return
         rid = self.peer._query(f.name, True, lambda hit: self._fetch_hit(f, hit), f.sha256)
         f.ids.append(rid)
@@ -306,11 +309,23 @@ class Fetcher:
                 or address in f.banned):
             self.peer.counters.add("offers_declined")  # one connection per holder and download
             return None
+        if frame.root and frame.root in f.bad_roots:
+            f.banned.add(address)  # a manifest that already made a file that is not the content
+            self.peer.counters.add("offers_declined")
+            return None
         if f.download is None:
             if not self._start_download(f, frame):
                 return None
+        elif (frame.sha256, frame.size) == (f.download.sha256, f.download.size) and frame.root != f.download.root:
+            # The same content under another manifest: one of the two is a lie.  The pieces only
+            # prove that the file matches its manifest, so the whole file is checked at the end,
+            # and this holder is kept in reserve for the other manifest.
+            f.download.verify_whole = True
+            f.other_roots.add(address)
+            self.peer.counters.add("offers_other_manifest")
+            return None
         elif (frame.sha256, frame.root, frame.size) != (f.download.sha256, f.download.root, f.download.size):
-            self.peer.counters.add("offers_declined")  # another content, or another manifest of it
+            self.peer.counters.add("offers_declined")  # another content
             return None
         assert f.download is not None
         f.sources[proto] = (address, dialled_by)
@@ -336,7 +351,7 @@ class Fetcher:
                                                    f"{self.peer.shares.tmp} ({short} bytes short)")))
             return False
         download = Download(self.peer.shares, frame.name, frame.size, frame.sha256, f.report,
-                            in_thread(self.peer.reactor), frame.piece, frame.root)
+                            in_thread(self.peer.reactor), frame.piece, frame.root, verify_whole=bool(f.sha256))
         f.download = download
         if f.requery is not None and f.requery.active():
             f.requery.cancel()
@@ -354,12 +369,37 @@ class Fetcher:
             self._finish(f, result)
 
         def failed(failure: Failure) -> None:
-            if f.active:
+            if f.active and f.download is download and failure.check(VerificationFailed) and download.root:
+                self._bad_manifest(f, download, failure.value)
+            elif f.active and f.download is download:
                 self.peer.counters.add("downloads_failed")
                 self._finish(f, failure)
 
         download.done.addCallbacks(done, failed)
         return True
+
+    def _bad_manifest(self, f: _Fetch, download: Download, error: BaseException) -> None:
+        """Every piece matched the manifest, and the file is not the content: the manifest is a lie.
+        Its holders are dropped, and the fetch starts again from holders of another manifest."""
+        self.peer.counters.add("bad_manifests")
+        self.log.warn("{name}: the manifest {root} describes other content; dropping its holders",
+                      name=f.label, root=download.root[:16])
+        f.bad_roots.add(download.root)
+        f.error = error
+        for proto, (address, _) in list(f.sources.items()):
+            f.banned.add(address)
+            if proto.transport is not None:
+                proto.transport.loseConnection()
+        f.banned.update(address for address, _ in f.all_sources)
+        f.all_sources.clear()
+        f.download = None
+        for address in f.other_roots - f.banned:
+            f.tried.pop(address, None)  # may be dialled again at once
+        self._dial_more(f)
+        if not f.dialing and f.dial_timer is None:  # nobody else answered yet: ask again
+            if f.requery is not None and f.requery.active():
+                f.requery.cancel()
+            self._fetch_query(f)
 
     def _bad_source(self, f: _Fetch, proto: TransferProtocol) -> None:
         self.peer.counters.add("bad_pieces")  # that holder is not asked again in this fetch
@@ -370,7 +410,7 @@ class Fetcher:
     def _source_gone(self, f: _Fetch, proto: TransferProtocol) -> None:
         source = f.sources.pop(proto, None)
         f.source_peers.pop(proto, None)
-        if source is not None:
+        if source is not None and source[0] not in f.banned:
             f.all_sources.append(source)
             if proto.error is not None:
                 f.error = TransferFailed(f"{f.label}: {proto.error}")

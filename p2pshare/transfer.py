@@ -4,10 +4,17 @@ Whoever dialled, the first frame says who is who: a holder that dialled sends
 ``offer``; a requester that dialled sends ``open`` and the holder answers with
 ``offer``.  From there the requester asks for byte ranges (``get``) and the
 holder answers each with a ``data`` line followed by exactly that many raw
-bytes, read from disk by a push producer so that a slow reader stops the disk
-reads instead of filling memory.  The requester writes into a temporary file
-in the state folder and hashes as it goes; the file is renamed into place only
-when size and SHA-256 match the offer.
+bytes.  ``TransferProtocol`` only frames the connection (control lines, raw
+bytes handed on as slices of what was received, never copied) and hands each
+frame to the side this connection plays:
+
+* ``Holder`` serves ranges of a file.  On plain TCP the bytes go from the page
+  cache to the socket with ``sendfile`` (``SendfileProducer``: no copy through
+  Python at all); under TLS a push producer reads them into memory first.
+  Either way a slow reader stops the disk reads instead of filling memory.
+* ``Requester`` feeds a ``Download``: it asks for the ranges the download's
+  piece policy hands it, keeping up to a window of bytes in flight, and passes
+  the bytes on as they arrive.
 
 A peer that is still downloading a file serves the pieces it has verified
 (swarming): its offer carries a ``have`` bitmap, it announces each piece it
@@ -17,31 +24,37 @@ does not have.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 from collections import Counter, deque
-from typing import IO, Callable, Optional
+from typing import IO, Any, Callable, Optional
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from p2pshare.download import Download
 from p2pshare.errors import MalformedMessage, NotFound, TransferFailed
-from p2pshare.shares import MAX_PIECES, Entry
-from p2pshare.wire import MAX_FRAME, Frame, have_bits, pack_have
+from p2pshare.pieces import WINDOW_BYTES, choice_for, gets_in_flight
+from p2pshare.shares import MAX_PIECES, Entry, piece_size_for
+from p2pshare.wire import MAX_FRAME, MAX_RANGE, Frame, have_bits, pack_have
 
-WINDOW = 2  # ranges asked for ahead of the one being received
-ENDGAME_ZONE = 2  # pieces missing below which a complete holder may be asked for any piece
-CHUNK = 512 * 1024  # bytes the producer reads from disk at a time
+MAX_GETS = 64  # ranges a holder accepts waiting behind the one being sent (the offer's "window")
+LEGACY_GETS = 5  # what a holder whose offer names no window accepts
+MAX_GET = 8 * 1024 * 1024  # the longest range the requester asks for in one get
+CHUNK = 1024 * 1024  # bytes read from disk at a time where sendfile cannot be used
+SENDFILE_SLICE = 16 * 1024 * 1024  # bytes sent before the reactor gets a turn
 IDLE_TIMEOUT = 30.0
 PROGRESS = 64 * 1024  # bytes of file data that count as progress for the idle timer
 MAX_CONNECTIONS = 256  # incoming transfer connections at once
 MAX_PER_ADDRESS = 32  # of those, from one address
+RECEIVE_BUFFER = 1024 * 1024  # bytes read from the socket at once
 
 
 class ITransferNode(Interface):
@@ -69,9 +82,19 @@ class ITransferNode(Interface):
         """A requester says a piece of *entry* we sent does not match its manifest."""
 
 
+def socket_transport(transport: Any) -> Optional[tcp.Connection]:
+    """The TCP connection under *transport* (itself, or under a TLS wrapper), or None."""
+    for _ in range(4):
+        if isinstance(transport, tcp.Connection):
+            return transport
+        transport = getattr(transport, "transport", None)
+    return None
+
+
 @implementer(IPushProducer)
 class RangeProducer:
-    """Streams ``length`` bytes of a file from ``offset`` into a consumer, pausing with it."""
+    """Streams ``length`` bytes of a file from ``offset`` into a consumer, pausing with it (reads into
+    memory: for consumers that are not a plain socket, such as TLS)."""
 
     def __init__(self, file: IO[bytes], offset: int, length: int, consumer: IConsumer,
                  on_chunk: Callable[[], None] = lambda: None) -> None:
@@ -90,7 +113,11 @@ class RangeProducer:
         self._paused = False
         fd = self.file.fileno()
         while not self._paused and self.remaining > 0:
-            data = os.pread(fd, min(CHUNK, self.remaining), self.offset)
+            try:
+                data = os.pread(fd, min(CHUNK, self.remaining), self.offset)
+            except OSError as e:
+                self._end(TransferFailed(f"reading the file failed: {e.strerror}"))
+                return
             if not data:
                 self._end(TransferFailed("the file shrank while it was being sent"))
                 return
@@ -111,6 +138,13 @@ class RangeProducer:
             d, self.finished = self.finished, Deferred()
             d.errback(TransferFailed("the connection closed during the transfer"))
 
+    def cancel(self) -> None:
+        """Stop sending this range now (the connection is closing): the consumer lets go of us."""
+        self._paused = True
+        if not self.finished.called:
+            self.remaining = 0
+            self._end(TransferFailed("the range was cancelled"))
+
     def _end(self, error: Optional[Exception]) -> None:
         self.consumer.unregisterProducer()
         d, self.finished = self.finished, Deferred()
@@ -121,11 +155,280 @@ class RangeProducer:
             d.errback(error)
 
 
-class TransferProtocol(LineReceiver, TimeoutMixin):
-    """One transfer connection, in either role, whichever side dialled."""
+class SendfileProducer(RangeProducer):
+    """The same, from the file to a plain TCP socket with ``os.sendfile``: the bytes never enter Python.
 
-    delimiter = b"\n"
-    MAX_LENGTH = MAX_FRAME
+    Twisted has no public sendfile, so this drives the transport's own producer
+    machinery: registered as a streaming producer and marked paused, it is
+    resumed by the transport once everything written before it (the ``data``
+    line) has left; then it sends until the socket is full, marks itself paused
+    again and asks the transport to watch for writability, which resumes it.
+    """
+
+    consumer: tcp.Connection
+
+    def start(self) -> Deferred[None]:
+        d = self.finished
+        self.consumer.registerProducer(self, True)
+        self._wait()
+        return d
+
+    def _wait(self) -> None:
+        self.consumer.producerPaused = True
+        self.consumer.startWriting()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        sock, fd = self.consumer.fileno(), self.file.fileno()
+        budget = SENDFILE_SLICE
+        while self.remaining > 0 and not self._paused:
+            if budget <= 0:
+                return self._wait()  # others get a turn; the socket is still writable
+            try:
+                n = os.sendfile(sock, fd, self.offset, min(self.remaining, budget))
+            except BlockingIOError:
+                return self._wait()
+            except OSError as e:
+                if e.errno == errno.EINTR:
+                    continue
+                if e.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                    return self.stopProducing()
+                return self._end(TransferFailed(f"reading the file failed: {e.strerror}"))
+            if n == 0:
+                return self._end(TransferFailed("the file shrank while it was being sent"))
+            self.offset += n
+            self.remaining -= n
+            budget -= n
+            self.on_chunk()
+        if self.remaining == 0 and not self.finished.called:
+            self._end(None)
+
+
+class Holder:
+    """The holder's side of a connection: the file, the ranges asked for, the one being sent."""
+
+    def __init__(self, conn: "TransferProtocol", entry: Entry, file: IO[bytes],
+                 partial: Optional[Download] = None) -> None:
+        self.conn, self.entry, self.file = conn, entry, file
+        self.partial: Optional[Download] = None  # the download whose verified pieces we serve
+        self.gets: deque[Frame] = deque()
+        self.producer: Optional[RangeProducer] = None
+        self._sending_length = 0
+        self._haves: list[int] = []  # pieces verified while a range was being sent: announced after it
+        if partial is not None and not partial.complete:
+            self.partial = partial
+            partial.watchers.add(self)
+
+    def offer(self, request_id: str) -> Frame:
+        have = pack_have(self.partial.have) if self.partial is not None else ""
+        return offer_for(self.entry, request_id, self.conn.node.peer_id, have)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.partial is not None:
+            self.partial.watchers.discard(self)
+            self.partial = None
+
+    def piece_verified(self, index: int) -> None:
+        """The download we serve from has verified one more piece: tell the requester (between
+        ranges: never inside the raw bytes of one)."""
+        self._haves.append(index)
+        if self.producer is None:
+            self._send_haves()
+
+    def _send_haves(self) -> None:
+        haves, self._haves = self._haves, []
+        if haves and self.conn.open:
+            self.conn.resetTimeout()  # announcing pieces is progress too
+            for index in haves:
+                self.conn.send(Frame("have", piece=index))
+
+    def on_get(self, frame: Frame) -> None:
+        conn = self.conn
+        if frame.length == 0 or frame.offset + frame.length > self.entry.size:
+            return conn.refuse("bad_range", f"range {frame.offset}+{frame.length} is outside the file")
+        if self.partial is not None and not self.partial.complete:
+            piece = self.partial.piece_size
+            if not all(self.partial.have[i] for i in range(frame.offset // piece,
+                                                           -(-(frame.offset + frame.length) // piece))):
+                return conn.refuse("not_have", f"range {frame.offset}+{frame.length} is not all here yet")
+        if len(self.gets) >= MAX_GETS:
+            return conn.refuse("too_many", f"at most {MAX_GETS} ranges may wait")
+        self.gets.append(frame)
+        if self.producer is None:
+            self._send_next_range()
+
+    def _send_next_range(self) -> None:
+        if not self.gets or not self.conn.open:
+            return
+        frame = self.gets.popleft()
+        self._sending_length = frame.length
+        transport = self.conn.transport
+        self.conn.send(Frame("data", offset=frame.offset, length=frame.length))
+        kind = SendfileProducer if isinstance(transport, tcp.Connection) and hasattr(os, "sendfile") \
+            else RangeProducer
+        self.producer = kind(self.file, frame.offset, frame.length, transport, on_chunk=self.conn.resetTimeout)
+        self.producer.start().addCallbacks(self._range_sent, self._range_failed)
+
+    def _range_sent(self, _: None) -> None:
+        self.producer = None
+        self.conn.node.sent(self._sending_length)
+        self._send_haves()
+        self._send_next_range()
+
+    def _range_failed(self, f: Failure) -> None:
+        self.producer = None
+        if self.conn.open:
+            self.conn.refuse("unavailable", str(f.value))
+
+    def on_manifest(self, frame: Frame) -> None:
+        conn = self.conn
+        if self.producer is not None or self.gets:
+            return conn.refuse("unexpected", "'manifest' while ranges are being sent")
+        pieces = self.entry.pieces
+        if not pieces:
+            return conn.refuse("no_manifest", "this file has no manifest")
+        conn.resetTimeout()
+        conn.send(Frame("pieces", length=len(pieces)))
+        conn.transport.write(pieces)  # at most 64 KiB
+
+    def on_error(self, frame: Frame) -> None:
+        if frame.code == "bad_piece":
+            self.conn.node.suspect(self.entry)
+
+
+class Requester:
+    """The requester's side of a connection: one source of a ``Download``."""
+
+    def __init__(self, conn: "TransferProtocol", download: Download, remote_have: Optional[bytearray],
+                 remote_peer: str, holder_gets: int, window: int = WINDOW_BYTES) -> None:
+        self.conn, self.download = conn, download
+        self.remote_have = remote_have  # a partial holder's pieces (None: it has them all)
+        self.remote_peer = remote_peer  # the holder's peer id, from its offer
+        self.holder_gets, self.window = holder_gets, window
+        self.outstanding: deque[tuple[int, int]] = deque()  # gets sent and not fully received
+        self.claimed: deque[tuple[int, int]] = deque()  # claimed ranges not asked for yet
+        self.in_flight = 0  # bytes asked for and not received yet
+        self.awaiting_manifest = False
+        self.dropped = False  # a source that sent a bad piece: ignore the rest of what it sends
+
+    def start(self) -> None:
+        download = self.download
+        download.attach(self)
+        if download.complete:  # empty, or every piece verified in an earlier attempt
+            download.start()
+            return self.download_finished()
+        if download.needs_manifest:
+            self.awaiting_manifest = True
+            self.conn.send(Frame("manifest"))
+            return
+        self.ask()
+
+    def ask(self) -> None:
+        """Ask for ranges until the window is full or the download has nothing for this source."""
+        download, conn = self.download, self.conn
+        if self.dropped or self.awaiting_manifest or conn.receiving_manifest or not conn.open:
+            return
+        partial = [(s.remote_have, s.remote_peer) for s in download.sources
+                   if s is not self and getattr(s, "remote_have", None) is not None]
+        choice = choice_for(conn.node.peer_id, self.remote_have, partial, download.missing)
+        # One range at a time from a complete holder shared with partial ones: fewer of its pieces
+        # in flight, unknown to the other peers, which might ask for the same ones.
+        limit = 1 if choice.one_at_a_time else gets_in_flight(self.window, min(download.piece_size, MAX_GET),
+                                                              self.holder_gets)
+        while len(self.outstanding) < limit and (self.in_flight < self.window or not self.outstanding):
+            if not self.claimed:
+                rng = download.claim(self, choice.has, choice.rank)
+                if rng is None:
+                    return
+                self.claimed.append(rng)
+            offset, length = self.claimed.popleft()
+            if length > MAX_GET:  # a large piece, or a run: asked for in parts
+                self.claimed.appendleft((offset + MAX_GET, length - MAX_GET))
+                length = MAX_GET
+            self.outstanding.append((offset, length))
+            self.in_flight += length
+            conn.send(Frame("get", offset=offset, length=length))
+
+    def on_pieces(self, frame: Frame) -> None:
+        if not self.awaiting_manifest:
+            return self.conn.refuse("unexpected", "'pieces' that were not asked for")
+        if frame.length > 32 * MAX_PIECES:
+            return self.conn.refuse("bad_manifest", f"a manifest of {frame.length} bytes is too long")
+        self.awaiting_manifest = False
+        self.conn.receive_manifest(frame.length)
+
+    def manifest_received(self, pieces: bytes) -> None:
+        download = self.download
+        if download.pieces is None and not download.set_manifest(pieces):
+            return self.conn.refuse("bad_manifest", "the manifest does not match the offer's root")
+        if download.pieces != pieces:
+            return self.conn.refuse("bad_manifest", "the manifest differs from another holder's")
+        self.ask()
+
+    def on_have(self, frame: Frame) -> None:
+        if self.remote_have is None:
+            return self.conn.refuse("unexpected", "'have' from a holder that has the whole file")
+        if frame.piece >= len(self.remote_have):
+            return self.conn.refuse("bad_have", f"piece {frame.piece} is outside the file")
+        self.remote_have[frame.piece] = 1
+        self.ask()
+
+    def on_data(self, frame: Frame) -> None:
+        if not self.outstanding:
+            return self.conn.refuse("unexpected", "'data' that was not asked for")
+        if (frame.offset, frame.length) != self.outstanding[0]:
+            return self.conn.refuse("bad_range", f"data {frame.offset}+{frame.length} is not the range asked for")
+        self.conn.receive_raw(frame.length)
+
+    def data(self, chunk: memoryview, left: int) -> None:
+        """Bytes of the oldest range asked for; *left* of it still to come."""
+        if self.dropped:
+            return
+        offset, length = self.outstanding[0]
+        self.in_flight -= len(chunk)
+        self.download.receive(self, offset + length - left - len(chunk), chunk)
+        if not left and self.outstanding:
+            self.outstanding.popleft()
+            self.ask()
+
+    # -- what the download calls --------------------------------------------------------
+
+    def more(self) -> None:
+        """The download's pieces changed hands: ask for more if this connection has room."""
+        self.ask()
+
+    def pauseProducing(self) -> None:
+        self.conn.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.conn.transport.resumeProducing()
+
+    def download_finished(self) -> None:
+        """The download has every piece (from us or others): goodbye."""
+        if self.conn.open:
+            self.conn.send(Frame("bye"))
+            self.conn.transport.loseConnection()
+
+    def bad_piece(self, index: int) -> None:
+        """A piece from this holder did not match the manifest: it is not asked again, and it is
+        told (its file may have changed on disk behind an unchanged size and mtime)."""
+        conn = self.conn
+        conn.log.warn("piece {index} of {name} from {peer} is corrupt; dropping that holder", index=index,
+                      name=self.download.name, peer=conn.transport.getPeer())
+        conn.on_bad_piece(conn)
+        self.dropped = True  # nothing more is read from it
+        self.download.detach(self)
+        conn.transport.pauseProducing()
+        conn.refuse("bad_piece", f"piece {index} does not match the manifest")
+
+    def close(self) -> None:
+        self.download.detach(self)  # what this source had claimed goes back to the pool
+
+
+class TransferProtocol(Protocol, TimeoutMixin):
+    """One transfer connection: frames in and out, and the side (``Holder`` or ``Requester``) it plays."""
+
     log = Logger()
 
     def __init__(self, node: ITransferNode, greeting: Optional[Frame] = None,
@@ -134,89 +437,165 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
         self.node, self.greeting, self.idle = node, greeting, idle
         if clock is not None:
             self.callLater = clock.callLater  # the idle timer runs on the injected clock
-        self._unreset = 0  # raw bytes received since the idle timer was last reset
-        self.download: Optional[Download] = None
-        self._sending = sending  # (entry, open file) once we are the holder
-        self._partial: Optional[Download] = None  # the download whose verified pieces we serve
-        self.remote_have: Optional[bytearray] = None  # a partial holder's pieces (None: it has them all)
-        self.remote_peer = ""  # the holder's peer id, from its offer
-        self._gets: deque[Frame] = deque()
-        self._producer: Optional[RangeProducer] = None
-        self._sending_length = 0
-        self._dropped = False  # a source that sent a bad piece: ignore the rest of what it sends
-        self._haves: list[int] = []  # pieces verified while a range was being sent: announced after it
-        self._raw_left = 0
-        self._outstanding: deque[tuple[int, int]] = deque()
-        self._awaiting_pieces = False
-        self._manifest: Optional[list[bytes]] = None  # the manifest's bytes while they arrive
-        self._chunks: list[bytes] = []  # the piece being received
+        self.holder: Optional[Holder] = Holder(self, *sending) if sending is not None else None
+        self.requester: Optional[Requester] = None
         self.on_bad_piece: Callable[["TransferProtocol"], None] = lambda proto: None
         self.error: Optional[Exception] = None  # what the holder said when it refused
         self.closed: Deferred[None] = Deferred()  # fires when the connection is gone
         self.on_close: Callable[[], None] = lambda: None
         self.answered = False  # the other side sent a valid frame (it speaks this protocol)
+        self._line = bytearray()  # a control line arriving in parts
+        self._raw_left = 0  # raw bytes still to come after a data or pieces line
+        self._manifest: Optional[list[bytes]] = None  # the manifest's bytes while they arrive
+        self._unreset = 0  # raw bytes received since the idle timer was last reset
+        self._stopped = False  # refused or dropped: read nothing more
+
+    # -- what other modules read ------------------------------------------------------------
+
+    @property
+    def download(self) -> Optional[Download]:
+        return self.requester.download if self.requester is not None else None
+
+    @property
+    def remote_have(self) -> Optional[bytearray]:
+        return self.requester.remote_have if self.requester is not None else None
+
+    @property
+    def remote_peer(self) -> str:
+        return self.requester.remote_peer if self.requester is not None else ""
+
+    @property
+    def open(self) -> bool:
+        return bool(self.connected) and not self.transport.disconnecting
+
+    @property
+    def receiving_manifest(self) -> bool:
+        return self._manifest is not None
 
     # -- plumbing ------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        if hasattr(self.transport, "bufferSize"):
-            self.transport.bufferSize = 1024 * 1024  # fewer, larger reads
+        sock = socket_transport(self.transport)
+        if sock is not None:
+            sock.bufferSize = RECEIVE_BUFFER  # fewer, larger reads (under TLS too)
         self.setTimeout(self.idle)
         self.node.track(self, True)
         if self.greeting is not None:
             self.send(self.greeting)
 
     def send(self, frame: Frame) -> None:
-        self.sendLine(frame.encode())
+        self.transport.write(frame.encode() + b"\n")
 
     def refuse(self, code: str, message: str) -> None:
         self.log.info("closing transfer connection with {peer}: {message}", peer=self.transport.getPeer(),
                       message=message)
-        self.send(Frame("error", code=code, message=message[:512]))
-        self.transport.loseConnection()
+        self._stopped = True
+        producer = self.holder.producer if self.holder is not None else None
+        if producer is None:  # (inside a range the error line would be taken for its bytes: just close)
+            self.send(Frame("error", code=code, message=message[:512]))
+        self._close()
 
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self.refuse("too_long", f"a control line may hold at most {MAX_FRAME} bytes")
+    def _close(self) -> None:
+        """Close once what was written has gone out; a range being sent stops where it is."""
+        self.transport.loseConnection()
+        if self.holder is not None and self.holder.producer is not None:
+            self.holder.producer.cancel()
 
     def timeoutConnection(self) -> None:
         self.log.info("transfer connection with {peer} idle for {idle}s", peer=self.transport.getPeer(),
                       idle=self.idle)
         self.transport.abortConnection()
 
-    def lineReceived(self, line: bytes) -> None:
+    def receive_raw(self, length: int) -> None:
+        """The next *length* bytes are file data for the requester."""
+        self._raw_left = length
+
+    def receive_manifest(self, length: int) -> None:
+        self._raw_left, self._manifest = length, []
+        if not length:
+            self._manifest_done()
+
+    def dataReceived(self, data: bytes) -> None:
+        view, pos, end = memoryview(data), 0, len(data)
+        while pos < end and not self._stopped:
+            if self._raw_left:
+                n = min(self._raw_left, end - pos)
+                self._raw_left -= n
+                self._raw(view[pos: pos + n])
+                pos += n
+                continue
+            newline = data.find(b"\n", pos)
+            if newline < 0:
+                self._line += view[pos:]
+                if len(self._line) > MAX_FRAME:
+                    self.refuse("too_long", f"a control line may hold at most {MAX_FRAME} bytes")
+                return
+            if self._line:
+                self._line += view[pos:newline]
+                line, self._line = bytes(self._line), bytearray()
+            else:
+                line = data[pos:newline]
+            pos = newline + 1
+            if len(line) > MAX_FRAME:
+                return self.refuse("too_long", f"a control line may hold at most {MAX_FRAME} bytes")
+            self._line_received(line)
+            if not self.open:
+                return
+
+    def _raw(self, chunk: memoryview) -> None:
         # Only whole frames and real progress (PROGRESS bytes of file data) reset the idle
         # timer, so a peer trickling a byte at a time cannot hold the connection open.
-        self.resetTimeout()
-        if self._dropped:
+        self._unreset += len(chunk)
+        if self._unreset >= PROGRESS:
+            self._unreset = 0
+            self.resetTimeout()
+        if self._manifest is not None:
+            self._manifest.append(bytes(chunk))
+            if not self._raw_left:
+                self._manifest_done()
             return
+        assert self.requester is not None
+        self.requester.data(chunk, self._raw_left)
+
+    def _manifest_done(self) -> None:
+        assert self.requester is not None and self._manifest is not None
+        pieces, self._manifest = b"".join(self._manifest), None
+        self.requester.manifest_received(pieces)
+
+    def _line_received(self, line: bytes) -> None:
+        self.resetTimeout()
         try:
             frame = Frame.decode(line)
         except MalformedMessage as e:
-            self.refuse("malformed", str(e))
-            return
+            return self.refuse("malformed", str(e))
         self.answered = True
-        handler = getattr(self, f"_on_{frame.t}")
-        handler(frame)
+        getattr(self, f"_on_{frame.t}")(frame)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.setTimeout(None)
         self.node.track(self, False)
-        if self._sending is not None:
-            self._sending[1].close()
-            self._sending = None
-        if self._partial is not None:
-            self._partial.watchers.discard(self)
-            self._partial = None
-        if self.download is not None:
-            self.download.detach(self)  # what this source had claimed goes back to the pool
+        if self.holder is not None:
+            self.holder.close()
+        if self.requester is not None:
+            self.requester.close()
         self.on_close()
         d, self.closed = self.closed, Deferred()
         d.callback(None)
 
-    # -- holder's side ------------------------------------------------------------------
+    # -- frames ----------------------------------------------------------------------------
+
+    def _holder_or_refuse(self, frame: Frame) -> Optional[Holder]:
+        if self.holder is None:
+            self.refuse("unexpected", f"{frame.t!r} before an offer")
+        return self.holder
+
+    def _requester_or_refuse(self, frame: Frame) -> Optional[Requester]:
+        if self.requester is None:
+            self.refuse("unexpected", f"{frame.t!r} that was not asked for")
+        return self.requester
 
     def _on_open(self, frame: Frame) -> None:
-        if self._sending is not None or self.download is not None:
+        if self.holder is not None or self.requester is not None:
             return self.refuse("unexpected", "'open' after the transfer started")
         try:
             entry, f, partial = self.node.open_for_sending(frame)
@@ -224,265 +603,86 @@ class TransferProtocol(LineReceiver, TimeoutMixin):
             return self.refuse("not_found", str(e))
         except OSError as e:
             return self.refuse("unavailable", f"{frame.name}: {e.strerror}")
-        self._sending = (entry, f)
-        have = ""
-        if partial is not None and not partial.complete:
-            self._partial = partial
-            partial.watchers.add(self)
-            have = pack_have(partial.have)
-        self.send(offer_for(entry, frame.id, self.node.peer_id, have))
-
-    def piece_verified(self, index: int) -> None:
-        """The download we serve from has verified one more piece: tell the requester (between
-        ranges: never inside the raw bytes of one)."""
-        self._haves.append(index)
-        if self._producer is None:
-            self._send_haves()
-
-    def _send_haves(self) -> None:
-        haves, self._haves = self._haves, []
-        if haves and self.connected and not self.transport.disconnecting:
-            self.resetTimeout()  # announcing pieces is progress too
-            for index in haves:
-                self.send(Frame("have", piece=index))
+        self.holder = Holder(self, entry, f, partial)
+        self.send(self.holder.offer(frame.id))
 
     def _on_get(self, frame: Frame) -> None:
-        if self._sending is None:
-            return self.refuse("unexpected", "'get' before an offer")
-        if frame.length == 0 or frame.offset + frame.length > self._sending[0].size:
-            return self.refuse("bad_range", f"range {frame.offset}+{frame.length} is outside the file")
-        if self._partial is not None and not self._partial.complete:
-            piece = self._partial.piece_size
-            if not all(self._partial.have[i] for i in range(frame.offset // piece,
-                                                             -(-(frame.offset + frame.length) // piece))):
-                return self.refuse("not_have", f"range {frame.offset}+{frame.length} is not all here yet")
-        if len(self._gets) >= WINDOW * 2:
-            return self.refuse("too_many", "too many ranges asked for ahead")
-        self._gets.append(frame)
-        if self._producer is None:
-            self._send_next_range()
-
-    def _send_next_range(self) -> None:
-        if not self._gets or self._sending is None:
-            return
-        frame = self._gets.popleft()
-        self._sending_length = frame.length
-        self.send(Frame("data", offset=frame.offset, length=frame.length))
-        self._producer = RangeProducer(self._sending[1], frame.offset, frame.length, self.transport,
-                                       on_chunk=self.resetTimeout)
-        self._producer.start().addCallbacks(self._range_sent, self._range_failed)
-
-    def _range_sent(self, _: None) -> None:
-        self._producer = None
-        self.node.sent(self._sending_length)
-        self._send_haves()
-        self._send_next_range()
-
-    def _range_failed(self, f: Failure) -> None:
-        self._producer = None
-        if self.transport.connected:
-            self.refuse("unavailable", str(f.value))
+        holder = self._holder_or_refuse(frame)
+        if holder is not None:
+            holder.on_get(frame)
 
     def _on_manifest(self, frame: Frame) -> None:
-        if self._sending is None:
-            return self.refuse("unexpected", "'manifest' before an offer")
-        if self._producer is not None or self._gets:
-            return self.refuse("unexpected", "'manifest' while ranges are being sent")
-        pieces = self._sending[0].pieces
-        if not pieces:
-            return self.refuse("no_manifest", "this file has no manifest")
-        self.resetTimeout()
-        self.send(Frame("pieces", length=len(pieces)))
-        self.transport.write(pieces)  # at most 64 KiB
+        holder = self._holder_or_refuse(frame)
+        if holder is not None:
+            holder.on_manifest(frame)
 
     def _on_decline(self, frame: Frame) -> None:
-        self.transport.loseConnection()
+        self._close()
 
     def _on_bye(self, frame: Frame) -> None:
-        self.transport.loseConnection()
-
-    # -- requester's side: a source for a Download ---------------------------------------
+        self._close()
 
     def _on_offer(self, frame: Frame) -> None:
-        if self._sending is not None or self.download is not None:
+        if self.holder is not None or self.requester is not None:
             return self.refuse("unexpected", "'offer' after the transfer started")
+        problem = offer_problem(frame)
+        if problem is not None:
+            return self.refuse("bad_offer", problem)
         download = self.node.accept_offer(frame, self)
         if download is None:
             self.send(Frame("decline"))
             self.transport.loseConnection()
             return
+        remote_have = None
         if frame.have:  # a partial holder
-            self.remote_have = have_bits(frame.have, download.count) if download.root else None
-            if self.remote_have is None:
+            remote_have = have_bits(frame.have, download.count) if download.root else None
+            if remote_have is None:
+                download.detach(self)
                 return self.refuse("bad_have", "the offer's piece bitmap does not fit the file")
-        self.download = download
-        self.remote_peer = frame.peer
-        download.attach(self)
-        if download.complete:  # empty, or every piece verified in an earlier attempt
-            download.start()
-            return self.download_finished()
-        if download.needs_manifest:
-            self._awaiting_pieces = True
-            self.send(Frame("manifest"))
-            return
-        self._ask()
+        self.requester = Requester(self, download, remote_have, frame.peer, frame.window or LEGACY_GETS)
+        self.requester.start()
 
     def _on_pieces(self, frame: Frame) -> None:
-        if self.download is None or not self._awaiting_pieces:
-            return self.refuse("unexpected", "'pieces' that were not asked for")
-        if frame.length > 32 * MAX_PIECES:
-            return self.refuse("bad_manifest", f"a manifest of {frame.length} bytes is too long")
-        self._awaiting_pieces = False
-        self._raw_left, self._manifest = frame.length, []
-        self.setRawMode()
-
-    def _manifest_received(self, rest: bytes) -> None:
-        assert self.download is not None and self._manifest is not None
-        pieces, self._manifest = b"".join(self._manifest), None
-        if self.download.pieces is None and not self.download.set_manifest(pieces):
-            self.refuse("bad_manifest", "the manifest does not match the offer's root")
-            return
-        if self.download.pieces != pieces:
-            self.refuse("bad_manifest", "the manifest differs from another holder's")
-            return
-        self._ask()
-        self.setLineMode(rest)
-
-    def _ask(self) -> None:
-        assert self.download is not None
-        download = self.download
-        if self._dropped:
-            return
-        has: Callable[[int], bool] = lambda i: True
-        rank: Callable[[int], int] = lambda i: 0
-        others = [s for s in download.sources if getattr(s, "remote_have", None) is not None]
-        partial = [s.remote_have for s in others]
-        if self.remote_have is not None:  # a partial holder: the pieces fewest of our sources have first
-            has = self.remote_have.__getitem__
-            rank = lambda i: sum(h[i] for h in partial)  # noqa: E731
-        elif others:  # a complete holder: what no partial source of ours has
-
-            def rare(i: int) -> bool:
-                return not any(h[i] for h in partial)
-
-            # Peers fetching together split the rare pieces by stripes (piece index modulo
-            # their number, in order of peer id), so the holder sends each about once.
-            ids = sorted({self.node.peer_id} | {s.remote_peer for s in others})
-            stripes, mine = len(ids), ids.index(self.node.peer_id)
-            rank = lambda i: 0 if i % stripes == mine else 1  # noqa: E731
-            if download.missing > ENDGAME_ZONE:
-                # Only rare ones, until the end: the holder's upload is the swarm's
-                # scarcest, and what a partial source has, the others can trade.
-                has = rare
-        # A complete holder shared with partial sources: one piece at a time, so that fewer of its
-        # pieces are in flight, unknown to the other peers, which might ask for the same ones.
-        window = 1 if self.remote_have is None and others else WINDOW
-        while len(self._outstanding) < window and self.connected:
-            rng = download.claim(self, has, rank)
-            if rng is None:
-                return
-            self._outstanding.append(rng)
-            self.send(Frame("get", offset=rng[0], length=rng[1]))
+        requester = self._requester_or_refuse(frame)
+        if requester is not None:
+            requester.on_pieces(frame)
 
     def _on_have(self, frame: Frame) -> None:
-        if self.download is None or self.remote_have is None:
-            return self.refuse("unexpected", "'have' from a holder that has the whole file")
-        if frame.piece >= len(self.remote_have):
-            return self.refuse("bad_have", f"piece {frame.piece} is outside the file")
-        self.remote_have[frame.piece] = 1
-        if self._manifest is None and not self._awaiting_pieces:
-            self._ask()
+        requester = self._requester_or_refuse(frame)
+        if requester is not None:
+            requester.on_have(frame)
 
     def _on_data(self, frame: Frame) -> None:
-        if self.download is None or not self._outstanding:
-            return self.refuse("unexpected", "'data' that was not asked for")
-        if (frame.offset, frame.length) != self._outstanding[0]:
-            return self.refuse("bad_range", f"data {frame.offset}+{frame.length} is not the range asked for")
-        self._raw_left = frame.length
-        self.setRawMode()
-
-    def rawDataReceived(self, data: bytes) -> None:
-        assert self.download is not None
-        if self._dropped:
-            return
-        self._unreset += len(data)
-        if self._unreset >= PROGRESS:
-            self._unreset = 0
-            self.resetTimeout()
-        take = data[: self._raw_left] if len(data) > self._raw_left else data
-        self._raw_left -= len(take)
-        if self._manifest is not None:
-            self._manifest.append(take)
-            if not self._raw_left:
-                self._manifest_received(data[len(take):])
-            return
-        self._take_piece_data(take)
-        if self._raw_left:
-            return
-        self._outstanding.popleft()
-        if self.transport.disconnecting:
-            return
-        self._ask()
-        self.setLineMode(data[len(take):])
-
-    def _take_piece_data(self, data: bytes) -> None:
-        """Collect a range's bytes and hand each piece over as soon as it is whole."""
-        assert self.download is not None
-        piece, size = self.download.piece_size, self.download.size
-        start, length = self._outstanding[0]
-        position = start + length - self._raw_left - len(data)  # of data's first byte in the file
-        while data:
-            room = min(piece - position % piece, size - position)
-            take, data = data[:room], data[room:]
-            self._chunks.append(take)
-            position += len(take)
-            if position % piece == 0 or position == size:
-                chunks, self._chunks = self._chunks, []
-                self.download.deliver(self, (position - 1) // piece * piece, chunks)
-
-    def more(self) -> None:
-        """The download's pieces changed hands: ask for more if this connection has room."""
-        if (self.download is not None and self._manifest is None and not self._awaiting_pieces
-                and self.connected and not self.transport.disconnecting):
-            self._ask()
-
-    def pauseProducing(self) -> None:
-        self.transport.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        self.transport.resumeProducing()
-
-    def download_finished(self) -> None:
-        """The download has every piece (from us or others): goodbye."""
-        if self.connected and not self.transport.disconnecting:
-            self.send(Frame("bye"))
-            self.transport.loseConnection()
-
-    def bad_piece(self, index: int) -> None:
-        """A piece from this holder did not match the manifest: it is not asked again, and it is
-        told (its file may have changed on disk behind an unchanged size and mtime)."""
-        self.log.warn("piece {index} of {name} from {peer} is corrupt; dropping that holder", index=index,
-                      name=self.download.name if self.download else "?", peer=self.transport.getPeer())
-        self.on_bad_piece(self)
-        self._dropped = True  # nothing more is read from it
-        if self.download is not None:
-            self.download.detach(self)
-        self.transport.pauseProducing()
-        self.send(Frame("error", code="bad_piece", message=f"piece {index} does not match the manifest"))
-        self.transport.loseConnection()
+        requester = self._requester_or_refuse(frame)
+        if requester is not None:
+            requester.on_data(frame)
 
     def _on_error(self, frame: Frame) -> None:
-        if self._sending is not None and frame.code == "bad_piece":
-            self.node.suspect(self._sending[0])
+        if self.holder is not None:
+            self.holder.on_error(frame)
         self.error = TransferFailed(f"the holder said {frame.code}: {frame.message}")
-        self.transport.loseConnection()
+        self._stopped = True
+        self._close()
+
+
+def offer_problem(frame: Frame) -> Optional[str]:
+    """Why an offer cannot be taken as it is (its pieces are not the protocol's), or None."""
+    if not frame.piece or not frame.root:
+        return None
+    if frame.piece != piece_size_for(frame.size):
+        return f"piece size {frame.piece} is not the one for {frame.size} bytes ({piece_size_for(frame.size)})"
+    if -(-frame.size // frame.piece) > MAX_PIECES:
+        return f"more than {MAX_PIECES} pieces"
+    if frame.size <= frame.piece and hashlib.sha256(bytes.fromhex(frame.sha256)).hexdigest() != frame.root:
+        return "the root of a one-piece file must be the SHA-256 of its SHA-256"
+    return None
 
 
 def offer_for(entry: Entry, request_id: str, peer_id: str, have: str = "") -> Frame:
     """The offer of a shared file, with its manifest's root when it has one, and (from a peer
     still downloading it) the bitmap of the pieces it has."""
     return Frame("offer", id=request_id, name=entry.name, size=entry.size, sha256=entry.sha256, peer=peer_id,
-                 piece=entry.piece_size if entry.pieces else 0, root=entry.root, have=have)
+                 piece=entry.piece_size if entry.pieces else 0, root=entry.root, have=have, window=MAX_GETS)
 
 
 class TransferFactory(Factory):
@@ -529,3 +729,7 @@ class _OneShot(Factory):
 def dial(endpoint: IStreamClientEndpoint, proto: TransferProtocol) -> Deferred[TransferProtocol]:
     """Connect *proto* through *endpoint* (``connectProtocol`` without its log lines)."""
     return endpoint.connect(_OneShot(proto))
+
+
+__all__ = ["ITransferNode", "TransferProtocol", "TransferFactory", "Holder", "Requester", "RangeProducer",
+           "SendfileProducer", "offer_for", "offer_problem", "dial", "MAX_GETS", "IDLE_TIMEOUT"]

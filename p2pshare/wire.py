@@ -499,6 +499,7 @@ class Frame:
     code: str = field(default="", validator=_match(re.compile(r"[a-z_]{0,32}\Z")))
     message: str = field(default="", validator=lambda _, a, v: _short_text(a, v))
     have: str = field(default="", validator=_match(_HAVE))
+    window: int = field(default=0, validator=_int(0, 65535))
 
     def __attrs_post_init__(self) -> None:
         for required in FRAME_FIELDS[self.t]:
@@ -511,6 +512,8 @@ class Frame:
             obj[name] = getattr(self, name)
         if not self.have:
             obj.pop("have", None)  # a complete holder's offer
+        if not self.window:
+            obj.pop("window", None)
         return _dumps(obj)
 
     @classmethod
@@ -537,7 +540,7 @@ FRAME_FIELDS: dict[str, tuple[str, ...]] = {
 }
 FRAME_OPTIONAL: dict[str, tuple[str, ...]] = {
     "open": ("id", "sha256"),
-    "offer": ("id", "piece", "root", "have"),
+    "offer": ("id", "piece", "root", "have", "window"),
     "get": (),
     "data": (),
     "decline": (),

@@ -11,7 +11,8 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.python.failure import Failure
 
-from p2pshare.download import HIGH_WATER, LOW_WATER, RANDOM_START, Download, synchronously
+from p2pshare.download import HIGH_WATER, LOW_WATER, Download, synchronously
+from p2pshare.pieces import RANDOM_START, RUN
 from p2pshare.errors import TransferFailed, VerificationFailed
 from p2pshare.shares import Shares
 
@@ -70,13 +71,20 @@ def manifest(data: bytes) -> tuple[bytes, str]:
     return pieces, hashlib.sha256(pieces).hexdigest()
 
 
-def download(shares: Shares, data: bytes, executor: Any = synchronously) -> Download:
+def download(shares: Shares, data: bytes, executor: Any = synchronously, **kw: Any) -> Download:
     pieces, root = manifest(data)
-    dl = Download(shares, "f.bin", len(data), hashlib.sha256(data).hexdigest(), executor=executor,
-                  piece_size=PIECE, root=root)
+    dl = Download(shares, "f.bin", len(data), kw.pop("sha256", hashlib.sha256(data).hexdigest()),
+                  executor=executor, piece_size=PIECE, root=root, **kw)
     if dl.needs_manifest:
         assert dl.set_manifest(pieces)
     return dl
+
+
+def deliver(dl: Download, source: Any, offset: int, buffers: list[bytes]) -> None:
+    """*source* hands over *buffers*, in order, from *offset*: as a connection passes on what it reads."""
+    for b in buffers:
+        dl.receive(source, offset, memoryview(b))
+        offset += len(b)
 
 
 def abandon(dl: Download) -> None:
@@ -96,7 +104,7 @@ def feed(dl: Download, source: Source, data: bytes, corrupt: set[int] = frozense
         if start // PIECE in corrupt:
             piece[0] ^= 0xFF
         half = len(piece) // 2
-        dl.deliver(source, start, [bytes(piece[:half]), bytes(piece[half:])])
+        deliver(dl, source, start, [bytes(piece[:half]), bytes(piece[half:])])
     return True
 
 
@@ -113,7 +121,7 @@ def test_two_sources_share_the_pieces_and_the_file_is_placed(share: Path) -> Non
     assert first_a and first_b and first_a[0] != first_b[0]  # different pieces, one each
     assert first_a[1] == first_b[1] == PIECE
     for start in (first_b[0], first_a[0]):  # out of order
-        dl.deliver(b if start == first_b[0] else a, start, [data[start: start + PIECE]])
+        deliver(dl, b if start == first_b[0] else a, start, [data[start: start + PIECE]])
     while feed(dl, a, data) | feed(dl, b, data):
         pass
     assert placed == [share / "f.bin"] and (share / "f.bin").read_bytes() == data
@@ -149,9 +157,9 @@ def test_the_last_pieces_may_be_asked_of_a_second_source(share: Path) -> None:
     assert dl.claim(Source()) is None  # but not a third time
     placed: list[Path] = []
     dl.done.addCallback(placed.append)
-    dl.deliver(fast, PIECE, [data[PIECE:]])
-    dl.deliver(fast, 0, [data[:PIECE]])
-    dl.deliver(slow, 0, [data[:PIECE]])  # the loser's copies are dropped
+    deliver(dl, fast, PIECE, [data[PIECE:]])
+    deliver(dl, fast, 0, [data[:PIECE]])
+    deliver(dl, slow, 0, [data[:PIECE]])  # the loser's copies are dropped
     assert placed and (share / "f.bin").read_bytes() == data
 
 
@@ -166,11 +174,11 @@ def test_a_slow_disk_pauses_every_source_and_a_drained_one_resumes_them(share: P
         feed(dl, a, data)
     assert b.paused
     names = [f.__name__ for f, _, _ in executor.calls]
-    assert names.count("_write_piece") == 1 and len(names) <= 2  # one piece at a time (and the whole hash)
-    assert dl._queued_bytes > HIGH_WATER
+    assert names == ["_work"]  # one worker job at a time, whatever is queued behind it
+    assert dl.store.queued > HIGH_WATER
     while a.paused:
         executor.release_one()
-    assert not b.paused and dl._queued_bytes < LOW_WATER
+    assert not b.paused and dl.store.queued < LOW_WATER
     dl.fail(TransferFailed("test over"))
     dl.done.addErrback(lambda f: None)
     executor.release_all()
@@ -186,7 +194,7 @@ def test_a_disk_error_fails_with_a_clear_message_and_removes_the_file(share: Pat
     dl.done.addErrback(failures.append)
     feed(dl, Source(), data)
     assert failures[0].check(TransferFailed) and "No space left on device" in str(failures[0].value)
-    assert not dl.tmp_path.exists() and not dl.have_path.exists()
+    assert not dl.tmp_path.exists() and not dl.store.have_path.exists()
 
 
 def test_failing_while_the_worker_holds_a_piece_waits_for_it(share: Path) -> None:
@@ -218,11 +226,11 @@ def test_a_stopped_download_resumes_from_its_verified_pieces(share: Path) -> Non
     dl = download(shares, data)
     source = Source()
     dl.claim(source)
-    dl.deliver(source, 0, [data[:PIECE]])
-    dl.deliver(source, PIECE, [data[PIECE: 2 * PIECE]])
+    deliver(dl, source, 0, [data[:PIECE]])
+    deliver(dl, source, PIECE, [data[PIECE: 2 * PIECE]])
     dl.fail(TransferFailed("the peer stopped"), keep=True)
     dl.done.addErrback(lambda f: None)
-    assert dl.tmp_path.exists() and dl.have_path.exists()
+    assert dl.tmp_path.exists() and dl.store.have_path.exists()
 
     again = download(Shares(share), data)  # as after a restart
     assert again.resumed_from == 2 * PIECE and not again.needs_manifest
@@ -232,7 +240,7 @@ def test_a_stopped_download_resumes_from_its_verified_pieces(share: Path) -> Non
     placed: list[Path] = []
     again.done.addCallback(placed.append)
     for start in range(2 * PIECE, len(data), PIECE):
-        again.deliver(source, start, [data[start: start + PIECE]])
+        deliver(again, source, start, [data[start: start + PIECE]])
     assert placed and (share / "f.bin").read_bytes() == data
 
 
@@ -249,7 +257,8 @@ def test_a_manifest_that_does_not_match_the_root_is_refused(share: Path) -> None
 def test_a_whole_file_mismatch_removes_everything(share: Path) -> None:
     data = os.urandom(PIECE + 5)
     pieces, root = manifest(data)
-    dl = Download(Shares(share), "f.bin", len(data), "0" * 64, executor=synchronously, piece_size=PIECE, root=root)
+    dl = Download(Shares(share), "f.bin", len(data), "0" * 64, executor=synchronously, piece_size=PIECE, root=root,
+                  verify_whole=True)  # as when the fetch names the content by its SHA-256
     dl.set_manifest(pieces)
     failures: list[Failure] = []
     dl.done.addErrback(failures.append)
@@ -279,8 +288,10 @@ def test_one_holder_is_asked_in_order_and_a_swarm_at_random_and_for_what_a_sourc
     for _ in range(10):
         dl = download(Shares(share), data)
         first = [dl.claim(Source())[0] // PIECE for _ in range(RANDOM_START)]
-        rest = [dl.claim(Source())[0] // PIECE for _ in range(3)]
-        assert rest == [i for i in range(24) if i not in first][:3]  # then in order
+        rest = [dl.claim(Source()) for _ in range(3)]  # then in order, by runs of up to RUN bytes
+        expected = [i for i in range(24) if i not in first]
+        got = [i for offset, length in rest for i in range(offset // PIECE, (offset + length) // PIECE)]
+        assert got == expected[:len(got)] and all(length <= RUN for _, length in rest)
         starts.add(first[0])
         abandon(dl)
     assert len(starts) > 3
@@ -321,8 +332,8 @@ def test_watchers_hear_of_each_verified_piece_and_not_of_bad_ones(share: Path) -
     dl.watchers.add(Watcher())
     source = Source()
     dl.attach(source)
-    dl.deliver(source, 2 * PIECE, [data[2 * PIECE: 3 * PIECE]])
-    dl.deliver(source, 0, [b"x" * PIECE])  # corrupt
+    deliver(dl, source, 2 * PIECE, [data[2 * PIECE: 3 * PIECE]])
+    deliver(dl, source, 0, [b"x" * PIECE])  # corrupt
     assert heard == [2] and source.bad == [0]
 
 
@@ -339,9 +350,79 @@ def test_pieces_arriving_in_any_order_give_the_whole_file(share: Path) -> None:
     order = list(range(41))
     random.Random(7).shuffle(order)
     for index in order:
-        dl.deliver(source, index * PIECE, [data[index * PIECE: (index + 1) * PIECE]])
+        deliver(dl, source, index * PIECE, [data[index * PIECE: (index + 1) * PIECE]])
         if index % 3:
             executor.release_all()
     while executor.calls:
         executor.release_all()
     assert placed and (share / "f.bin").read_bytes() == data
+
+
+def shares_in(share: Path, name: str) -> Shares:
+    (share / name).mkdir()
+    return Shares(share / name)
+
+
+def test_pieces_are_hashed_once_and_the_whole_file_only_when_asked_for(share: Path) -> None:
+    """With a manifest, each byte is hashed once, as it is written; the file is read back for its
+    SHA-256 only when the fetch named that hash (or there is no manifest to check pieces against)."""
+    data = os.urandom(3 * PIECE)
+    for verify_whole in (False, True):
+        executor = ManualExecutor()
+        dl = download(shares_in(share, str(verify_whole)), data, executor, verify_whole=verify_whole)
+        placed: list[Path] = []
+        dl.done.addCallback(placed.append)
+        source = Source()
+        while feed(dl, source, data):
+            pass
+        names = []
+        while executor.calls:
+            names.append(executor.calls[0][0].__name__)
+            executor.release_one()
+        assert set(names) == ({"_work", "read_back"} if verify_whole else {"_work"})
+        assert placed and placed[0].read_bytes() == data
+
+    no_manifest = Download(shares_in(share, "none"), "f.bin", len(data), hashlib.sha256(data).hexdigest(),
+                           executor=synchronously)
+    assert no_manifest.verify_whole  # nothing else could be checked
+    one_piece = download(shares_in(share, "one"), data[:1000])
+    assert not one_piece.verify_whole and not one_piece.needs_manifest  # the piece's digest is the file's
+    abandon(no_manifest)
+    abandon(one_piece)
+
+
+def test_an_endgame_copy_is_written_only_when_it_verifies_first(share: Path) -> None:
+    data = os.urandom(2 * PIECE)
+    dl = download(Shares(share), data)
+    slow, fast = Source(), Source()
+    for s in (slow, fast):
+        dl.attach(s)
+    assert {dl.claim(slow), dl.claim(slow)} == {(0, PIECE), (PIECE, PIECE)}
+    assert dl.claim(fast) is not None  # endgame copy of one piece
+    offset = next(o for o, _ in [(0, 0), (PIECE, 0)] if fast in dl.picker.claims.get(o // PIECE, ()))
+    index = offset // PIECE
+    half = PIECE // 2
+    piece = data[offset: offset + PIECE]
+    deliver(dl, slow, offset, [b"\0" * half])  # the writer's copy starts, corrupt
+    deliver(dl, fast, offset, [piece])  # the copy, complete and good: written and verified
+    assert dl.have[index] and not slow.bad
+    deliver(dl, slow, offset + half, [b"\0" * half])  # the rest of the writer's copy is ignored
+    with open(dl.tmp_path, "rb") as f:
+        f.seek(offset)
+        assert f.read(PIECE) == piece
+    assert not slow.bad  # a late copy of a piece already in is not held against its source
+    abandon(dl)
+
+
+def test_settled_waits_for_the_worker_job_that_holds_the_file(share: Path) -> None:
+    data = os.urandom(2 * PIECE)
+    executor = ManualExecutor()
+    dl = download(Shares(share), data, executor)
+    feed(dl, Source(), data)
+    settled: list[None] = []
+    dl.settled.addCallback(settled.append)
+    dl.fail(TransferFailed("connection lost"))
+    dl.done.addErrback(lambda f: None)
+    assert settled == [] and dl.tmp_path.exists()
+    executor.release_all()
+    assert settled == [None] and not dl.tmp_path.exists()

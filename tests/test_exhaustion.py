@@ -349,7 +349,7 @@ def test_an_endless_line_is_cut_off_at_the_line_limit(which: str, memory: Callab
     while closed_at is None or fed < closed_at + (4 << 20):
         proto.dataReceived(chunk)
         fed += len(chunk)
-        largest = max(largest, len(proto._buffer))
+        largest = max(largest, len(proto._buffer if isinstance(proto, TrackerServerProtocol) else proto._line))
         if closed_at is None and transport.disconnecting:
             closed_at = fed
         assert fed < 1 << 30

@@ -452,3 +452,28 @@ async def test_a_peer_sharing_only_what_it_placed_never_hashes_the_rest_of_its_f
     assert await asker.search("sub/notes.txt", 0.5) == []
     assert "private.txt" not in hashed and "notes.txt" not in hashed
     assert not (requester.shares.state / "index.json").exists()  # nor a cache a daemon of this folder would read
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_holder_with_a_manifest_of_other_content_is_dropped_and_the_fetch_goes_on(net: Network) -> None:
+    """A liar offers the content's SHA-256 with the manifest of another file of the same size: every
+    piece matches that manifest, and only the whole file's hash (a fetch by content checks it)
+    shows the lie.  The fetch drops the liar and its manifest and takes the file from an honest
+    holder that appears afterwards."""
+    import attrs
+
+    data, fake = payload(8 * 1024 * 1024), os.urandom(8 * 1024 * 1024)
+    sha = hashlib.sha256(data).hexdigest()
+    liar = await net.add({"f.bin": fake})
+    liar.shares.entries = {"f.bin": attrs.evolve(liar.shares.entries["f.bin"], sha256=sha)}
+    honest = await net.add()
+    requester = await net.add(peers=(("127.0.0.1", liar.udp_port), ("127.0.0.1", honest.udp_port)), requery=0.2)
+    fetch = requester.fetch(sha256=sha, timeout=20.0)
+    await eventually(lambda: requester.counters["bad_manifests"] == 1)
+    assert not fetch.called and not (requester.shares.root / "f.bin").exists()
+    (honest.shares.root / "f.bin").write_bytes(data)
+    await honest.shares.rescan()
+    result = await fetch
+    assert (requester.shares.root / "f.bin").read_bytes() == data
+    assert str(liar.tcp_port) not in result.holder
+    assert list((requester.shares.root / ".p2pshare" / "tmp").iterdir()) == []

@@ -17,7 +17,8 @@ from zope.interface import implementer
 from p2pshare.errors import NotFound, TransferFailed, VerificationFailed
 from p2pshare.shares import Entry, Shares, scan
 from p2pshare.download import RANGE, Download, synchronously
-from p2pshare.transfer import ITransferNode, TransferFactory, TransferProtocol
+from p2pshare.pieces import WINDOW_BYTES
+from p2pshare.transfer import LEGACY_GETS, MAX_GET, ITransferNode, TransferFactory, TransferProtocol
 from p2pshare.wire import MAX_FRAME, Frame
 
 PEER = "b" * 32
@@ -100,7 +101,7 @@ def test_open_is_answered_with_an_offer(share: Path) -> None:
     piece = hashlib.sha256(payload).digest()
     assert offer == {"v": 1, "t": "offer", "name": "blob.bin", "size": 1000,
                      "sha256": hashlib.sha256(payload).hexdigest(), "peer": PEER, "id": RID,
-                     "piece": 1024 * 1024, "root": hashlib.sha256(piece).hexdigest()}
+                     "piece": 1024 * 1024, "root": hashlib.sha256(piece).hexdigest(), "window": 64}
 
 
 class SlowTransport(StringTransport):
@@ -145,9 +146,9 @@ def test_a_paused_producer_stops_reading_the_file(share: Path) -> None:
     transport.clear()
     proto.dataReceived(Frame("get", offset=0, length=len(payload)).encode() + b"\n")
     sent_before = len(transport.value())
-    assert sent_before < 1024 * 1024  # one chunk, then paused
+    assert sent_before <= 1024 * 1024 + 100  # the data line and one chunk, then paused
     transport.producer.resumeProducing()
-    assert sent_before < len(transport.value()) < 2 * 1024 * 1024
+    assert sent_before < len(transport.value()) <= 2 * 1024 * 1024 + 100
 
 
 def test_a_range_outside_the_file_closes_the_connection(share: Path) -> None:
@@ -253,7 +254,10 @@ def test_an_accepted_offer_is_fetched_by_ranges_verified_and_placed(share: Path)
     proto, transport = connect(node)
     proto.dataReceived(offer_for(payload))
     first = [f for f in frames(transport) if f["t"] == "get"]
-    assert [(g["offset"], g["length"]) for g in first] == [(0, RANGE), (RANGE, RANGE)]
+    # Without a manifest the pieces are RANGE bytes, asked for in gets of at most MAX_GET, up to
+    # the window of bytes in flight.
+    assert all(g["length"] <= MAX_GET and g["offset"] % MAX_GET == 0 for g in first)
+    assert WINDOW_BYTES <= sum(g["length"] for g in first) < WINDOW_BYTES + MAX_GET
     placed: list[Path] = []
     assert node.download is not None
     node.download.done.addCallback(placed.append)
@@ -292,10 +296,10 @@ def test_a_connection_lost_mid_transfer_gives_its_claims_back(share: Path) -> No
     proto.dataReceived(offer_for(payload))
     proto.dataReceived(Frame("data", offset=0, length=len(payload)).encode() + b"\n" + payload[:5000])
     download = node.download
-    assert download is not None and download.sources == {proto}
-    assert download._claims[0] == {proto}
+    assert download is not None and download.sources == {proto.requester}
+    assert download.picker.claims == {0: {proto.requester}}
     proto.connectionLost(None)
-    assert download.sources == set() and download._claims[0] == set()  # free for another source
+    assert download.sources == set() and download.picker.claims == {}  # free for another source
     assert not (share / "got.bin").exists()
 
 
@@ -343,17 +347,17 @@ def test_a_manifest_is_asked_for_and_checked_against_the_root(share: Path) -> No
     assert frames(transport)[-1] == {"v": 1, "t": "manifest"}
     transport.clear()
     proto.dataReceived(Frame("pieces", length=len(pieces)).encode() + b"\n" + pieces)
-    asked = [(f["offset"], f["length"]) for f in frames(transport)]
-    assert len(asked) == 2 and all(length == 1 << 20 and offset % (1 << 20) == 0 for offset, length in asked)
+    asked = sorted((f["offset"], f["length"]) for f in frames(transport))
+    assert asked == [(0, 1 << 20), (1 << 20, 1 << 20), (2 << 20, 1 << 20)]  # the whole file is in the window
 
 
 def test_a_manifest_that_does_not_hash_to_the_root_closes_the_connection(share: Path) -> None:
     node = Node(Shares(share))
     proto, transport = connect(node)
-    proto.dataReceived(Frame("offer", id=RID, name="got.bin", size=10, sha256="a" * 64, peer=PEER,
-                             piece=1024 * 1024, root="b" * 64).encode() + b"\n")
+    proto.dataReceived(Frame("offer", id=RID, name="got.bin", size=3 * MIB, sha256="a" * 64, peer=PEER,
+                             piece=MIB, root="b" * 64).encode() + b"\n")
     transport.clear()
-    proto.dataReceived(Frame("pieces", length=32).encode() + b"\n" + b"x" * 32)
+    proto.dataReceived(Frame("pieces", length=96).encode() + b"\n" + b"x" * 96)
     assert frames(transport)[0]["code"] == "bad_manifest" and transport.disconnecting
 
 
@@ -420,13 +424,20 @@ class PartialNode(Node):
         return Entry(d.name, d.size, 0, d.sha256, d.piece_size, d.pieces or b""), open(d.tmp_path, "rb"), d
 
 
+def deliver(d: Download, index: int, payload: bytes) -> None:
+    """Piece *index* of *payload* arrives whole from a source of its own."""
+    source = object()
+    assert d.claim(source, has=lambda i: i == index) == (index * MIB, MIB)
+    d.receive(source, index * MIB, memoryview(payload[index * MIB: (index + 1) * MIB]))
+
+
 def partial_download(share: Path, payload: bytes, verified: list[int]) -> Download:
     pieces, root = _manifest(payload)
     d = Download(Shares(share), "blob.bin", len(payload), hashlib.sha256(payload).hexdigest(),
                  executor=synchronously, piece_size=MIB, root=root)
     assert d.set_manifest(pieces)
     for i in verified:
-        d.deliver(object(), i * MIB, [payload[i * MIB: (i + 1) * MIB]])
+        deliver(d, i, payload)
     return d
 
 
@@ -444,7 +455,7 @@ def test_a_partial_holder_offers_its_bitmap_refuses_missing_pieces_and_announces
     assert transport.value().split(b"\n", 1)[1] == payload[MIB: 2 * MIB]
     assert node.bytes_sent == MIB
     transport.clear()
-    d.deliver(object(), 0, [payload[:MIB]])  # the download verifies piece 0: the requester hears of it
+    deliver(d, 0, payload)  # the download verifies piece 0: the requester hears of it
     assert frames(transport)[-1] == {"v": 1, "t": "have", "piece": 0}
     transport.clear()
     proto.dataReceived(Frame("get", offset=2 * MIB, length=MIB).encode() + b"\n")  # one it lacks
@@ -525,8 +536,8 @@ def test_a_piece_verified_while_a_range_streams_is_announced_after_the_range(sha
 
     def chunk_sent() -> None:  # the download verifies piece 2 while the range is going out
         reset()
-        if proto._producer is not None and not d.have[2]:
-            d.deliver(object(), 2 * MIB, [payload[2 * MIB: 3 * MIB]])
+        if proto.holder is not None and proto.holder.producer is not None and not d.have[2]:
+            deliver(d, 2, payload)
 
     proto.resetTimeout = chunk_sent  # type: ignore[method-assign]
     proto.dataReceived(Frame("get", offset=MIB, length=MIB).encode() + b"\n")
@@ -571,6 +582,82 @@ def test_a_complete_holder_beside_partial_ones_is_asked_for_rare_pieces_one_at_a
     complete.dataReceived(Frame("data", offset=asked[0]["offset"], length=MIB).encode() + b"\n"
                           + payload[asked[0]["offset"]: asked[0]["offset"] + MIB])
     assert [f for f in frames(transport) if f["t"] == "get"]  # asked again, as a lone complete holder
-    assert len([f for f in frames(transport) if f["t"] == "get"]) == 2  # the usual window once alone
+    # Alone, it is asked for as many ranges as it accepts (an offer without a window: LEGACY_GETS).
+    assert len([f for f in frames(transport) if f["t"] == "get"]) == LEGACY_GETS
     complete.connectionLost(None)
     abandon(node.download)
+
+
+# -- offers that cannot be taken as they are ----------------------------------------------------
+
+
+@pytest.mark.parametrize("size, piece, why", [
+    (10 * MIB, 4 * MIB, "piece size"),  # not the protocol's piece size for 10 MiB (1 MiB)
+    (3000 * MIB, 1 * MIB, "piece size"),  # 3,000 pieces: more than a manifest may hold
+    (5000, 1 * MIB, "one-piece"),  # a one-piece file whose root is not the hash of its hash
+])
+def test_an_offer_whose_pieces_are_not_the_protocols_is_refused(share: Path, size: int, piece: int, why: str) -> None:
+    node = Node(Shares(share))
+    proto, transport = connect(node)
+    proto.dataReceived(Frame("offer", id=RID, name="got.bin", size=size, sha256="ab" * 32, peer=PEER,
+                             piece=piece, root="cd" * 32).encode() + b"\n")
+    (error,) = frames(transport)
+    assert error["t"] == "error" and error["code"] == "bad_offer" and why in error["message"]
+    assert transport.disconnecting and node.download is None
+
+
+def test_a_piece_larger_than_one_get_is_asked_for_in_parts_with_bounded_memory(share: Path) -> None:
+    """A 200 GiB file has 128 MiB pieces, more than one get may carry: the requester asks for each
+    piece in parts of at most MAX_GET, hashes them as they come, and holds no piece in memory.
+    The file is sparse: every piece but the last is resumed as verified."""
+    import tracemalloc
+
+    from p2pshare.shares import piece_size_for
+
+    size = 200 * 1024 ** 3 + 12345
+    piece = piece_size_for(size)
+    count = -(-size // piece)
+    assert piece > MAX_GET and count <= 2048
+    zero = hashlib.sha256(bytes(piece)).digest()
+    last = size - (count - 1) * piece
+    pieces = zero * (count - 1) + hashlib.sha256(bytes(last)).digest()
+    root = hashlib.sha256(pieces).hexdigest()
+    sha = "ee" * 32  # the whole file's hash is not read back for a fetch by name
+    shares = Shares(share)
+    part = shares.tmp / f"{sha}.part"
+    try:
+        with open(part, "wb") as f:
+            f.truncate(size)
+    except OSError as e:
+        pytest.skip(f"this file system cannot hold a sparse {size}-byte file: {e.strerror}")
+    if os.stat(part).st_blocks * 512 > 1024 ** 3:
+        pytest.skip("this file system does not keep files sparse")
+    bits = bytes([1] * (count - 1) + [0]).hex()
+    (shares.tmp / f"{sha}.have").write_text(f"{size} {piece} {root} {pieces.hex()} {bits}\n")
+    node = Node(shares)
+    proto, transport = connect(node)
+    proto.dataReceived(Frame("offer", id=RID, name="huge.bin", size=size, sha256=sha, peer=PEER,
+                             piece=piece, root=root, window=64).encode() + b"\n")
+    assert node.download is not None and node.download.resumed_from == (count - 1) * piece
+    chunk = bytes(MIB)
+    asked: list[tuple[int, int]] = []
+    tracemalloc.start()
+    try:
+        while True:
+            gets = [(f["offset"], f["length"]) for f in frames(transport) if f["t"] == "get"]
+            transport.clear()
+            if not gets:
+                break
+            for offset, length in gets:
+                asked.append((offset, length))
+                proto.dataReceived(Frame("data", offset=offset, length=length).encode() + b"\n")
+                for at in range(0, length, MIB):
+                    proto.dataReceived(chunk[: min(MIB, length - at)])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert all(length <= MAX_GET for _, length in asked)
+    assert sorted(asked)[0][0] == (count - 1) * piece and sum(n for _, n in asked) == last
+    assert peak < 4 * MAX_GET  # a window of gets at most, never a whole 128 MiB piece
+    placed = share / "huge.bin"
+    assert placed.stat().st_size == size and node.download.done.called
