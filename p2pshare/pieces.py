@@ -37,19 +37,14 @@ ENDGAME_MAX_PIECE = 4 * 1024 * 1024  # larger pieces get no second copy (a copy 
 RUN = 8 * 1024 * 1024  # bytes of consecutive pieces one claim covers with a single holder
 NO_MANIFEST_RUN = 16 * 1024 * 1024  # the same, for a file offered without a manifest
 WINDOW_BYTES = 16 * 1024 * 1024  # bytes asked for and not yet received, per source
-MIN_WINDOW_GETS = 2  # ranges in flight per source, however large the pieces
+MAX_WINDOW = 512 * 1024 * 1024  # the most a window grows to (64 gets of 8 MiB: what a holder accepts)
 
 
-def window_bytes(bandwidth: float, rtt: float, floor: int = WINDOW_BYTES) -> int:
+def window_bytes(bandwidth: float, rtt: float, floor: int = WINDOW_BYTES, cap: int = MAX_WINDOW) -> int:
     """The bytes a source must have in flight to keep a link of *bandwidth* bytes/s busy over a
-    round trip of *rtt* seconds (bandwidth x delay), never under *floor*."""
-    return max(floor, int(bandwidth * rtt))
-
-
-def gets_in_flight(window: int, get_size: int, holder_limit: int) -> int:
-    """How many ``get``s of *get_size* bytes cover *window* bytes, within what the holder accepts."""
-    wanted = max(MIN_WINDOW_GETS, -(-window // max(1, get_size)))
-    return max(1, min(wanted, holder_limit))
+    round trip of *rtt* seconds (bandwidth x delay, doubled so that the rate can still grow), never
+    under *floor* nor over *cap*."""
+    return max(floor, min(cap, int(2 * bandwidth * rtt)))
 
 
 @frozen

@@ -75,19 +75,26 @@ def hash_file(path: Path) -> tuple[str, int, bytes]:
     The file is read HASH_CHUNK at a time into one buffer that feeds both hashes, so memory
     stays flat whatever the piece size (512 MiB pieces for a 1 TiB file)."""
     whole = hashlib.sha256()
-    piece = piece_size_for(os.stat(path).st_size)
+    size = os.stat(path).st_size
+    piece = piece_size_for(size)
     digests = []
-    buffer = memoryview(bytearray(min(HASH_CHUNK, piece)))
+    # No larger than the file (a buffer is zeroed when it is made: 1 MiB per small file adds up).
+    buffer = memoryview(bytearray(max(4096, min(HASH_CHUNK, piece, size))))
+    one_piece = size <= piece  # then the piece's digest is the whole's: one hash is enough
     current, filled = hashlib.sha256(), 0  # the piece being read, and how much of it is in
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buffer[:min(len(buffer), piece - filled)]):
             chunk = buffer[:n]
             whole.update(chunk)
-            current.update(chunk)
             filled += n
+            if one_piece:
+                continue
+            current.update(chunk)
             if filled == piece:
                 digests.append(current.digest())
                 current, filled = hashlib.sha256(), 0
+    if one_piece:
+        return whole.hexdigest(), piece, whole.digest() if filled else b""
     if filled:
         digests.append(current.digest())
     return whole.hexdigest(), piece, b"".join(digests)

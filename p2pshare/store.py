@@ -41,6 +41,7 @@ from p2pshare.shares import Shares
 SAVE_EVERY = 1.0  # seconds between updates of the record of verified pieces
 SMALL = 256 * 1024  # files up to this size are written and hashed on the reactor thread
 READ_BACK = 1024 * 1024  # bytes read at a time for the whole-file hash
+WRITE_RUN = 2 * 1024 * 1024  # bytes hashed before they are written
 
 Executor = Callable[..., "Deferred[Any]"]
 
@@ -188,8 +189,8 @@ class PieceStore:
                 continue  # a late copy of a piece already in, or the tail of an abandoned one
             if manifest is not None:
                 hasher.update(s.data)
-            if s.write:
-                if run and run_end == s.offset and len(run) < 512:
+            if s.write:  # in runs of at most WRITE_RUN bytes, written while the hash has left them in cache
+                if run and run_end == s.offset and run_end - run_at < WRITE_RUN:
                     run.append(s.data)
                 else:
                     flush()

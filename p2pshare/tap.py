@@ -149,16 +149,19 @@ def stop_when_running(reactor: Any) -> None:
 
 
 M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
+MMAP_THRESHOLD = 4 * 1024 * 1024
 
 
 def return_freed_memory() -> bool:
-    """Make glibc hand large freed buffers back to the system (True when it could be asked).
+    """Fix the size above which glibc maps memory directly (True when it could be asked).
 
-    Socket reads and file pieces are buffers of up to a few MiB.  After the first
-    such buffer is freed, glibc raises the size above which it maps memory
-    directly, so later ones come from its heap, which fragments and is never
-    returned: a 4 GiB download then grows the process by well over 100 MiB.  A
-    fixed threshold (setting it also stops the raising) keeps memory flat.
+    Left alone, glibc raises that size each time a large mapped buffer is freed,
+    and buffers of every size then come from its heap, which fragments and is
+    never returned: a 4 GiB download grew the process by well over 100 MiB.  A
+    fixed threshold (setting it also stops the raising) keeps memory flat.  It is
+    set above the transfer's 1 MiB socket reads: those are all of one size, so the
+    heap reuses their memory (bounded by the download's backpressure) instead of
+    mapping, faulting in and unmapping a new megabyte for every read.
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -166,7 +169,7 @@ def return_freed_memory() -> bool:
         import ctypes
 
         libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024))
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
 

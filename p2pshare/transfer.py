@@ -41,7 +41,7 @@ from zope.interface import Interface, implementer
 
 from p2pshare.download import Download
 from p2pshare.errors import MalformedMessage, NotFound, TransferFailed
-from p2pshare.pieces import WINDOW_BYTES, choice_for, gets_in_flight
+from p2pshare.pieces import WINDOW_BYTES, choice_for, window_bytes
 from p2pshare.shares import MAX_PIECES, Entry, piece_size_for
 from p2pshare.wire import MAX_FRAME, MAX_RANGE, Frame, have_bits, pack_have
 
@@ -49,6 +49,7 @@ MAX_GETS = 64  # ranges a holder accepts waiting behind the one being sent (the 
 LEGACY_GETS = 5  # what a holder whose offer names no window accepts
 MAX_GET = 8 * 1024 * 1024  # the longest range the requester asks for in one get
 CHUNK = 1024 * 1024  # bytes read from disk at a time where sendfile cannot be used
+SMALL_RANGE = 64 * 1024  # ranges up to this size are read and written with their data line, in one write
 SENDFILE_SLICE = 16 * 1024 * 1024  # bytes sent before the reactor gets a turn
 IDLE_TIMEOUT = 30.0
 PROGRESS = 64 * 1024  # bytes of file data that count as progress for the idle timer
@@ -264,7 +265,18 @@ class Holder:
         frame = self.gets.popleft()
         self._sending_length = frame.length
         transport = self.conn.transport
-        self.conn.send(Frame("data", offset=frame.offset, length=frame.length))
+        header = Frame("data", offset=frame.offset, length=frame.length).encode() + b"\n"
+        if frame.length <= SMALL_RANGE:  # one write, header and bytes: one segment, no producer
+            try:
+                data = os.pread(self.file.fileno(), frame.length, frame.offset)
+            except OSError as e:
+                return self._range_failed(Failure(TransferFailed(f"reading the file failed: {e.strerror}")))
+            if len(data) < frame.length:
+                return self._range_failed(Failure(TransferFailed("the file shrank while it was being sent")))
+            self.conn.resetTimeout()
+            transport.write(header + data)
+            return self._range_sent(None)
+        transport.write(header)
         kind = SendfileProducer if isinstance(transport, tcp.Connection) and hasattr(os, "sendfile") \
             else RangeProducer
         self.producer = kind(self.file, frame.offset, frame.length, transport, on_chunk=self.conn.resetTimeout)
@@ -309,6 +321,12 @@ class Requester:
         self.outstanding: deque[tuple[int, int]] = deque()  # gets sent and not fully received
         self.claimed: deque[tuple[int, int]] = deque()  # claimed ranges not asked for yet
         self.in_flight = 0  # bytes asked for and not received yet
+        # The window follows bandwidth x delay: the round trip is the wait for the first data line,
+        # the bandwidth what this connection has delivered since.
+        self.rtt = 0.0
+        self._first_get_at: Optional[float] = None
+        self._receiving_since: Optional[float] = None
+        self._received = 0
         self.awaiting_manifest = False
         self.dropped = False  # a source that sent a bad piece: ignore the rest of what it sends
 
@@ -334,8 +352,7 @@ class Requester:
         choice = choice_for(conn.node.peer_id, self.remote_have, partial, download.missing)
         # One range at a time from a complete holder shared with partial ones: fewer of its pieces
         # in flight, unknown to the other peers, which might ask for the same ones.
-        limit = 1 if choice.one_at_a_time else gets_in_flight(self.window, min(download.piece_size, MAX_GET),
-                                                              self.holder_gets)
+        limit = 1 if choice.one_at_a_time else self.holder_gets
         while len(self.outstanding) < limit and (self.in_flight < self.window or not self.outstanding):
             if not self.claimed:
                 rng = download.claim(self, choice.has, choice.rank)
@@ -346,6 +363,8 @@ class Requester:
             if length > MAX_GET:  # a large piece, or a run: asked for in parts
                 self.claimed.appendleft((offset + MAX_GET, length - MAX_GET))
                 length = MAX_GET
+            if self._first_get_at is None:
+                self._first_get_at = conn.clock.seconds()
             self.outstanding.append((offset, length))
             self.in_flight += length
             conn.send(Frame("get", offset=offset, length=length))
@@ -379,6 +398,9 @@ class Requester:
             return self.conn.refuse("unexpected", "'data' that was not asked for")
         if (frame.offset, frame.length) != self.outstanding[0]:
             return self.conn.refuse("bad_range", f"data {frame.offset}+{frame.length} is not the range asked for")
+        if self._receiving_since is None and self._first_get_at is not None:
+            self._receiving_since = self.conn.clock.seconds()
+            self.rtt = self._receiving_since - self._first_get_at
         self.conn.receive_raw(frame.length)
 
     def data(self, chunk: memoryview, left: int) -> None:
@@ -387,10 +409,19 @@ class Requester:
             return
         offset, length = self.outstanding[0]
         self.in_flight -= len(chunk)
+        self._received += len(chunk)
         self.download.receive(self, offset + length - left - len(chunk), chunk)
         if not left and self.outstanding:
             self.outstanding.popleft()
+            self._adapt_window()
             self.ask()
+
+    def _adapt_window(self) -> None:
+        if self._receiving_since is None:
+            return
+        elapsed = self.conn.clock.seconds() - self._receiving_since
+        if elapsed > 0:
+            self.window = window_bytes(self._received / elapsed, self.rtt)
 
     # -- what the download calls --------------------------------------------------------
 
@@ -435,8 +466,10 @@ class TransferProtocol(Protocol, TimeoutMixin):
                  sending: Optional[tuple[Entry, IO[bytes]]] = None, idle: float = IDLE_TIMEOUT,
                  clock: Optional[IReactorTime] = None) -> None:
         self.node, self.greeting, self.idle = node, greeting, idle
-        if clock is not None:
-            self.callLater = clock.callLater  # the idle timer runs on the injected clock
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock: IReactorTime = clock  # type: ignore[assignment]
+        self.callLater = clock.callLater  # the idle timer runs on the injected clock
         self.holder: Optional[Holder] = Holder(self, *sending) if sending is not None else None
         self.requester: Optional[Requester] = None
         self.on_bad_piece: Callable[["TransferProtocol"], None] = lambda proto: None
@@ -478,6 +511,8 @@ class TransferProtocol(Protocol, TimeoutMixin):
         sock = socket_transport(self.transport)
         if sock is not None:
             sock.bufferSize = RECEIVE_BUFFER  # fewer, larger reads (under TLS too)
+            # Control lines are small and answered: none should wait for the ACK of the last segment.
+            sock.setTcpNoDelay(True)
         self.setTimeout(self.idle)
         self.node.track(self, True)
         if self.greeting is not None:

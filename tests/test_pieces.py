@@ -6,34 +6,22 @@ import random
 
 import pytest
 
-from p2pshare.pieces import (ENDGAME_COPIES, MIN_WINDOW_GETS, RANDOM_START, RUN, WINDOW_BYTES, PiecePicker,
-                             choice_for, gets_in_flight, window_bytes)
+from p2pshare.pieces import (ENDGAME_COPIES, MAX_WINDOW, RANDOM_START, RUN, WINDOW_BYTES, PiecePicker, choice_for,
+                             window_bytes)
 
 MIB = 1024 * 1024
 
 
 @pytest.mark.parametrize("bandwidth, rtt, expected", [
     (125_000_000, 0.0005, WINDOW_BYTES),  # 1 Gbit/s on a LAN: the floor covers it many times over
-    (125_000_000, 0.050, WINDOW_BYTES),  # 1 Gbit/s at 50 ms: 6.25 MB, still under the floor
-    (1_250_000_000, 0.050, 62_500_000),  # 10 Gbit/s at 50 ms: bandwidth x delay
-    (12_500_000, 2.0, 25_000_000),  # 100 Mbit/s over a satellite hop: 25 MB > 16 MiB
+    (125_000_000, 0.050, WINDOW_BYTES),  # 1 Gbit/s at 50 ms: 2 x 6.25 MB, still under the floor
+    (1_250_000_000, 0.050, 125_000_000),  # 10 Gbit/s at 50 ms: twice bandwidth x delay
+    (12_500_000, 2.0, 50_000_000),  # 100 Mbit/s over a satellite hop: 2 x 25 MB
+    (10_000_000_000, 1.0, MAX_WINDOW),  # never more than a holder accepts in gets
+    (0, 0.0, WINDOW_BYTES),  # nothing measured yet
 ])
 def test_the_window_covers_bandwidth_times_delay(bandwidth: float, rtt: float, expected: int) -> None:
     assert window_bytes(bandwidth, rtt) == expected
-
-
-@pytest.mark.parametrize("window, get_size, holder_limit, expected", [
-    (16 * MIB, 1 * MIB, 64, 16),  # 1 MiB pieces: sixteen in flight
-    (16 * MIB, 8 * MIB, 64, 2),  # gets of 8 MiB: two
-    (16 * MIB, 1 * MIB, 5, 5),  # a holder that takes only five waiting ranges (an offer without window)
-    (16 * MIB, 32 * MIB, 64, MIN_WINDOW_GETS),  # larger than the window: still two, so the link never idles
-    (62_500_000, 4 * MIB, 64, 15),  # a long fat pipe: rounded up
-    (16 * MIB, 1 * MIB, 1, 1),  # never more than the holder accepts
-    (16 * MIB, 0, 64, 64),  # no size: as many as accepted
-])
-def test_gets_in_flight_fill_the_window_within_the_holders_limit(window: int, get_size: int,
-                                                                holder_limit: int, expected: int) -> None:
-    assert gets_in_flight(window, get_size, holder_limit) == expected
 
 
 def test_one_holder_gets_random_first_pieces_then_runs_in_order() -> None:

@@ -661,3 +661,34 @@ def test_a_piece_larger_than_one_get_is_asked_for_in_parts_with_bounded_memory(s
     assert peak < 4 * MAX_GET  # a window of gets at most, never a whole 128 MiB piece
     placed = share / "huge.bin"
     assert placed.stat().st_size == size and node.download.done.called
+
+
+def test_the_window_grows_to_bandwidth_times_delay_on_a_long_fat_link(share: Path) -> None:
+    """16 MiB in flight is enough on a LAN; over a link of 300 ms at 80 MiB/s it is not.  The
+    requester measures the round trip (first get to first data line) and the rate, and keeps
+    about twice their product in flight."""
+    size = 256 * MIB
+    digest = hashlib.sha256(bytes(MIB)).digest()
+    pieces = digest * (size // MIB)
+    clock = Clock()
+    node = Node(Shares(share))
+    proto, transport = connect(node, clock=clock)
+    proto.dataReceived(Frame("offer", id=RID, name="zeros.bin", size=size, sha256="ee" * 32, peer=PEER, piece=MIB,
+                             root=hashlib.sha256(pieces).hexdigest(), window=64).encode() + b"\n")
+    proto.dataReceived(Frame("pieces", length=len(pieces)).encode() + b"\n" + pieces)
+
+    def in_flight() -> list[tuple[int, int]]:
+        return list(proto.requester.outstanding) if proto.requester is not None else []
+
+    assert sum(n for _, n in in_flight()) <= WINDOW_BYTES + MAX_GET  # the floor, before anything is measured
+    clock.advance(0.3)  # the first data line comes a round trip later
+    for _ in range(4):  # then 80 MiB/s: 8 MiB each 0.1 s
+        offset, length = in_flight()[0]
+        proto.dataReceived(Frame("data", offset=offset, length=length).encode() + b"\n")
+        for at in range(0, length, MIB):
+            clock.advance(0.1 * MIB / (8 * MIB))
+            proto.dataReceived(bytes(MIB))
+    assert proto.requester is not None and proto.requester.rtt == pytest.approx(0.3)
+    assert proto.requester.window > 2 * WINDOW_BYTES
+    assert sum(n for _, n in in_flight()) >= 2 * WINDOW_BYTES  # about 2 x 80 MiB/s x 0.3 s asked for
+    abandon(node.download)
