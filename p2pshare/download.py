@@ -81,6 +81,7 @@ class Download:
         self._writers: dict[int, Any] = {}  # piece -> the source whose copy is written
         self._writing: dict[tuple[int, int], bool] = {}  # (id(source), piece) -> that copy writes
         self._paused = False
+        self.pauses = 0  # times the disk fell behind and every source was paused
         self._finishing = False
         self._ended = False
         self.resumed_from = self.verified = sum(self.picker.length(i) for i in range(self.count) if self.have[i])
@@ -189,6 +190,7 @@ class Download:
                 return
         if not self._paused and not self._ended and self.store.queued > HIGH_WATER:
             self._paused = True
+            self.pauses += 1
             for s in self.sources:
                 s.pauseProducing()
 

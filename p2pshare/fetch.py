@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Callable, Optional
+from typing import IO, Any, Callable, Optional, Protocol
 
 from attrs import frozen
 from twisted.internet.defer import Deferred, DeferredList, fail
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -22,7 +22,8 @@ from zope.interface import implementer
 from p2pshare.download import Download, in_thread
 from p2pshare.errors import (AlreadyExists, AmbiguousName, InvalidName, NotFound, P2PError, TransferFailed,
                              VerificationFailed)
-from p2pshare.shares import Entry
+from p2pshare.ratelimit import Counters
+from p2pshare.shares import Entry, Shares
 from p2pshare.transfer import ITransferNode, TransferProtocol, dial
 from p2pshare.wire import Address, Frame, Hit, is_sha256, validate_name
 
@@ -31,8 +32,25 @@ FIRST_SWARM_QUERY = 0.5  # seconds after a download starts: who else holds or fe
 RETRY_SOURCE = 5.0  # seconds before a holder that was tried may be dialled again in one download
 KEEP_QUERIES = 2  # re-queries of a download in progress still waiting for hits
 
-if TYPE_CHECKING:
-    from p2pshare.peer import Peer
+
+class FetchHost(Protocol):
+    """What a ``Fetcher`` needs of the peer it works for, and all it uses (``Peer`` provides it)."""
+
+    reactor: Any  # IReactorTime and IReactorThreads: timers, and the pool that writes downloads
+    shares: Shares
+    counters: Counters
+    peer_id: str
+    dial_wait: float  # seconds to wait for holders to dial before dialling them
+    requery: float  # seconds between queries while nobody answered, or while a download lacks sources
+    idle: float  # a transfer connection's idle timeout
+
+    def query(self, name: str, fetch: bool, on_hit: Callable[[Hit], None], sha256: str = "") -> str: ...
+
+    def finish_query(self, request_id: str) -> None: ...
+
+    def endpoint_to(self, address: Address) -> IStreamClientEndpoint: ...
+
+    def track(self, proto: TransferProtocol, alive: bool) -> None: ...
 
 
 @frozen
@@ -108,7 +126,7 @@ class _Dialer:
 
     def __init__(self, fetcher: "Fetcher", fetch: _Fetch, hit: Hit) -> None:
         self.fetcher, self.fetch, self.hit = fetcher, fetch, hit
-        self.peer_id = fetcher.peer.peer_id
+        self.peer_id = fetcher.host.peer_id
 
     def open_for_sending(self, frame: Frame) -> tuple[Entry, IO[bytes], Optional[Download]]:
         raise NotFound("this connection only receives")
@@ -125,7 +143,7 @@ class _Dialer:
         return self.fetcher._accept(self.fetch, frame, proto, "requester")
 
     def track(self, proto: TransferProtocol, alive: bool) -> None:
-        self.fetcher.peer.track(proto, alive)
+        self.fetcher.host.track(proto, alive)
 
 
 class Fetcher:
@@ -133,8 +151,8 @@ class Fetcher:
 
     log = Logger()
 
-    def __init__(self, peer: "Peer") -> None:
-        self.peer = peer
+    def __init__(self, host: FetchHost) -> None:
+        self.host = host
         self.fetches: dict[str, _Fetch] = {}
         self.by_id: dict[str, _Fetch] = {}
 
@@ -142,7 +160,7 @@ class Fetcher:
         """A holder dialled us with an offer: the download it is for, or None to decline."""
         f = self.by_id.get(frame.id)
         if f is None or not f.wants(frame.name, frame.sha256):
-            self.peer.counters.add("offers_declined")
+            self.host.counters.add("offers_declined")
             return None
         return self._accept(f, frame, proto, "holder")
 
@@ -178,10 +196,10 @@ class Fetcher:
                 raise InvalidName(f"{sha256!r} is not a SHA-256 in hex")
             if name or not sha256:
                 validate_name(name)
-                if os.path.lexists(self.peer.shares.root / name):
-                    raise AlreadyExists(f"{name} already exists in {self.peer.shares.root}")
+                if os.path.lexists(self.host.shares.root / name):
+                    raise AlreadyExists(f"{name} already exists in {self.host.shares.root}")
             else:
-                here = self.peer.shares.lookup("", sha256)
+                here = self.host.shares.lookup("", sha256)
                 if here is not None:
                     raise AlreadyExists(f"sha256:{sha256} is already here as {here.name}")
         except P2PError as e:
@@ -189,9 +207,9 @@ class Fetcher:
         key = f"{name}\0{sha256}"
         f = self.fetches.get(key)
         if f is None:
-            f = self.fetches[key] = _Fetch(name, sha256, timeout, self.peer.reactor.seconds())
+            f = self.fetches[key] = _Fetch(name, sha256, timeout, self.host.reactor.seconds())
             self._fetch_query(f)
-            f.timer = self.peer.reactor.callLater(timeout, self._fetch_expired, f)
+            f.timer = self.host.reactor.callLater(timeout, self._fetch_expired, f)
         if progress is not None:
             f.progress.append(progress)
         d: Deferred[FetchResult] = Deferred(lambda d: self._cancel(f, d, progress))
@@ -206,7 +224,7 @@ class Fetcher:
         if progress is not None and progress in f.progress:
             f.progress.remove(progress)
         if f.active and not f.waiters:
-            self.peer.counters.add("fetches_cancelled")
+            self.host.counters.add("fetches_cancelled")
             self._finish(f, Failure(TransferFailed(f"{f.label}: cancelled")))
 
     def _fetch_query(self, f: _Fetch) -> None:
@@ -220,11 +238,11 @@ class Fetcher:
             return
         if any(h.tcp not in f.banned for h in f.hits):
             return
-        rid = self.peer._query(f.name, True, lambda hit: self._fetch_hit(f, hit), f.sha256)
+        rid = self.host.query(f.name, True, lambda hit: self._fetch_hit(f, hit), f.sha256)
         f.ids.append(rid)
         self.by_id[rid] = f
-        if self.peer.requery < f.timeout - (self.peer.reactor.seconds() - f.started):
-            f.requery = self.peer.reactor.callLater(self.peer.requery, self._fetch_query, f)
+        if self.host.requery < f.timeout - (self.host.reactor.seconds() - f.started):
+            f.requery = self.host.reactor.callLater(self.host.requery, self._fetch_query, f)
 
     def _swarm_query(self, f: _Fetch) -> None:
         """While a download lacks sources, ask (without asking to be dialled) who else has it."""
@@ -232,11 +250,11 @@ class Fetcher:
         if f.download.complete:
             return
         if len(f.sources) + len(f.dialing) < MAX_SOURCES:
-            rid = self.peer._query("", False, lambda hit: self._fetch_hit(f, hit), f.download.sha256)
+            rid = self.host.query("", False, lambda hit: self._fetch_hit(f, hit), f.download.sha256)
             f.swarm_ids.append(rid)
             while len(f.swarm_ids) > KEEP_QUERIES:
-                self.peer.core.finish_query(f.swarm_ids.pop(0))
-        f.requery = self.peer.reactor.callLater(self.peer.requery, self._fetch_query, f)
+                self.host.finish_query(f.swarm_ids.pop(0))
+        f.requery = self.host.reactor.callLater(self.host.requery, self._fetch_query, f)
 
     def _fetch_hit(self, f: _Fetch, hit: Hit) -> None:
         if not f.wants(hit.name, hit.sha256):
@@ -258,13 +276,13 @@ class Fetcher:
         elif not f.sources and not f.dialing and f.dial_timer is None:
             # Holders dial us with offers; if none has connected after dial_wait (we may be
             # unreachable from outside), connect to them ourselves.
-            f.dial_timer = self.peer.reactor.callLater(self.peer.dial_wait, self._dial_more, f)
+            f.dial_timer = self.host.reactor.callLater(self.host.dial_wait, self._dial_more, f)
 
     def _dial_more(self, f: _Fetch) -> None:
         """Connect to holders that answered, up to MAX_SOURCES connections in all."""
         f.dial_timer = None
         while f.active and len(f.sources) + len(f.dialing) < MAX_SOURCES:
-            now = self.peer.reactor.seconds()
+            now = self.host.reactor.seconds()
             busy = {holder for holder, _ in f.sources.values()} | f.banned
             busy |= {holder for holder, when in f.tried.items() if now - when < RETRY_SOURCE}
             connected = set(f.source_peers.values())  # a holder that dialled us has no hit address
@@ -277,11 +295,11 @@ class Fetcher:
         self._check_stalled(f)
 
     def _dial(self, f: _Fetch, hit: Hit) -> None:
-        f.tried[hit.tcp] = self.peer.reactor.seconds()
-        self.peer.counters.add("dials_to_holders")
+        f.tried[hit.tcp] = self.host.reactor.seconds()
+        self.host.counters.add("dials_to_holders")
         greeting = Frame("open", id=hit.id, name=hit.name, sha256=hit.sha256)
-        proto = TransferProtocol(_Dialer(self, f, hit), greeting=greeting, idle=self.peer.idle,
-                                 clock=self.peer.reactor)
+        proto = TransferProtocol(_Dialer(self, f, hit), greeting=greeting, idle=self.host.idle,
+                                 clock=self.host.reactor)
         f.dialing.add(proto)
 
         def ended(result: Any) -> None:
@@ -293,25 +311,25 @@ class Fetcher:
             if proto not in f.sources:
                 self._dial_more(f)
 
-        dial(self.peer.endpoint_to(hit.tcp), proto).addCallbacks(lambda p: p.closed.addBoth(ended), ended)
+        dial(self.host.endpoint_to(hit.tcp), proto).addCallbacks(lambda p: p.closed.addBoth(ended), ended)
 
     def _accept(self, f: _Fetch, frame: Frame, proto: TransferProtocol, dialled_by: str) -> Optional[Download]:
         """Take *proto* on as a source of this fetch's download (creating the download first)."""
         if not f.active or not f.wants(frame.name, frame.sha256) or len(f.sources) >= MAX_SOURCES:
-            self.peer.counters.add("offers_declined")
+            self.host.counters.add("offers_declined")
             return None
         if not f.sha256 and any(h.sha256 != frame.sha256 for h in f.hits):
-            self.peer.counters.add("offers_declined")  # the hits disagree; _fetch_hit has ended the fetch
+            self.host.counters.add("offers_declined")  # the hits disagree; _fetch_hit has ended the fetch
             return None
         holder = proto.transport.getPeer()
         address = next((h.tcp for h in f.hits if h.peer == frame.peer), (holder.host, holder.port))
         if (any(a == address for a, _ in f.sources.values()) or frame.peer in f.source_peers.values()
                 or address in f.banned):
-            self.peer.counters.add("offers_declined")  # one connection per holder and download
+            self.host.counters.add("offers_declined")  # one connection per holder and download
             return None
         if frame.root and frame.root in f.bad_roots:
             f.banned.add(address)  # a manifest that already made a file that is not the content
-            self.peer.counters.add("offers_declined")
+            self.host.counters.add("offers_declined")
             return None
         if f.download is None:
             if not self._start_download(f, frame):
@@ -322,18 +340,18 @@ class Fetcher:
             # and this holder is kept in reserve for the other manifest.
             f.download.verify_whole = True
             f.other_roots.add(address)
-            self.peer.counters.add("offers_other_manifest")
+            self.host.counters.add("offers_other_manifest")
             return None
         elif (frame.sha256, frame.root, frame.size) != (f.download.sha256, f.download.root, f.download.size):
-            self.peer.counters.add("offers_declined")  # another content
+            self.host.counters.add("offers_declined")  # another content
             return None
         assert f.download is not None
         f.sources[proto] = (address, dialled_by)
         f.source_peers[proto] = frame.peer
         if len(f.sources) > 1 or frame.have:
             f.download.swarming = True
-        f.tried[address] = self.peer.reactor.seconds()
-        self.peer.counters.add(f"sources_dialled_by_{dialled_by}")
+        f.tried[address] = self.host.reactor.seconds()
+        self.host.counters.add(f"sources_dialled_by_{dialled_by}")
         if f.dial_timer is not None:
             f.dial_timer.cancel()
             f.dial_timer = None
@@ -342,37 +360,38 @@ class Fetcher:
         return f.download
 
     def _start_download(self, f: _Fetch, frame: Frame) -> bool:
-        if os.path.lexists(self.peer.shares.root / frame.name):  # asked by hash: the name came with the offer
-            self._finish(f, Failure(AlreadyExists(f"{frame.name} already exists in {self.peer.shares.root}")))
+        if os.path.lexists(self.host.shares.root / frame.name):  # asked by hash: the name came with the offer
+            self._finish(f, Failure(AlreadyExists(f"{frame.name} already exists in {self.host.shares.root}")))
             return False
         short = self._space_short_of(frame)
         if short:
             self._finish(f, Failure(TransferFailed(f"{frame.name}: {frame.size} bytes do not fit in "
-                                                   f"{self.peer.shares.tmp} ({short} bytes short)")))
+                                                   f"{self.host.shares.tmp} ({short} bytes short)")))
             return False
-        download = Download(self.peer.shares, frame.name, frame.size, frame.sha256, f.report,
-                            in_thread(self.peer.reactor), frame.piece, frame.root, verify_whole=bool(f.sha256))
+        download = Download(self.host.shares, frame.name, frame.size, frame.sha256, f.report,
+                            in_thread(self.host.reactor), frame.piece, frame.root, verify_whole=bool(f.sha256))
         f.download = download
         if f.requery is not None and f.requery.active():
             f.requery.cancel()
-        f.requery = self.peer.reactor.callLater(min(FIRST_SWARM_QUERY, self.peer.requery), self._fetch_query, f)
+        f.requery = self.host.reactor.callLater(min(FIRST_SWARM_QUERY, self.host.requery), self._fetch_query, f)
 
         def done(path: Path) -> None:
             sources = f.all_sources + list(f.sources.values())
             holders = list(dict.fromkeys("%s:%d" % holder for holder, _ in sources))
             dialled_by = sources[0][1] if sources else "holder"
             result = FetchResult(frame.name, str(path), frame.size, frame.sha256, ", ".join(holders), frame.peer,
-                                 dialled_by, round(self.peer.reactor.seconds() - f.started, 3), download.resumed_from,
+                                 dialled_by, round(self.host.reactor.seconds() - f.started, 3), download.resumed_from,
                                  len(holders))
-            self.peer.counters.add("downloads_completed")
-            self.peer.counters.add("bytes_received", frame.size - download.resumed_from)
+            self.host.counters.add("downloads_completed")
+            self.host.counters.add("download_pauses", download.pauses)  # the disk fell behind the network
+            self.host.counters.add("bytes_received", frame.size - download.resumed_from)
             self._finish(f, result)
 
         def failed(failure: Failure) -> None:
             if f.active and f.download is download and failure.check(VerificationFailed) and download.root:
                 self._bad_manifest(f, download, failure.value)
             elif f.active and f.download is download:
-                self.peer.counters.add("downloads_failed")
+                self.host.counters.add("downloads_failed")
                 self._finish(f, failure)
 
         download.done.addCallbacks(done, failed)
@@ -381,7 +400,7 @@ class Fetcher:
     def _bad_manifest(self, f: _Fetch, download: Download, error: BaseException) -> None:
         """Every piece matched the manifest, and the file is not the content: the manifest is a lie.
         Its holders are dropped, and the fetch starts again from holders of another manifest."""
-        self.peer.counters.add("bad_manifests")
+        self.host.counters.add("bad_manifests")
         self.log.warn("{name}: the manifest {root} describes other content; dropping its holders",
                       name=f.label, root=download.root[:16])
         f.bad_roots.add(download.root)
@@ -402,7 +421,7 @@ class Fetcher:
             self._fetch_query(f)
 
     def _bad_source(self, f: _Fetch, proto: TransferProtocol) -> None:
-        self.peer.counters.add("bad_pieces")  # that holder is not asked again in this fetch
+        self.host.counters.add("bad_pieces")  # that holder is not asked again in this fetch
         if proto in f.sources:
             f.banned.add(f.sources[proto][0])
         f.error = TransferFailed(f"{f.label}: a holder sent pieces that do not match the manifest")
@@ -424,7 +443,7 @@ class Fetcher:
 
     def _space_short_of(self, frame: Frame) -> int:
         """How many bytes the file system lacks for this download (0 when it fits)."""
-        tmp = self.peer.shares.tmp
+        tmp = self.host.shares.tmp
         try:
             have = os.path.getsize(tmp / f"{frame.sha256}.part")
         except OSError:
@@ -454,9 +473,9 @@ class Fetcher:
                 proto.transport.loseConnection()
         for rid in f.ids:
             self.by_id.pop(rid, None)
-            self.peer.core.finish_query(rid)
+            self.host.finish_query(rid)
         for rid in f.swarm_ids:
-            self.peer.core.finish_query(rid)
+            self.host.finish_query(rid)
         for call in (f.timer, f.dial_timer, f.requery):
             if call is not None and call.active():
                 call.cancel()

@@ -281,12 +281,18 @@ class Peer(MultiService):
 
     # -- search -------------------------------------------------------------------------
 
-    def _query(self, name: str, fetch: bool, on_hit: Callable[[Hit], None], sha256: str = "") -> str:
+    def query(self, name: str, fetch: bool, on_hit: Callable[[Hit], None], sha256: str = "") -> str:
+        """Send a query for *name* (or content *sha256*) to the neighbours; *on_hit* gets each hit.
+        Returns its request ID, for ``finish_query``."""
         me = (self.host_for_others, self.udp_port), (self.host_for_others, self.tcp_port)
         rid, reaction = self.core.start_query(name, me[0], me[1], fetch, self.reactor.seconds(), on_hit,
                                               sha256=sha256)
         self.search_proto.send_all(reaction)
         return rid
+
+    def finish_query(self, request_id: str) -> None:
+        """Stop retransmitting a query and forget it: its hits are no longer wanted."""
+        self.core.finish_query(request_id)
 
     def search(self, name: str = "", timeout: float = 3.0, sha256: str = "") -> Deferred[list[Hit]]:
         """Ask the network who has *name* (or content *sha256*); fires after *timeout* with the hits.
@@ -312,7 +318,7 @@ class Peer(MultiService):
         state.again = None
         if state.hits:
             return
-        state.ids.append(self._query(state.name, False, lambda h: state.hits.setdefault((h.peer, h.sha256), h),
+        state.ids.append(self.query(state.name, False, lambda h: state.hits.setdefault((h.peer, h.sha256), h),
                                      state.sha256))
         if self.reactor.seconds() + self.requery < state.deadline:
             state.again = self.reactor.callLater(self.requery, self._search_query, state)

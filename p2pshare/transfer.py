@@ -41,7 +41,7 @@ from zope.interface import Interface, implementer
 
 from p2pshare.download import Download
 from p2pshare.errors import MalformedMessage, NotFound, TransferFailed
-from p2pshare.pieces import WINDOW_BYTES, choice_for, window_bytes
+from p2pshare.pieces import choice_for, window_bytes
 from p2pshare.shares import MAX_PIECES, Entry, piece_size_for
 from p2pshare.wire import MAX_FRAME, MAX_RANGE, Frame, have_bits, pack_have
 
@@ -313,11 +313,16 @@ class Requester:
     """The requester's side of a connection: one source of a ``Download``."""
 
     def __init__(self, conn: "TransferProtocol", download: Download, remote_have: Optional[bytearray],
-                 remote_peer: str, holder_gets: int, window: int = WINDOW_BYTES) -> None:
+                 remote_peer: str, holder_gets: int) -> None:
         self.conn, self.download = conn, download
         self.remote_have = remote_have  # a partial holder's pieces (None: it has them all)
         self.remote_peer = remote_peer  # the holder's peer id, from its offer
-        self.holder_gets, self.window = holder_gets, window
+        self.holder_gets = holder_gets
+        # The window starts at two gets and doubles with each one answered (slow start), up to
+        # WINDOW_BYTES, or bandwidth x delay where that is more.  A download that is swarming keeps
+        # only bandwidth x delay (at least two gets): what the first holder is asked for and has
+        # not sent yet is what its peers cannot trade among themselves.
+        self.start_window = self.window = 2 * min(download.piece_size, MAX_GET)
         self.outstanding: deque[tuple[int, int]] = deque()  # gets sent and not fully received
         self.claimed: deque[tuple[int, int]] = deque()  # claimed ranges not asked for yet
         self.in_flight = 0  # bytes asked for and not received yet
@@ -420,8 +425,11 @@ class Requester:
         if self._receiving_since is None:
             return
         elapsed = self.conn.clock.seconds() - self._receiving_since
-        if elapsed > 0:
-            self.window = window_bytes(self._received / elapsed, self.rtt)
+        rate = self._received / elapsed if elapsed > 0 else 0.0
+        if self.download.swarming:
+            self.window = window_bytes(rate, self.rtt, floor=self.start_window)
+        else:
+            self.window = min(2 * self.window, window_bytes(rate, self.rtt))
 
     # -- what the download calls --------------------------------------------------------
 
