@@ -42,6 +42,7 @@ SAVE_EVERY = 1.0  # seconds between updates of the record of verified pieces
 SMALL = 256 * 1024  # files up to this size are written and hashed on the reactor thread
 READ_BACK = 1024 * 1024  # bytes read at a time for the whole-file hash
 WRITE_RUN = 2 * 1024 * 1024  # bytes hashed before they are written
+BATCH = 256 * 1024  # bytes queued before a worker job starts, unless a piece is complete
 
 Executor = Callable[..., "Deferred[Any]"]
 
@@ -149,7 +150,11 @@ class PieceStore:
             return
         self._queue.append(segment)
         self.queued += len(segment.data)
-        self._pump()
+        # A worker job costs a thread hand-off: on a slow link, where each read brings a few KiB,
+        # bytes wait until there are BATCH of them or a piece is complete (so that it is checked
+        # and announced at once).
+        if segment.last or self.queued >= BATCH:
+            self._pump()
 
     def _pump(self) -> None:
         if self._busy:
