@@ -102,9 +102,11 @@ def test_tracker_reports_rate_latency_and_memory(ctx: Context) -> None:
 
 def test_memory_reports_peak_rss_and_start_up_times(ctx: Context) -> None:
     got = by_name(memory.run(ctx))
-    assert got["holder peak RSS serving 2 x 4 MiB"].median >= got["holder RSS before the downloads"].median > 1
+    # The peak is reset just before the downloads: by then the process may have handed back a little
+    # of what it held when "before" was read.
+    assert got["holder peak RSS serving 2 x 4 MiB"].median >= got["holder RSS before the downloads"].median - 1 > 1
     assert got["holder peak RSS serving 2 x 4 MiB"].verdict in ("pass", "FAIL")
-    assert got["requester peak RSS fetching 4 MiB"].median >= got["requester RSS before the fetch"].median > 1
+    assert got["requester peak RSS fetching 4 MiB"].median >= got["requester RSS before the fetch"].median - 1 > 1
     assert got["requester peak RSS fetching 4 MiB"].verdict in ("pass", "FAIL")
     assert got["start to ready, 200 files, index cached"].median > 0
     assert got["first indexing, 4 MiB in 200 files"].median > 0

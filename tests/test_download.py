@@ -119,7 +119,7 @@ def test_two_sources_share_the_pieces_and_the_file_is_placed(share: Path) -> Non
     dl.swarming = True
     first_a, first_b = dl.claim(a), dl.claim(b)
     assert first_a and first_b and first_a[0] != first_b[0]  # different pieces, one each
-    assert first_a[1] == first_b[1] == PIECE
+    assert {first_a[1], first_b[1]} <= {PIECE, 321}  # one piece each (the last one is short)
     for start in (first_b[0], first_a[0]):  # out of order
         deliver(dl, b if start == first_b[0] else a, start, [data[start: start + PIECE]])
     while feed(dl, a, data) | feed(dl, b, data):
