@@ -379,7 +379,8 @@ class Peer(MultiService):
         """A requester found a piece of *entry* that does not match: hash the file again (at most
         once a SUSPECT_EVERY per file, so requesters cannot keep us hashing)."""
         now = self.reactor.seconds()
-        if self.shares.lookup(entry.name, entry.sha256) is None or not self._suspects.allowed(entry.name, now):
+        indexed = self.shares.entries.get(entry.name)
+        if indexed is None or indexed.sha256 != entry.sha256 or not self._suspects.allowed(entry.name, now):
             return
         self._suspects.failed(entry.name, now)
         self.counters.add("files_rechecked")

@@ -289,13 +289,13 @@ class Shares:
         self._by_hash = {e.sha256: e for e in sorted(entries.values(), key=lambda e: e.name, reverse=True)}
 
     def lookup(self, name: str, sha256: str = "") -> Optional[Entry]:
-        """The file named *name*; with *sha256* too, only if it has that content; *sha256* alone: any file
-        with that content."""
+        """The file named *name*; with *sha256* too, that file if it has that content, else any file with
+        that content (docs/protocol.md section 3.8); *sha256* alone: any file with that content."""
         if not sha256:
             return self._entries.get(name)
-        if name:  # both: that name, with that content
-            entry = self._entries.get(name)
-            return entry if entry is not None and entry.sha256 == sha256 else None
+        entry = self._entries.get(name) if name else None
+        if entry is not None and entry.sha256 == sha256:
+            return entry
         return self._by_hash.get(sha256)
 
     def open_for_reading(self, name: str) -> tuple[Entry, IO[bytes]]:

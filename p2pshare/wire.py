@@ -384,7 +384,7 @@ class TrackerRequest:
         if self.op == "register":
             _port(None, TrackerRequest.__attrs_attrs__.udp, self.udp)
             _port(None, TrackerRequest.__attrs_attrs__.tcp, self.tcp)
-        if self.host is not None:
+        if self.host is not None and self.host != "":  # "" (like no host): the connection's source address
             _host(None, TrackerRequest.__attrs_attrs__.host, self.host)
 
     def encode(self) -> bytes:
