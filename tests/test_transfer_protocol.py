@@ -705,3 +705,32 @@ def test_a_single_holder_is_never_asked_for_the_same_bytes_twice(share: Path) ->
     asked = [(f["offset"], f["length"]) for f in frames(transport) if f["t"] == "get"]
     assert sum(n for _, n in asked) == len(payload) and len(set(asked)) == len(asked)
     assert (share / "got.bin").read_bytes() == payload
+
+
+def test_an_empty_file_is_answered_with_bye_right_after_the_offer(share: Path) -> None:
+    """Section 4.5: nothing to ask for, so the requester says goodbye at once (a holder that sees a
+    connection close without a frame counts a failed offer)."""
+    node = Node(Shares(share))
+    proto, transport = connect(node)
+    proto.dataReceived(offer_for(b"", name="empty"))
+    assert [f["t"] for f in frames(transport)] == ["bye"] and transport.disconnecting
+
+
+def test_too_many_gets_during_a_range_close_the_connection_without_an_error_inside_the_bytes(
+        share: Path) -> None:
+    """Section 4.6: an error line is never written inside a range's raw bytes; a requester over the
+    holder's limit while a range streams sees the connection close, the range cut short."""
+    from p2pshare.transfer import MAX_GETS
+
+    payload = os.urandom(4 * MIB)
+    proto = TransferFactory(holder(share, payload), clock=Clock()).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    transport = SlowTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(Frame("open", name="blob.bin").encode() + b"\n")
+    transport.clear()
+    gets = b"".join(Frame("get", offset=0, length=len(payload)).encode() + b"\n" for _ in range(MAX_GETS + 2))
+    proto.dataReceived(gets)  # the first streams (paused after a chunk), 64 wait, one is too many
+    head, rest = transport.value().split(b"\n", 1)
+    assert json.loads(head) == {"v": 1, "t": "data", "offset": 0, "length": len(payload)}
+    assert b'"t":"error"' not in rest and len(rest) < len(payload)  # cut short, nothing spliced in
+    assert transport.disconnecting and transport.producer is None
