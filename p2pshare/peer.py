@@ -109,6 +109,7 @@ class Peer(MultiService):
         self._rescan_every = rescan
         self._ports: list[IListeningPort] = []
         self.fetcher = Fetcher(self)
+        self.seeds: dict[str, Any] = {}  # content -> transfer.SuperSeed, while several requesters fetch it from us
         self._searches: set[_Search] = set()
         self._connections: set[TransferProtocol] = set()
         self._offering = 0

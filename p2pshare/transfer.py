@@ -205,6 +205,75 @@ class SendfileProducer(RangeProducer):
             self._end(None)
 
 
+SEED_BATCH = 4  # pieces a super-seeding holder offers a later requester at a time
+
+
+class SuperSeed:
+    """A complete holder serving one file to several requesters at once (super-seeding, as BitTorrent
+    clients call it): the first connection is offered the whole file; each later one is offered, as
+    a partial holder's bitmap, a few pieces no connection has been sent or offered yet, and more
+    with ``have`` frames once those have gone out; everything once every piece has.
+    Each piece then leaves the holder about once, and the requesters trade the rest."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.sent = bytearray(count)  # pieces sent whole on some connection
+        self.plain: list["Holder"] = []  # connections offered the whole file
+        self.striped: list["Holder"] = []  # connections offered stripes
+
+    def join(self, holder: "Holder") -> Optional[bytearray]:
+        """What *holder*'s offer advertises: None (the whole file) or a bitmap."""
+        if not self.plain and not self.striped:
+            self.plain.append(holder)
+            return None
+        self.striped.append(holder)
+        return self._stripe(holder, bytearray(self.count))
+
+    def leave(self, holder: "Holder") -> bool:
+        """*holder*'s connection is gone; True when no connection is left."""
+        for group in (self.plain, self.striped):
+            if holder in group:
+                group.remove(holder)
+        self.refill()
+        return not self.plain and not self.striped
+
+    def _stripe(self, holder: "Holder", advertised: bytearray) -> bytearray:
+        """*advertised* plus the next SEED_BATCH unsent pieces no other connection was offered (or
+        offered, when there are none; everything once every piece has been sent)."""
+        unsent = [i for i in range(self.count) if not self.sent[i] and not advertised[i]]
+        if not unsent:
+            return bytearray([1]) * self.count
+        elsewhere = bytearray(self.count)
+        for other in self.striped:
+            if other is not holder and other.advertised is not None:
+                elsewhere = bytearray(a | b for a, b in zip(elsewhere, other.advertised))
+        fresh = [i for i in unsent if not elsewhere[i]] or unsent
+        bits = bytearray(advertised)
+        for i in fresh[:SEED_BATCH]:
+            bits[i] = 1
+        return bits
+
+    def sent_range(self, offset: int, length: int, piece: int, size: int) -> None:
+        """A range went out whole: the pieces it covers entirely are sent."""
+        end, i = offset + length, -(-offset // piece)
+        while i < self.count and min((i + 1) * piece, size) <= end:
+            self.sent[i] = 1
+            i += 1
+        self.refill()
+
+    def refill(self) -> None:
+        """Give more pieces to each striped connection whose advertised pieces have all gone out."""
+        for holder in list(self.striped):
+            advertised = holder.advertised
+            if advertised is None or all(advertised) or any(a and not s for a, s in zip(advertised, self.sent)):
+                continue
+            more = self._stripe(holder, advertised)
+            for i in range(self.count):
+                if more[i] and not advertised[i]:
+                    advertised[i] = 1
+                    holder.piece_verified(i)
+
+
 class Holder:
     """The holder's side of a connection: the file, the ranges asked for, the one being sent."""
 
@@ -214,18 +283,37 @@ class Holder:
         self.partial: Optional[Download] = None  # the download whose verified pieces we serve
         self.gets: deque[Frame] = deque()
         self.producer: Optional[RangeProducer] = None
-        self._sending_length = 0
+        self._sending_offset = self._sending_length = 0
         self._haves: list[int] = []  # pieces verified while a range was being sent: announced after it
+        self.seed: Optional[SuperSeed] = None
+        self.advertised: Optional[bytearray] = None  # a super-seeding holder's stripe (None: everything)
         if partial is not None and not partial.complete:
             self.partial = partial
             partial.watchers.add(self)
 
+    def _join_seed(self) -> None:
+        """Take part in the super-seeding of this content, when the node does it (at the offer: a
+        connection that never opens never counts)."""
+        seeds = getattr(self.conn.node, "seeds", None)  # a node that super-seeds keeps them by content
+        count = len(self.entry.pieces) // 32
+        if self.partial is None and self.seed is None and seeds is not None and count > 1 and self.entry.piece_size:
+            self.seed = seeds.setdefault(self.entry.sha256, SuperSeed(count))
+            self.advertised = self.seed.join(self)
+
     def offer(self, request_id: str) -> Frame:
+        self._join_seed()
         have = pack_have(self.partial.have) if self.partial is not None else ""
+        if self.advertised is not None:
+            have = pack_have(self.advertised)
         return offer_for(self.entry, request_id, self.conn.node.peer_id, have)
 
     def close(self) -> None:
         self.file.close()
+        if self.seed is not None:
+            seeds = getattr(self.conn.node, "seeds", {})
+            if self.seed.leave(self) and seeds.get(self.entry.sha256) is self.seed:
+                del seeds[self.entry.sha256]
+            self.seed = None
         if self.partial is not None:
             self.partial.watchers.discard(self)
             self.partial = None
@@ -253,6 +341,9 @@ class Holder:
             if not all(self.partial.have[i] for i in range(frame.offset // piece,
                                                            -(-(frame.offset + frame.length) // piece))):
                 return conn.refuse("not_have", f"range {frame.offset}+{frame.length} is not all here yet")
+        if self.advertised is not None and not all(self.advertised[i] for i in range(
+                frame.offset // self.entry.piece_size, -(-(frame.offset + frame.length) // self.entry.piece_size))):
+            return conn.refuse("not_have", f"range {frame.offset}+{frame.length} was not offered on this connection")
         if len(self.gets) >= MAX_GETS:
             return conn.refuse("too_many", f"at most {MAX_GETS} ranges may wait")
         self.gets.append(frame)
@@ -263,7 +354,7 @@ class Holder:
         if not self.gets or not self.conn.open:
             return
         frame = self.gets.popleft()
-        self._sending_length = frame.length
+        self._sending_offset, self._sending_length = frame.offset, frame.length
         transport = self.conn.transport
         header = Frame("data", offset=frame.offset, length=frame.length).encode() + b"\n"
         if frame.length <= SMALL_RANGE:  # one write, header and bytes: one segment, no producer
@@ -285,6 +376,8 @@ class Holder:
     def _range_sent(self, _: None) -> None:
         self.producer = None
         self.conn.node.sent(self._sending_length)
+        if self.seed is not None:
+            self.seed.sent_range(self._sending_offset, self._sending_length, self.entry.piece_size, self.entry.size)
         self._send_haves()
         self._send_next_range()
 
@@ -524,6 +617,8 @@ class TransferProtocol(Protocol, TimeoutMixin):
         self.setTimeout(self.idle)
         self.node.track(self, True)
         if self.greeting is not None:
+            if self.greeting.t == "offer" and self.holder is not None:  # with what this connection may ask
+                self.greeting = self.holder.offer(self.greeting.id)
             self.send(self.greeting)
 
     def send(self, frame: Frame) -> None:

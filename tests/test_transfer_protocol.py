@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import IO, Optional
 
@@ -734,3 +735,46 @@ def test_too_many_gets_during_a_range_close_the_connection_without_an_error_insi
     assert json.loads(head) == {"v": 1, "t": "data", "offset": 0, "length": len(payload)}
     assert b'"t":"error"' not in rest and len(rest) < len(payload)  # cut short, nothing spliced in
     assert transport.disconnecting and transport.producer is None
+
+
+class SeedingNode(Node):
+    """A node that super-seeds, as a Peer does."""
+
+    def __init__(self, shares: Shares) -> None:
+        super().__init__(shares)
+        self.seeds: dict = {}
+
+
+def test_a_holder_serving_several_requesters_offers_the_later_ones_stripes_of_unsent_pieces(share: Path) -> None:
+    """Super-seeding: the first requester is offered the whole file; the next ones a stripe each of
+    the pieces nobody has been sent, more once their stripe has gone out, and everything once every
+    piece has left; a get outside what was offered is refused."""
+    payload = b"s" * (8 * MIB)
+    (share / "blob.bin").write_bytes(payload)
+    shares = Shares(share)
+    shares.entries = scan(share, {})
+    node = SeedingNode(shares)
+    conns = [connect(node) for _ in range(3)]
+    offers = []
+    for proto, transport in conns:
+        proto.dataReceived(Frame("open", id=RID, name="blob.bin").encode() + b"\n")
+        offers.append(frames(transport)[0])
+        transport.clear()
+    assert "have" not in offers[0]  # the first: the whole file
+    stripes = [bytes.fromhex(o["have"]) for o in offers[1:]]
+    assert stripes == [bytes([0b11110000]), bytes([0b00001111])]  # pieces 0-3 and 4-7: a few each, disjoint
+    second, t2 = conns[1]
+    second.dataReceived(Frame("get", offset=5 * MIB, length=MIB).encode() + b"\n")  # not offered to it
+    assert frames(t2)[0]["code"] == "not_have" and t2.disconnecting
+    second.connectionLost(None)
+    third, t3 = conns[2]
+    for i in (4, 5, 6, 7):  # the third's pieces go out
+        third.dataReceived(Frame("get", offset=i * MIB, length=MIB).encode() + b"\n")
+        drain(t3)
+    haves = re.findall(rb'\{"v":1,"t":"have","piece":(\d+)\}', t3.value())  # (after the raw bytes of a range)
+    assert [int(h) for h in haves] == [0, 1, 2, 3]  # then the unsent ones
+    seed = node.seeds[hashlib.sha256(payload).hexdigest()]
+    assert seed.sent == bytearray([0, 0, 0, 0, 1, 1, 1, 1])
+    for proto, _ in conns:
+        proto.connectionLost(None)
+    assert node.seeds == {}
