@@ -52,6 +52,14 @@ class LineClient:
         self.sock = socket.create_connection(address, timeout=10)
         self.buffer = b""
 
+    @classmethod
+    def accepted(cls, sock: socket.socket) -> "LineClient":
+        """A connection the other side opened to us."""
+        client = cls.__new__(cls)
+        client.sock, client.buffer = sock, b""
+        sock.settimeout(10)
+        return client
+
     def send(self, line: str | bytes) -> None:
         self.sock.sendall((line.encode() if isinstance(line, str) else line) + b"\n")
 
@@ -207,3 +215,46 @@ def test_the_one_piece_fetch_of_section_5_2(daemons: tuple[str, Path, dict]) -> 
     while not client.closed() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert client.closed()  # the holder closes on bye
+
+
+def test_the_holder_dials_transcript_of_section_5_1(daemons: tuple[str, Path, dict]) -> None:
+    """A's part of section 5.1, played by this test: the query (padded by section 3.2's rule) goes
+    straight to the holder, which acknowledges it, sends the hit, dials A's TCP address and offers
+    the file; then the get, the data and bye, as the transcript shows."""
+    _, _, status = daemons
+    lines = text_blocks("### 5.1 The holder dials the requester")[0]
+    query = json_of(lines[0])
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(10)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s, listener:
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(5)
+        query.update(udp=["127.0.0.1", s.getsockname()[1]], tcp=["127.0.0.1", listener.getsockname()[1]],
+                     id="6" * 32)
+        s.sendto(padded(json.dumps(query, separators=(",", ":"))), ("127.0.0.1", status["udp"]))
+        replies = [json.loads(s.recvfrom(65536)[0]) for _ in range(2)]
+        hit = next(r for r in replies if r["t"] == "hit")
+        assert next(r for r in replies if r["t"] == "ack") == {**json_of(lines[1]), "id": query["id"]}
+        assert hit == {**json_of(lines[4]), "id": query["id"], "tcp": ["127.0.0.1", status["tcp"]],
+                       "peer": status["peer"], "hops": 1}
+        s.sendto(json.dumps({**json_of(lines[5]), "id": query["id"]}, separators=(",", ":")).encode(),
+                 ("127.0.0.1", status["udp"]))  # A's ack of the hit
+        client = LineClient.accepted(listener.accept()[0])
+    for line in lines[7:]:
+        body = line[line.index("{"):] if "{" in line else ""
+        if "A → C" in line:
+            client.send(body)
+        elif "C → A" in line:
+            expected = json_of(body)
+            if expected["t"] == "offer":  # this holder's id, and the id of this test's query
+                expected.update(id=query["id"], peer=status["peer"])
+            assert json.loads(client.line()) == expected
+        elif "C ⇒ A" in line:
+            n = int(re.search(r"(\d+) bytes", line).group(1))  # type: ignore[union-attr]
+            assert client.raw(n) == NOTES[:n]
+    deadline = time.monotonic() + 5
+    while not client.closed() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.closed()
