@@ -189,9 +189,11 @@ class PieceStore:
                     self._copies[key] = []
             hasher = self._hashers.get(key)
             if hasher is None or s.index in self._done:
-                self._hashers.pop(key, None) if s.last else None
-                self._copies.pop(key, None) if s.last else None
-                continue  # a late copy of a piece already in, or the tail of an abandoned one
+                # a late copy of a piece already in, or the tail of an abandoned one
+                if s.last:
+                    self._hashers.pop(key, None)
+                    self._copies.pop(key, None)
+                continue
             if manifest is not None:
                 hasher.update(s.data)
             if s.write:  # in runs of at most WRITE_RUN bytes, written while the hash has left them in cache

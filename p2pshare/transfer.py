@@ -92,6 +92,22 @@ def socket_transport(transport: Any) -> Optional[tcp.Connection]:
     return None
 
 
+def read_range(file: IO[bytes], offset: int, length: int) -> bytes:
+    """*length* bytes of *file* at *offset*; TransferFailed if reading fails or the file is shorter."""
+    try:
+        data = os.pread(file.fileno(), length, offset)
+    except OSError as e:
+        raise TransferFailed(f"reading the file failed: {e.strerror}") from e
+    if len(data) < length:
+        raise TransferFailed("the file shrank while it was being sent")
+    return data
+
+
+def pieces_of(offset: int, length: int, piece: int) -> range:
+    """The indexes of the pieces a range touches."""
+    return range(offset // piece, -(-(offset + length) // piece))
+
+
 @implementer(IPushProducer)
 class RangeProducer:
     """Streams ``length`` bytes of a file from ``offset`` into a consumer, pausing with it (reads into
@@ -112,15 +128,11 @@ class RangeProducer:
 
     def resumeProducing(self) -> None:
         self._paused = False
-        fd = self.file.fileno()
         while not self._paused and self.remaining > 0:
             try:
-                data = os.pread(fd, min(CHUNK, self.remaining), self.offset)
-            except OSError as e:
-                self._end(TransferFailed(f"reading the file failed: {e.strerror}"))
-                return
-            if not data:
-                self._end(TransferFailed("the file shrank while it was being sent"))
+                data = read_range(self.file, self.offset, min(CHUNK, self.remaining))
+            except TransferFailed as e:
+                self._end(e)
                 return
             self.offset += len(data)
             self.remaining -= len(data)
@@ -336,13 +348,10 @@ class Holder:
         conn = self.conn
         if frame.length == 0 or frame.offset + frame.length > self.entry.size:
             return conn.refuse("bad_range", f"range {frame.offset}+{frame.length} is outside the file")
-        if self.partial is not None and not self.partial.complete:
-            piece = self.partial.piece_size
-            if not all(self.partial.have[i] for i in range(frame.offset // piece,
-                                                           -(-(frame.offset + frame.length) // piece))):
-                return conn.refuse("not_have", f"range {frame.offset}+{frame.length} is not all here yet")
-        if self.advertised is not None and not all(self.advertised[i] for i in range(
-                frame.offset // self.entry.piece_size, -(-(frame.offset + frame.length) // self.entry.piece_size))):
+        pieces = pieces_of(frame.offset, frame.length, self.entry.piece_size or 1)
+        if self.partial is not None and not self.partial.complete and not all(self.partial.have[i] for i in pieces):
+            return conn.refuse("not_have", f"range {frame.offset}+{frame.length} is not all here yet")
+        if self.advertised is not None and not all(self.advertised[i] for i in pieces):
             return conn.refuse("not_have", f"range {frame.offset}+{frame.length} was not offered on this connection")
         if len(self.gets) >= MAX_GETS:
             return conn.refuse("too_many", f"at most {MAX_GETS} ranges may wait")
@@ -359,11 +368,9 @@ class Holder:
         header = Frame("data", offset=frame.offset, length=frame.length).encode() + b"\n"
         if frame.length <= SMALL_RANGE:  # one write, header and bytes: one segment, no producer
             try:
-                data = os.pread(self.file.fileno(), frame.length, frame.offset)
-            except OSError as e:
-                return self._range_failed(Failure(TransferFailed(f"reading the file failed: {e.strerror}")))
-            if len(data) < frame.length:
-                return self._range_failed(Failure(TransferFailed("the file shrank while it was being sent")))
+                data = read_range(self.file, frame.offset, frame.length)
+            except TransferFailed as e:
+                return self._range_failed(Failure(e))
             self.conn.resetTimeout()
             transport.write(header + data)
             return self._range_sent(None)

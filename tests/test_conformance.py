@@ -196,18 +196,19 @@ def test_a_query_by_name_and_content_from_section_3_13_gets_an_ack_and_a_hit(
     assert hit == {**doc_hit, "tcp": ["127.0.0.1", status["tcp"]], "peer": status["peer"], "hops": 1}
 
 
-def test_the_one_piece_fetch_of_section_5_2(daemons: tuple[str, Path, dict]) -> None:
-    """The requester-dials transcript: open, offer, get, data, bye, byte for byte."""
-    _, _, status = daemons
-    lines = [line for line in text_blocks("### 5.2 The requester dials the holder")[0] if "{" in line or "⇒" in line]
-    client = LineClient(("127.0.0.1", status["tcp"]))
+def play_requester(client: LineClient, lines: list[str], offer: dict) -> None:
+    """Play A's lines of a transcript ("A → C") and check C's ("C → A", "C ⇒ A": raw bytes of
+    NOTES); *offer* holds the offer's fields that differ from the document here.  Then the holder
+    must close on ``bye``."""
     for line in lines:
         body = line[line.index("{"):] if "{" in line else ""
         if "A → C" in line:
             client.send(body)
         elif "C → A" in line:
-            got = json.loads(client.line())
-            assert got == {**json_of(body), **({"peer": status["peer"]} if "peer" in got else {})}
+            expected = json_of(body)
+            if expected["t"] == "offer":
+                expected.update(offer)
+            assert json.loads(client.line()) == expected
         elif "C ⇒ A" in line:
             n = int(re.search(r"(\d+) bytes", line).group(1))  # type: ignore[union-attr]
             assert client.raw(n) == NOTES[:n]
@@ -215,6 +216,13 @@ def test_the_one_piece_fetch_of_section_5_2(daemons: tuple[str, Path, dict]) -> 
     while not client.closed() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert client.closed()  # the holder closes on bye
+
+
+def test_the_one_piece_fetch_of_section_5_2(daemons: tuple[str, Path, dict]) -> None:
+    """The requester-dials transcript: open, offer, get, data, bye, byte for byte."""
+    _, _, status = daemons
+    lines = [line for line in text_blocks("### 5.2 The requester dials the holder")[0] if "{" in line or "⇒" in line]
+    play_requester(LineClient(("127.0.0.1", status["tcp"])), lines, {"peer": status["peer"]})
 
 
 def test_the_holder_dials_transcript_of_section_5_1(daemons: tuple[str, Path, dict]) -> None:
@@ -242,19 +250,4 @@ def test_the_holder_dials_transcript_of_section_5_1(daemons: tuple[str, Path, di
         s.sendto(json.dumps({**json_of(lines[5]), "id": query["id"]}, separators=(",", ":")).encode(),
                  ("127.0.0.1", status["udp"]))  # A's ack of the hit
         client = LineClient.accepted(listener.accept()[0])
-    for line in lines[7:]:
-        body = line[line.index("{"):] if "{" in line else ""
-        if "A → C" in line:
-            client.send(body)
-        elif "C → A" in line:
-            expected = json_of(body)
-            if expected["t"] == "offer":  # this holder's id, and the id of this test's query
-                expected.update(id=query["id"], peer=status["peer"])
-            assert json.loads(client.line()) == expected
-        elif "C ⇒ A" in line:
-            n = int(re.search(r"(\d+) bytes", line).group(1))  # type: ignore[union-attr]
-            assert client.raw(n) == NOTES[:n]
-    deadline = time.monotonic() + 5
-    while not client.closed() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert client.closed()
+    play_requester(client, lines[7:], {"id": query["id"], "peer": status["peer"]})  # this query, this holder

@@ -197,19 +197,6 @@ def test_a_disk_error_fails_with_a_clear_message_and_removes_the_file(share: Pat
     assert not dl.tmp_path.exists() and not dl.store.have_path.exists()
 
 
-def test_failing_while_the_worker_holds_a_piece_waits_for_it(share: Path) -> None:
-    data = os.urandom(2 * PIECE)
-    executor = ManualExecutor()
-    dl = download(Shares(share), data, executor)
-    feed(dl, Source(), data)
-    failures: list[Failure] = []
-    dl.done.addErrback(failures.append)
-    dl.fail(TransferFailed("connection lost"))
-    assert failures and dl.tmp_path.exists()  # the worker still writes to it
-    executor.release_all()
-    assert not dl.tmp_path.exists()
-
-
 def test_a_small_file_is_written_without_the_worker(share: Path) -> None:
     data = b"s" * 16384
     executor = ManualExecutor()
@@ -414,15 +401,16 @@ def test_an_endgame_copy_is_written_only_when_it_verifies_first(share: Path) -> 
     abandon(dl)
 
 
-def test_settled_waits_for_the_worker_job_that_holds_the_file(share: Path) -> None:
+def test_failing_while_the_worker_holds_a_piece_waits_for_it_before_settling(share: Path) -> None:
     data = os.urandom(2 * PIECE)
     executor = ManualExecutor()
     dl = download(Shares(share), data, executor)
     feed(dl, Source(), data)
     settled: list[None] = []
     dl.settled.addCallback(settled.append)
+    failures: list[Failure] = []
+    dl.done.addErrback(failures.append)
     dl.fail(TransferFailed("connection lost"))
-    dl.done.addErrback(lambda f: None)
-    assert settled == [] and dl.tmp_path.exists()
+    assert failures and settled == [] and dl.tmp_path.exists()  # the worker still writes to it
     executor.release_all()
     assert settled == [None] and not dl.tmp_path.exists()

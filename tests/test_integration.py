@@ -477,3 +477,18 @@ async def test_a_holder_with_a_manifest_of_other_content_is_dropped_and_the_fetc
     assert (requester.shares.root / "f.bin").read_bytes() == data
     assert str(liar.tcp_port) not in result.holder
     assert list((requester.shares.root / ".p2pshare" / "tmp").iterdir()) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_transfer_connections_send_without_waiting_for_acks_and_read_a_mebibyte_at_a_time(
+        net: Network) -> None:
+    """Control lines are small and answered: a `data` line followed by its bytes must not wait for the
+    ACK of the line (Nagle), and reads are 1 MiB (fewer trips through the reactor)."""
+    holder = await net.add({"f.txt": b"x"})
+    with socket.create_connection(("127.0.0.1", holder.tcp_port)) as s:
+        await eventually(lambda: len(holder._connections) == 1)
+        (proto,) = holder._connections
+        sock = proto.transport.getHandle()
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert proto.transport.bufferSize == 1024 * 1024
+        s.close()
