@@ -219,7 +219,7 @@ class SearchCore:
         q = q.with_sender(sender[0])
         if not self.seen.add(q.id, now):
             self.counters.add("dropped_duplicate")
-            return Reaction(self._affordable(self._ack_duplicate(q.id, sender, ack, now)))
+            return Reaction(self._affordable(self._ack_duplicate(q.id, sender, now)))
         self.counters.add("queries_received")
         ack = self._affordable(ack)
         entry = self.lookup(q.name, q.sha256)
@@ -252,11 +252,9 @@ class SearchCore:
         """A further copy of a query already processed, recognised without decoding it all."""
         self.budget.received(sender, size)
         self.counters.add("dropped_duplicate")
-        return Reaction(self._affordable(self._ack_duplicate(request_id, sender,
-                                                             [(Ack(request_id, "query").encode(), sender)], now)))
+        return Reaction(self._affordable(self._ack_duplicate(request_id, sender, now)))
 
-    def _ack_duplicate(self, request_id: str, sender: Address, ack: list[tuple[bytes, Address]],
-                       now: float) -> list[tuple[bytes, Address]]:
+    def _ack_duplicate(self, request_id: str, sender: Address, now: float) -> list[tuple[bytes, Address]]:
         """A copy from *sender*: proof that it has the query, and maybe a reason to acknowledge.
 
         When we sent *sender* a copy too, that copy is its acknowledgement (an
@@ -266,12 +264,11 @@ class SearchCore:
         if self.retransmitter.ack("query", request_id, sender, now, implicit=True):
             self.counters.add("acks_implicit")
         flood = self._floods.get(request_id)
-        if flood is None:
-            return ack
-        flood.copies[sender] = copies = flood.copies.get(sender, 0) + 1
-        if sender in flood.sent_to and copies == 1:
-            return []
-        return ack
+        if flood is not None:
+            flood.copies[sender] = copies = flood.copies.get(sender, 0) + 1
+            if sender in flood.sent_to and copies == 1:
+                return []
+        return [(Ack(request_id, "query").encode(), sender)]
 
     def on_hit(self, hit: Hit, sender: Address, now: float, size: Optional[int] = None) -> Reaction:
         """Deliver a hit to the search that asked (each holder once), or pass on one that came back
@@ -429,7 +426,8 @@ class SearchProtocol(DatagramProtocol):
         for kind, rid, payload, dest in reaction.tracked:
             if self._send(payload, dest):
                 self.core.retransmitter.track(kind, rid, payload, dest, now)
-        self._schedule()
+        if reaction.tracked:  # nothing else can bring the next deadline forward
+            self._schedule()
 
     def _send(self, payload: bytes, dest: Address) -> bool:
         if self.transport is None:

@@ -39,8 +39,11 @@ _HEX32 = re.compile(r"[0-9a-f]{32}\Z")
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
 def is_ip(host: object) -> bool:
     """An IPv4 or IPv6 address literal (datagrams and peer lists carry addresses, never names)."""
-    if type(host) is not str or not 2 <= len(host) <= 45:
-        return False
+    return type(host) is str and 2 <= len(host) <= 45 and _parses_as_ip(host)
+
+
+@functools.lru_cache(maxsize=4096)  # every datagram carries addresses, mostly the same few hundred
+def _parses_as_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -238,14 +241,14 @@ class Query:
                "hops": self.hops if hops is None else hops, "fetch": self.fetch}
         if self.sha256:
             obj["sha256"] = self.sha256
-        bare = len(_dumps(obj))
+        bare = _dumps(obj)
         # Padding: a query brings its sender the credit for the ack and the hit it may get back
         # (search.ReturnBudget); never longer than a datagram may be.
         room = QUERY_HEADROOM + (0 if self.name else MAX_NAME)  # asked by content: the hit names the file
-        pad = min(max(MIN_QUERY - bare, room), MAX_DATAGRAM - bare - 10)
-        if pad > 0:
-            obj["pad"] = " " * pad
-        return _dumps(obj)
+        pad = min(max(MIN_QUERY - len(bare), room), MAX_DATAGRAM - len(bare) - 10)
+        if pad <= 0:
+            return bare
+        return b'%s,"pad":"%s"}' % (bare[:-1], b" " * pad)  # as _dumps would put it, last
 
     def forwarded(self, ttl: Optional[int] = None) -> "Query":
         """The copy to forward: *ttl* (default: ours) minus one, one hop more."""
