@@ -61,13 +61,14 @@ def run(ctx: Context) -> list[Figure]:
     window *= 1000
     figures: dict[str, list[float]] = {k: [] for k in (
         "med", "p95", "naive_p95", "dgrams", "naive_dgrams", "ratio", "reached", "naive_reached", "misses",
-        "naive_misses", "no_hit", "hops", "degree", "retries")}
+        "naive_misses", "no_hit", "hops", "degree", "retries", "p95_ratio")}
     for r in results:
         p2p, naive = r["p2p"], r["naive"]
         hits = _first_hits(p2p, window)
         figures["med"].append(statistics.median(hits))
         figures["p95"].append(quantile(hits, 0.95))
         figures["naive_p95"].append(quantile(_first_hits(naive, window), 0.95))
+        figures["p95_ratio"].append(figures["p95"][-1] / figures["naive_p95"][-1])
         dgrams = statistics.mean(x["datagrams"] for x in p2p)
         naive_dgrams = statistics.mean(x["datagrams"] for x in naive)
         figures["dgrams"].append(dgrams)
@@ -85,13 +86,15 @@ def run(ctx: Context) -> list[Figure]:
     n = f"{peers} peers, {searches} searches per repeat"
     return [
         Figure(BENCH, "first hit, median", "ms", figures["med"], note=n),
-        Figure(BENCH, "first hit, p95", "ms", figures["p95"], Goal("<", 20)),
+        Figure(BENCH, "first hit, p95", "ms", figures["p95"]),
         Figure(BENCH, "naive flood first hit, p95", "ms", figures["naive_p95"]),
+        Figure(BENCH, "first hit p95 / naive flood's", "x", figures["p95_ratio"], Goal("<=", 2),
+               note="both in the same repeat, the same process and the same 200 addresses"),
         Figure(BENCH, "datagrams per search", "", figures["dgrams"]),
         Figure(BENCH, "naive flood datagrams per search", "", figures["naive_dgrams"]),
         Figure(BENCH, "retransmissions per search", "", figures["retries"],
                note="the peers' retries_* counters: datagrams resent because an ack was late"),
-        Figure(BENCH, "datagrams / naive flood", "x", figures["ratio"], Goal("<=", 2)),
+        Figure(BENCH, "datagrams / naive flood", "x", figures["ratio"], Goal("<=", 1.6)),
         Figure(BENCH, "other peers reached", "%", figures["reached"]),
         Figure(BENCH, "naive flood peers reached", "%", figures["naive_reached"]),
         Figure(BENCH, "misses (reachable, not reached)", "", figures["misses"], Goal("<=", 0, on="max")),

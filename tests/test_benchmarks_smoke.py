@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from benchmarks import memory, search, small_files, swarm, tracker, transfer
+from benchmarks import memory, search, search_hosts, small_files, swarm, tracker, transfer
 from benchmarks.harness import Context, Figure
 
 pytestmark = pytest.mark.system
@@ -90,6 +90,19 @@ def test_search_counts_datagrams_and_reach_for_p2pshare_and_the_naive_flood(ctx:
     assert got["naive flood datagrams per search"].median > 0
     assert 0 < got["other peers reached"].median <= 100
     assert got["first hit, p95"].median > 0
+    assert got["first hit p95 / naive flood's"].verdict in ("pass", "FAIL")
+
+
+def test_search_on_separate_hosts_reports_the_first_hit_five_hops_away(ctx: Context) -> None:
+    figures = search_hosts.run(ctx)
+    reason = swarm.unavailable_reason()
+    if reason is not None:
+        assert [f.verdict for f in figures] == ["skipped"] and reason in figures[0].note
+        return
+    got = by_name(figures)
+    assert got["separate hosts: hops searcher -> holder"].median == 5
+    assert 0 < got["first hit on separate hosts, median"].median <= got["first hit on separate hosts, p95"].median
+    assert got["first hit on separate hosts, p95"].verdict in ("pass", "FAIL")
 
 
 def test_tracker_reports_rate_latency_and_memory(ctx: Context) -> None:
