@@ -12,7 +12,7 @@ Start a tracker and peers inside any reactor::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 from p2pshare.errors import (AlreadyExists, AmbiguousName, InvalidName, NotFound, P2PError, TrackerError,
                              TransferFailed, VerificationFailed)
@@ -45,16 +45,17 @@ async def start_tracker(reactor: Any, endpoint: str = "tcp:0:interface=127.0.0.1
     return service
 
 
-async def start_peer(reactor: Any, directory: Union[str, Path], tracker: Optional[str] = None,
+async def start_peer(reactor: Any, directory: Union[str, Path], tracker: Union[str, Sequence[str], None] = None,
                      **options: Any) -> Peer:
-    """Start a peer sharing *directory*; *tracker* is ``HOST:PORT`` or a client endpoint string.
+    """Start a peer sharing *directory*; *tracker* is ``HOST:PORT`` or a client endpoint string, or a
+    list of them (the peer uses one, and moves to the next when it fails).
 
     Other keyword arguments go to :class:`Peer` (``port``, ``interface``, ``peers``, ``want``, ...).
     Returns once its sockets listen and its folder is indexed.
     """
-    from p2pshare.tap import tracker_endpoint
+    from p2pshare.tap import trackers_endpoint
 
-    endpoint = tracker_endpoint(reactor, tracker) if tracker else None
+    endpoint = trackers_endpoint(reactor, [tracker] if isinstance(tracker, str) else list(tracker)) if tracker else None
     peer = Peer(directory, tracker=endpoint, reactor=reactor, **options)
     peer.startService()
     await peer.when_ready()

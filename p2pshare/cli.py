@@ -287,20 +287,25 @@ def cmd_peers(args: argparse.Namespace) -> int:
     from p2pshare.wire import TrackerReply, TrackerRequest
 
     try:
-        host, port = host_port(args.tracker, "--tracker")
+        trackers = [host_port(t, "--tracker") for t in args.tracker]
     except Exception as e:
         raise P2PError(str(e)) from None
-    try:
-        with socket.create_connection((host, port), timeout=args.timeout) as sock:
-            sock.sendall(TrackerRequest("peers", 1, max=args.max).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-    except OSError as e:
-        raise P2PError(f"no tracker answers at {host}:{port} ({describe(e)})") from None
+    failures = []
+    for host, port in trackers:  # the first that answers
+        try:
+            with socket.create_connection((host, port), timeout=args.timeout) as sock:
+                sock.sendall(TrackerRequest("peers", 1, max=args.max).encode() + b"\n")
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+            break
+        except OSError as e:
+            failures.append(f"{host}:{port} ({describe(e)})")
+    else:
+        raise P2PError(f"no tracker answers at {', '.join(failures)}")
     reply = TrackerReply.decode(data.strip())
     if not reply.ok:
         raise P2PError(f"the tracker refused: {reply.message}")
@@ -359,7 +364,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--tracker", help="run a temporary peer on this tracker instead of using a daemon")
     s.set_defaults(func=cmd_get)
     s = sub.add_parser("peers", help="ask a tracker for peers")
-    s.add_argument("--tracker", required=True, help="HOST:PORT")
+    s.add_argument("--tracker", required=True, action="append", help="HOST:PORT (repeatable: the first that answers)")
     s.add_argument("--max", type=int, default=20, choices=range(1, 101), metavar="1..100")
     s.add_argument("--timeout", type=float, default=5.0)
     s.set_defaults(func=cmd_peers)

@@ -56,7 +56,11 @@ class VerificationFailed(TransferFailed):
 
 
 class TrackerError(P2PError):
-    """The tracker refused the request or could not be reached."""
+    """The tracker refused the request (``code``, its error) or could not be reached (no code)."""
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class ControlError(P2PError):

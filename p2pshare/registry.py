@@ -1,54 +1,76 @@
-"""The tracker's table of peers.
+"""The tracker's table of peers: the interface, and the in-memory table (the default).
 
-Pure: the clock reading and the random generator are arguments, so expiry and
-sampling are tested without a reactor.  Sampling is O(k) whatever the table's
-size: peers live in a list with an index, removal swaps with the last entry.
+``PeerTable`` is pure: the clock reading and the random generator are arguments, so expiry and
+sampling are tested without a reactor.  Sampling is O(k) whatever the table's size: peers live in a
+list with an index, removal swaps with the last entry.  The table shared by several trackers, on
+Redis, is ``redis_registry.RedisRegistry``.
 """
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 from typing import Optional
 
 from attrs import define, field
+from twisted.internet.defer import Deferred, succeed
 from zope.interface import Interface, implementer
 
 from p2pshare.wire import PeerInfo
 
 
 class IPeerRegistry(Interface):
-    """What the tracker needs of a table of peers."""
+    """What the tracker needs of a table of peers.  Asynchronous: each method returns a Deferred,
+    which fails with ``RegistryUnavailable`` when the table cannot be reached (a shared store that
+    is down or too slow); the tracker then answers ``unavailable``."""
 
-    def register(info: PeerInfo, now: float) -> None:
-        """Add or replace the peer ``info.peer``, seen at *now*."""
+    def register(info: PeerInfo, source: str, now: float) -> "Deferred[bool]":
+        """Add or replace the peer ``info.peer``, seen at *now*, registered from address *source*.
+        False, and nothing recorded, if *source* already registered its limit of other peers."""
 
-    def heartbeat(peer: str, now: float) -> bool:
+    def heartbeat(peer: str, now: float) -> "Deferred[bool]":
         """Mark *peer* alive at *now*; False if it is not registered."""
 
-    def remove(peer: str) -> bool:
+    def remove(peer: str) -> "Deferred[bool]":
         """Forget *peer*; False if it was not registered."""
 
-    def expire(now: float) -> list[str]:
-        """Forget every peer not seen since ``now - timeout``; return their ids."""
+    def expire(now: float) -> "Deferred[list[str]]":
+        """Forget every peer not seen since ``now - timeout``; the ids forgotten."""
 
-    def sample(k: int, exclude: Optional[str], rng: random.Random) -> list[PeerInfo]:
+    def sample(k: int, exclude: Optional[str], rng: random.Random) -> "Deferred[list[PeerInfo]]":
         """At most *k* distinct peers chosen uniformly at random, never *exclude*."""
 
-    def __len__() -> int:
-        """How many peers are registered."""
+    def count() -> int:
+        """How many peers are registered (a shared table: as of its last sweep)."""
+
+    def close() -> "Deferred[None]":
+        """Release connections and threads."""
 
 
-@implementer(IPeerRegistry)
+class RegistryUnavailable(Exception):
+    """The table cannot be reached (a shared store down, slow, or too much pending)."""
+
+
 @define
-class MemoryRegistry:
-    """The in-memory registry: a peer is dropped *timeout* seconds after it was last seen."""
+class PeerTable:
+    """The in-memory table, synchronous: a peer is dropped *timeout* seconds after it was last seen,
+    and one source address may hold at most *max_per_source* peers."""
 
     timeout: float = 30.0
+    max_per_source: int = 32
     _peers: list[PeerInfo] = field(factory=list)
     _index: dict[str, int] = field(factory=dict)
     _seen: dict[str, float] = field(factory=dict)
+    _source: dict[str, str] = field(factory=dict)  # peer id -> the address that registered it
+    _per_source: Counter[str] = field(factory=Counter)
 
-    def register(self, info: PeerInfo, now: float) -> None:
+    def register(self, info: PeerInfo, now: float, source: str = "") -> bool:
+        if self._source.get(info.peer) != source:
+            if self._per_source[source] >= self.max_per_source:
+                return False
+            self.remove(info.peer)  # registered before from elsewhere: it moved
+            self._source[info.peer] = source
+            self._per_source[source] += 1
         at = self._index.get(info.peer)
         if at is None:
             self._index[info.peer] = len(self._peers)
@@ -56,6 +78,7 @@ class MemoryRegistry:
         else:
             self._peers[at] = info
         self._seen[info.peer] = now
+        return True
 
     def heartbeat(self, peer: str, now: float) -> bool:
         if peer not in self._index:
@@ -72,6 +95,11 @@ class MemoryRegistry:
             self._peers[at] = last
             self._index[last.peer] = at
         del self._seen[peer]
+        source = self._source.pop(peer, None)
+        if source is not None:
+            self._per_source[source] -= 1
+            if self._per_source[source] <= 0:
+                del self._per_source[source]
         return True
 
     def expire(self, now: float) -> list[str]:
@@ -99,3 +127,38 @@ class MemoryRegistry:
 
     def __len__(self) -> int:
         return len(self._peers)
+
+
+@implementer(IPeerRegistry)
+class MemoryRegistry:
+    """The default registry: a ``PeerTable`` in this process, each answer ready at once."""
+
+    def __init__(self, timeout: float = 30.0, max_per_source: int = 32) -> None:
+        self.table = PeerTable(timeout, max_per_source)
+
+    def register(self, info: PeerInfo, source: str, now: float) -> Deferred[bool]:
+        return succeed(self.table.register(info, now, source))
+
+    def heartbeat(self, peer: str, now: float) -> Deferred[bool]:
+        return succeed(self.table.heartbeat(peer, now))
+
+    def remove(self, peer: str) -> Deferred[bool]:
+        return succeed(self.table.remove(peer))
+
+    def expire(self, now: float) -> Deferred[list[str]]:
+        return succeed(self.table.expire(now))
+
+    def sample(self, k: int, exclude: Optional[str], rng: random.Random) -> Deferred[list[PeerInfo]]:
+        return succeed(self.table.sample(k, exclude, rng))
+
+    def count(self) -> int:
+        return len(self.table)
+
+    def close(self) -> Deferred[None]:
+        return succeed(None)
+
+    def get(self, peer: str) -> Optional[PeerInfo]:
+        return self.table.get(peer)
+
+    def __len__(self) -> int:
+        return len(self.table)

@@ -74,6 +74,14 @@ def network_key(value: Optional[str]) -> Any:
         raise usage.UsageError(f"--key: {e}") from None
 
 
+def trackers_endpoint(reactor: Any, values: list[str]) -> Any:
+    """One endpoint for the ``--tracker`` values: the first that connects, starting from the last that did."""
+    from p2pshare.tracker import FailoverEndpoint
+
+    endpoints = [tracker_endpoint(reactor, v) for v in values]
+    return endpoints[0] if len(endpoints) == 1 else FailoverEndpoint(endpoints, values)
+
+
 def tracker_endpoint(reactor: Any, value: str) -> Any:
     """``HOST:PORT`` or a client endpoint string (``tcp:host=...:port=...``)."""
     if value.startswith(("tcp:", "unix:", "tls:")):
@@ -94,9 +102,16 @@ class TrackerOptions(usage.Options):
         ["interval", "i", 10.0, "Heartbeat interval in seconds; silent peers go after three.", float],
         ["max-per-address", None, 32, "Most registrations, and most open connections, from one address.", int],
         ["key", None, None, "Private network: the key file (p2pshare keygen); only its holders may connect."],
+        ["registry", None, "memory", "Where the peer table lives: memory (this process), or shared by several "
+         "trackers: redis://HOST:PORT/DB, rediss://..., unix:///PATH?db=N, redis+cluster://HOST:PORT,HOST:PORT,... "
+         "(needs pip install 'p2pshare[redis]')."],
+        ["registry-prefix", None, "p2pshare", "Prefix of the table's Redis keys: one per network sharing a Redis."],
     ]
 
     def postOptions(self) -> None:
+        self["registry"] = registry_url(self["registry"])
+        if not self["registry-prefix"] or not self["registry-prefix"].isprintable():
+            raise usage.UsageError("--registry-prefix must be a non-empty printable string")
         self["port"] = server_endpoint_string(self["port"], "--port")
         self["key"] = network_key(self["key"])
         if not 1 <= self["max-peers"] <= MAX_PEERS_ANSWER:
@@ -174,12 +189,37 @@ def return_freed_memory() -> bool:
         return False
 
 
+def registry_url(value: str) -> str:
+    """``memory``, or a Redis URL whose client is installed (a UsageError says what to install)."""
+    if value == "memory":
+        return value
+    from p2pshare.redis_registry import SCHEMES
+
+    scheme = value.split("://", 1)[0] if "://" in value else ""
+    if scheme not in SCHEMES:
+        raise usage.UsageError(f"--registry must be memory or a URL starting {', '.join(s + '://' for s in SCHEMES)}; "
+                               f"got {value!r}")
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        raise usage.UsageError("--registry redis://... needs the redis package: pip install 'p2pshare[redis]'") from None
+    return value
+
+
 def makeTrackerService(options: TrackerOptions, reactor: Any = None) -> IService:
     from p2pshare.tracker import TrackerFactory, TrackerService
 
     if reactor is None:
         from twisted.internet import reactor
-    factory = TrackerFactory(reactor, max_peers=options["max-peers"], interval=options["interval"],
+    registry = None
+    if options["registry"] != "memory":
+        from p2pshare.redis_registry import RedisRegistry, redis_client
+        from p2pshare.tracker import EXPIRE_AFTER
+
+        registry = RedisRegistry(redis_client(options["registry"]), reactor, timeout=options["interval"] * EXPIRE_AFTER,
+                                 max_per_source=options["max-per-address"], prefix=options["registry-prefix"],
+                                 refresh=min(1.0, options["interval"] / 2))
+    factory = TrackerFactory(reactor, registry=registry, max_peers=options["max-peers"], interval=options["interval"],
                              max_per_address=options["max-per-address"])
     tracker = TrackerService(serverFromString(reactor, options["port"]), factory, key=options["key"])
     top = _StopOnFailure(reactor, tracker.when_listening)
@@ -192,7 +232,6 @@ class PeerOptions(usage.Options):
     longdesc = ("Run a p2pshare peer sharing every file under --dir. UDP (search) and TCP (transfer) use the "
                 "same port number; 0 picks a free one.")
     optParameters = [
-        ["tracker", "t", None, "The tracker, HOST:PORT or a client endpoint string."],
         ["dir", "d", "files", "The shared folder; downloads land here too."],
         ["port", "p", 0, "Port for both UDP and TCP (0: any free port).", int],
         ["interface", None, "0.0.0.0", "Address to listen on."],
@@ -208,6 +247,13 @@ class PeerOptions(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["peers"] = []
+        self["tracker"] = []
+
+    def opt_tracker(self, value: str) -> None:
+        """A tracker, HOST:PORT or a client endpoint string (repeatable: the peer uses one, and moves to the next when it fails; a host name with several addresses counts as several)."""  # noqa: E501 (usage text)
+        self["tracker"].append(value)
+
+    opt_t = opt_tracker
 
     def opt_peer(self, value: str) -> None:
         """A neighbour to use besides the tracker's, HOST:PORT (repeatable)."""
@@ -230,7 +276,7 @@ class PeerOptions(usage.Options):
                 raise usage.UsageError(f"--{name} must be between 0.05 and 86400 seconds")
         self["control"] = control_endpoint_string(self["control"])
         self["key"] = network_key(self["key"])
-        if self["key"] is not None and (self["tracker"] or "").startswith("tls:"):
+        if self["key"] is not None and any(t.startswith("tls:") for t in self["tracker"]):
             raise usage.UsageError("--tracker: with --key, give HOST:PORT or a tcp: endpoint (the key brings TLS)")
 
 
@@ -241,7 +287,7 @@ def makePeerService(options: PeerOptions, reactor: Any = None) -> IService:
 
     if reactor is None:
         from twisted.internet import reactor
-    tracker = tracker_endpoint(reactor, options["tracker"]) if options["tracker"] else None
+    tracker = trackers_endpoint(reactor, options["tracker"]) if options["tracker"] else None
     peer = Peer(options["dir"], tracker=tracker, port=options["port"], interface=options["interface"],
                 advertise=options["advertise"], peers=tuple(options["peers"]), want=options["neighbours"],
                 refresh=options["refresh"], rescan=options["rescan"], ttl=options["ttl"], reactor=reactor,

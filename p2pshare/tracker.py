@@ -24,10 +24,11 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from p2pshare.errors import MalformedMessage, TrackerError
 from p2pshare.ratelimit import Counters, RateLimitedLog
-from p2pshare.registry import IPeerRegistry, MemoryRegistry
+from p2pshare.registry import IPeerRegistry, MemoryRegistry, RegistryUnavailable
 from p2pshare.wire import MAX_PEERS_ANSWER, MAX_TRACKER_LINE, PeerInfo, TrackerReply, TrackerRequest
 
 if TYPE_CHECKING:
@@ -65,7 +66,11 @@ class TrackerServerProtocol(LineReceiver):
         except MalformedMessage as e:
             self._refuse("malformed", str(e))
             return
-        self.sendLine(self.factory.handle(request, self).encode())
+        self.factory.handle(request, self).addCallback(self._reply)
+
+    def _reply(self, reply: TrackerReply) -> None:
+        if self.connected:  # answers from a shared table may come after the peer hung up
+            self.sendLine(reply.encode())
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._refuse("too_long", f"a line may hold at most {MAX_TRACKER_LINE} bytes")
@@ -98,16 +103,18 @@ class TrackerFactory(Factory):
                  max_per_address: int = MAX_PER_ADDRESS) -> None:
         self.clock = clock
         self.interval = interval
-        self.registry = registry if registry is not None else MemoryRegistry(timeout=interval * EXPIRE_AFTER)
+        self.registry: IPeerRegistry = registry if registry is not None else MemoryRegistry(
+            timeout=interval * EXPIRE_AFTER, max_per_source=max_per_address)
         self.max_peers = max(0, min(max_peers, MAX_PEERS_ANSWER))
         self.rng = rng or random.Random(os.urandom(32))  # unpredictable seed, fast draws
         self.max_per_address = max_per_address
         self.connections: dict[str, TrackerServerProtocol] = {}  # by the peer each registered
+        # What each peer registered here said, and from where: a shared table that lost it (a store
+        # restarted empty) gets it again at its next heartbeat.
+        self.registrations: dict[str, tuple[PeerInfo, str]] = {}
         self.open: set[TrackerServerProtocol] = set()
         self.counters = Counters()
         self.bad_input = RateLimitedLog(self.log, clock)
-        self._from: dict[str, str] = {}  # peer id -> the address that registered it
-        self._per_address: Counter[str] = Counter()  # registrations and connections per address
         self._connections_from: Counter[str] = Counter()
 
     def buildProtocol(self, addr: Any) -> Optional[TrackerServerProtocol]:
@@ -127,69 +134,116 @@ class TrackerFactory(Factory):
         if self._connections_from[host] <= 0:
             del self._connections_from[host]
 
-    def forget(self, peer: str) -> None:
+    def forget(self, peer: str) -> Deferred[Any]:
         """Remove *peer* from the table, whichever way it goes (leave, expiry, lost connection)."""
-        self.registry.remove(peer)
         owner = self.connections.pop(peer, None)
         if owner is not None:
             owner.peer_ids.discard(peer)
-        host = self._from.pop(peer, None)
-        if host is not None:
-            self._per_address[host] -= 1
-            if self._per_address[host] <= 0:
-                del self._per_address[host]
+        self.registrations.pop(peer, None)
+        return self.registry.remove(peer).addErrback(self._table_down)
 
-    def handle(self, req: TrackerRequest, conn: TrackerServerProtocol) -> TrackerReply:
-        now = self.clock.seconds()
+    def handle(self, req: TrackerRequest, conn: TrackerServerProtocol) -> Deferred[TrackerReply]:
+        """The answer to *req*: at once from the in-memory table, later from a shared one."""
         self.counters[_OP_COUNTER[req.op]] += 1
         if req.op == "register":
-            assert req.peer is not None
-            observed = conn.transport.getPeer().host
-            if self._from.get(req.peer) != observed:
-                if self._per_address[observed] >= self.max_per_address:
-                    self.counters.add("tracker_registrations_refused")
-                    return TrackerReply(req.id, False, "too_many", f"at most {self.max_per_address} peers may "
-                                        f"register from one address")
-                self.forget(req.peer)  # registered before from elsewhere: it moved
-                self._from[req.peer] = observed
-                self._per_address[observed] += 1
-            host = req.host or observed
-            self.registry.register(PeerInfo(req.peer, host, req.udp, req.tcp), now)
-            previous = self.connections.get(req.peer)
+            d = self._register(req, conn)
+        elif req.op == "heartbeat":
+            d = self._heartbeat(req, conn)
+        elif req.op == "leave":
+            d = self.forget(req.peer).addCallback(lambda _: TrackerReply(req.id, True))  # type: ignore[arg-type]
+        else:
+            d = self._peers(req, conn)
+        return d.addErrback(self._unavailable, req)
+
+    def _register(self, req: TrackerRequest, conn: TrackerServerProtocol) -> Deferred[TrackerReply]:
+        assert req.peer is not None
+        peer = req.peer
+        observed = conn.transport.getPeer().host
+        info = PeerInfo(peer, req.host or observed, req.udp, req.tcp)  # type: ignore[arg-type]
+
+        def recorded(ok: bool) -> TrackerReply:
+            if not ok:
+                self.counters.add("tracker_registrations_refused")
+                return TrackerReply(req.id, False, "too_many", f"at most {self.max_per_address} peers may "
+                                    f"register from one address")
+            previous = self.connections.get(peer)
             if previous is not None and previous is not conn:
-                previous.peer_ids.discard(req.peer)  # the newer connection owns the registration
-            conn.peer_ids.add(req.peer)
-            self.connections[req.peer] = conn
-            return TrackerReply(req.id, True, host=host, interval=self.interval)
-        if req.op == "heartbeat":
-            if self.registry.heartbeat(req.peer, now):  # type: ignore[arg-type]
+                previous.peer_ids.discard(peer)  # the newer connection owns the registration
+            conn.peer_ids.add(peer)
+            self.connections[peer] = conn
+            self.registrations[peer] = (info, observed)
+            return TrackerReply(req.id, True, host=info.host, interval=self.interval)
+
+        return self.registry.register(info, observed, self.clock.seconds()).addCallback(recorded)
+
+    def _heartbeat(self, req: TrackerRequest, conn: TrackerServerProtocol) -> Deferred[TrackerReply]:
+        peer = req.peer
+        assert peer is not None
+
+        def known(alive: bool) -> Any:
+            if alive:
                 return TrackerReply(req.id, True)
-            return TrackerReply(req.id, False, "unknown_peer", "register first")
-        if req.op == "leave":
-            self.forget(req.peer)  # type: ignore[arg-type]
-            return TrackerReply(req.id, True)
+            mine = self.registrations.get(peer)
+            if mine is None or self.connections.get(peer) is not conn:
+                return TrackerReply(req.id, False, "unknown_peer", "register first")
+            # Registered here, still connected, yet not in the table: a shared table that lost it.
+            self.counters.add("tracker_reregistered")
+            info, source = mine
+            return self.registry.register(info, source, self.clock.seconds()).addCallback(
+                lambda ok: TrackerReply(req.id, True) if ok else
+                TrackerReply(req.id, False, "unknown_peer", "register first"))
+
+        return self.registry.heartbeat(peer, self.clock.seconds()).addCallback(known)
+
+    def _peers(self, req: TrackerRequest, conn: TrackerServerProtocol) -> Deferred[TrackerReply]:
         exclude = req.peer or next(iter(conn.peer_ids), None)
         want = min(req.max, self.max_peers)
-        peers = self.registry.sample(want, exclude, self.rng)
-        if len({info.host for info in peers}) < len(peers):
+
+        def spread(peers: list[PeerInfo]) -> Any:
+            if len({info.host for info in peers}) == len(peers):
+                return TrackerReply(req.id, True, peers=tuple(peers))
             # One host may hold several places, but never more than PER_HOST_IN_ANSWER in one answer,
             # so a host that registered many ids cannot crowd out the others.
-            peers, per_host = [], Counter[str]()
-            for info in self.registry.sample(2 * want, exclude, self.rng):
-                if per_host[info.host] < PER_HOST_IN_ANSWER and len(peers) < want:
-                    per_host[info.host] += 1
-                    peers.append(info)
-        return TrackerReply(req.id, True, peers=tuple(peers))
+            return self.registry.sample(2 * want, exclude, self.rng).addCallback(
+                lambda more: TrackerReply(req.id, True, peers=tuple(_per_host(more, want))))
 
-    def expire(self) -> None:
+        return self.registry.sample(want, exclude, self.rng).addCallback(spread)
+
+    def _unavailable(self, f: Failure, req: TrackerRequest) -> TrackerReply:
+        f.trap(RegistryUnavailable)
+        self._table_down(f)
+        return TrackerReply(req.id, False, "unavailable", "the tracker's peer table is unavailable; try again later")
+
+    def _table_down(self, f: Failure) -> None:
+        f.trap(RegistryUnavailable)
+        self.counters.add("tracker_unavailable")
+        self.bad_input.warn("registry", "the peer table is unavailable: {error}", error=f.value)
+
+    def expire(self) -> Deferred[None]:
         """Forget silent peers and close connections idle for EXPIRE_AFTER intervals."""
         now = self.clock.seconds()
-        for peer in self.registry.expire(now):
-            self.counters.add("tracker_expired")
-            self.forget(peer)
         for conn in [c for c in self.open if c.last_heard < now - self.interval * EXPIRE_AFTER]:
             self.counters.add("tracker_idle_closed")
             conn.transport.abortConnection()
+
+        def expired(gone: list[str]) -> None:
+            for peer in gone:
+                self.counters.add("tracker_expired")
+                if peer in self.registrations:
+                    self.forget(peer)
+
+        return self.registry.expire(now).addCallbacks(expired, self._table_down)
+
+
+def _per_host(peers: list[PeerInfo], want: int) -> list[PeerInfo]:
+    """At most *want* of *peers*, at most PER_HOST_IN_ANSWER of them with one host."""
+    out: list[PeerInfo] = []
+    per_host: Counter[str] = Counter()
+    for info in peers:
+        if per_host[info.host] < PER_HOST_IN_ANSWER and len(out) < want:
+            per_host[info.host] += 1
+            out.append(info)
+    return out
 
 
 class TrackerService(Service):
@@ -236,11 +290,8 @@ class TrackerService(Service):
                           "key ({why})")
         return NetworkTLS.for_key(self.key).server(self.factory, report)
 
-    def _expire(self) -> None:
-        try:
-            self.factory.expire()
-        except Exception:
-            self.log.failure("expiring peers failed")
+    def _expire(self) -> Deferred[None]:
+        return self.factory.expire().addErrback(lambda f: self.log.failure("expiring peers failed", f))
 
     def when_listening(self) -> Deferred[IListeningPort]:
         if self.port is not None:
@@ -260,7 +311,7 @@ class TrackerService(Service):
         port, self.port = self.port, None
         if port is not None:
             closing.append(maybeDeferred(port.stopListening))
-        return DeferredList(closing).addCallback(lambda _: None)
+        return DeferredList(closing).addCallback(lambda _: self.factory.registry.close())
 
 
 class TrackerClientProtocol(LineReceiver):
@@ -304,7 +355,7 @@ class TrackerClientProtocol(LineReceiver):
         if reply.ok:
             d.callback(reply)
         else:
-            d.errback(TrackerError(f"tracker refused {reply.error}: {reply.message}"))
+            d.errback(TrackerError(f"tracker refused {reply.error}: {reply.message}", reply.error))
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.transport.loseConnection()
@@ -315,6 +366,40 @@ class TrackerClientProtocol(LineReceiver):
         for d in pending.values():
             if not d.called:
                 d.errback(TrackerError("the connection to the tracker was lost"))
+
+
+@implementer(IStreamClientEndpoint)
+class FailoverEndpoint:
+    """Several trackers as one client endpoint: ``connect`` tries each in turn, starting with the
+    one that last worked, and fails only when none connects (``ClientService`` then backs off)."""
+
+    log = Logger()
+
+    def __init__(self, endpoints: list[IStreamClientEndpoint], names: Optional[list[str]] = None) -> None:
+        self.endpoints = endpoints
+        self.names = names or [str(e) for e in endpoints]
+        self.current = 0
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        count = len(self.endpoints)
+
+        def attempt(i: int) -> Deferred[Any]:
+            index = (self.current + i) % count
+
+            def connected(proto: Any) -> Any:
+                if index != self.current:
+                    self.log.info("using the tracker at {tracker}", tracker=self.names[index])
+                self.current = index
+                return proto
+
+            def failed(f: Failure) -> Any:
+                if i + 1 < count:
+                    return attempt(i + 1)
+                return f
+
+            return self.endpoints[index].connect(factory).addCallbacks(connected, failed)
+
+        return attempt(0)
 
 
 class TrackerClient(Service):
@@ -455,6 +540,8 @@ class TrackerClient(Service):
 
     def _lost(self, f: Failure, proto: Optional[TrackerClientProtocol]) -> None:
         self.log.warn("tracker request failed: {error}", error=f.value)
+        if f.check(TrackerError) and f.value.code == "unavailable":
+            return  # its table is down for a while: stay connected, it registers us again when it is back
         if f.check(TrackerError) and proto is not None and proto.connected:
             proto.transport.loseConnection()  # ClientService reconnects and registers again
 

@@ -290,13 +290,13 @@ def test_many_registrations_from_one_address_are_capped_at_constant_memory(memor
         proto.dataReceived(TrackerRequest("register", i + 1, peer=f"{i:032x}", udp=4000, tcp=4000).encode() + b"\n")
         if i % 100 == 0:
             clock.advance(1)
-            largest = max(largest, len(factory.connections), len(factory._from))
+            largest = max(largest, len(factory.connections), len(factory.registry.table._source))  # type: ignore[attr-defined]
     grown = memory() - base
     refused = factory.counters["tracker_registrations_refused"]
     report(f"[{total:,} registrations from one address] accepted {factory.counters['tracker_register'] - refused}, "
            f"refused {refused}, table at most {largest}; growth after {warm_up:,}: {grown} bytes")
     assert factory.counters["tracker_registrations_refused"] == total - MAX_PER_ADDRESS
-    assert largest <= MAX_PER_ADDRESS and len(factory._per_address) == 1
+    assert largest <= MAX_PER_ADDRESS and len(factory.registry.table._per_source) == 1  # type: ignore[attr-defined]
     assert not transport.disconnecting  # refused, not disconnected: it may still ask for peers
     assert grown < bound
 

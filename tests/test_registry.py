@@ -7,7 +7,7 @@ from collections import Counter
 
 from zope.interface.verify import verifyObject
 
-from p2pshare.registry import IPeerRegistry, MemoryRegistry
+from p2pshare.registry import IPeerRegistry, MemoryRegistry, PeerTable
 from p2pshare.wire import PeerInfo
 
 
@@ -15,8 +15,8 @@ def info(n: int) -> PeerInfo:
     return PeerInfo(f"{n:032x}", f"10.0.0.{n % 250}", 4000 + n, 4000 + n)
 
 
-def filled(n: int, timeout: float = 30.0) -> MemoryRegistry:
-    reg = MemoryRegistry(timeout=timeout)
+def filled(n: int, timeout: float = 30.0) -> PeerTable:
+    reg = PeerTable(timeout=timeout, max_per_source=n)
     for i in range(n):
         reg.register(info(i), now=0.0)
     return reg
@@ -76,9 +76,20 @@ def test_silent_peers_expire_and_heartbeats_keep_others() -> None:
 
 
 def test_heartbeat_of_an_unknown_peer_is_refused() -> None:
-    assert not MemoryRegistry().heartbeat(info(1).peer, now=0.0)
+    assert not PeerTable().heartbeat(info(1).peer, now=0.0)
 
 
 def test_empty_registry_samples_nothing() -> None:
-    assert MemoryRegistry().sample(5, None, random.Random(0)) == []
+    assert PeerTable().sample(5, None, random.Random(0)) == []
     assert filled(3).sample(0, None, random.Random(0)) == []
+
+
+def test_one_source_may_hold_at_most_its_limit_and_a_peer_that_moves_frees_its_place() -> None:
+    reg = PeerTable(max_per_source=2)
+    assert reg.register(info(1), 0.0, "10.1.1.1") and reg.register(info(2), 0.0, "10.1.1.1")
+    assert not reg.register(info(3), 0.0, "10.1.1.1")
+    assert reg.register(info(1), 1.0, "10.1.1.1")  # the same peer again: not a new place
+    assert reg.register(info(2), 1.0, "10.2.2.2")  # moved: its old source has a place again
+    assert reg.register(info(3), 1.0, "10.1.1.1")
+    assert reg.remove(info(1).peer) and reg.register(info(4), 2.0, "10.1.1.1")
+    assert len(reg) == 3

@@ -284,3 +284,32 @@ def test_a_tracker_that_hangs_up_on_registration_is_retried_with_growing_delays(
     assert delays[-1] > delays[0] + 2  # backed off, not retried at the first delay forever
     client.stopService()
     assert not clock.getDelayedCalls()
+
+
+def test_several_trackers_are_tried_in_turn_from_the_one_that_last_worked() -> None:
+    from twisted.internet.defer import fail, succeed
+
+    from p2pshare.tracker import FailoverEndpoint
+
+    attempts: list[str] = []
+
+    class Endpoint:
+        def __init__(self, name: str, up: bool) -> None:
+            self.name, self.up = name, up
+
+        def connect(self, factory: object) -> object:
+            attempts.append(self.name)
+            return succeed(self.name) if self.up else fail(ConnectionRefusedError(self.name))
+
+    a, b, c = Endpoint("a", False), Endpoint("b", True), Endpoint("c", True)
+    endpoint = FailoverEndpoint([a, b, c])  # type: ignore[list-item]
+    got: list[object] = []
+    endpoint.connect(None).addCallback(got.append)
+    assert got == ["b"] and attempts == ["a", "b"]
+    a.up = True
+    endpoint.connect(None).addCallback(got.append)
+    assert got == ["b", "b"] and attempts == ["a", "b", "b"]  # stays with the one that works
+    b.up = c.up = a.up = False
+    failures: list[object] = []
+    endpoint.connect(None).addErrback(failures.append)
+    assert len(failures) == 1 and attempts[3:] == ["b", "c", "a"]

@@ -1,0 +1,363 @@
+"""The peer table on Redis (or a Redis Cluster), shared by any number of trackers.
+
+Needs the ``redis`` package (``pip install 'p2pshare[redis]'``); nothing else in p2pshare
+imports this module.  The client is redis-py's synchronous one (``Redis`` or
+``RedisCluster``), run in one worker thread of its own, so the reactor never waits on Redis:
+each operation is a generator of command lists, and every operation that arrives while a
+batch is in flight joins the next one, which sends the first commands of all its
+operations in one pipeline, then their second ones in another (docs/architecture.md says
+why this client, and how it was measured).
+
+The keys, under a prefix (``--registry-prefix``, so that several networks share one Redis):
+
+``PREFIX:p:<id>``   the peer: ``host udp tcp source``, expiring ``timeout`` after it was last seen
+                    (``SET ... PX``; a heartbeat is ``GETEX ... PX``).
+``PREFIX:i:<n>``    one of ``BUCKETS`` sorted sets of the peers (16 bytes of id, both ports, the host),
+                    scored by expiry time in ms; the keys spread across a cluster's slots (no hash
+                    tag).  Sampling reads the sizes, then members of each bucket in proportion
+                    (``ZRANDMEMBER``), so it stays uniform across them.
+``PREFIX:s:<addr>`` the ids registered from one source address, scored by expiry, so that the
+                    per-address limit holds across trackers.
+
+Expiry works whichever tracker the heartbeats reach: the peer keys expire on their own, and
+every tracker sweeps the buckets of entries past their score once per interval.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import urllib.parse
+from typing import Any, Generator, Optional
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from p2pshare.registry import IPeerRegistry, RegistryUnavailable
+from p2pshare.wire import PeerInfo
+
+BUCKETS = 256
+MAX_PENDING = 20_000  # operations waiting for Redis; beyond, answered "unavailable" at once
+SOCKET_TIMEOUT = 2.0  # seconds a Redis command may take before the batch fails
+POOL = 4096  # members read for the sample pool each refresh (all of them in a smaller table)
+POOL_EVERY = 1.0  # seconds between refreshes of the pool
+SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+
+Op = Generator[list[tuple[Any, ...]], list[Any], Any]
+
+
+def redis_client(url: str) -> Any:
+    """A redis-py client for *url*: ``redis://``, ``rediss://``, ``unix://`` or
+    ``redis+cluster://HOST:PORT,HOST:PORT,...`` (``rediss+cluster://`` with TLS)."""
+    try:
+        import redis
+        from redis.cluster import ClusterNode, RedisCluster
+    except ImportError:
+        raise RegistryUnavailable("a Redis registry needs the redis package: pip install 'p2pshare[redis]'") from None
+    options: dict[str, Any] = dict(socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=SOCKET_TIMEOUT)
+    scheme = url.split("://", 1)[0]
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown registry URL scheme {scheme!r} (use one of {', '.join(SCHEMES)})")
+    if scheme.endswith("+cluster"):
+        parts = urllib.parse.urlsplit(url)
+        nodes = []
+        for hostport in parts.netloc.rsplit("@", 1)[-1].split(","):
+            host, _, port = hostport.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"{url!r}: a cluster URL lists HOST:PORT,HOST:PORT,...")
+            nodes.append(ClusterNode(host.strip("[]"), int(port)))
+        if parts.password:
+            options["password"] = urllib.parse.unquote(parts.password)
+        return RedisCluster(startup_nodes=nodes, ssl=scheme.startswith("rediss"), **options)
+    return redis.Redis.from_url(url, **options)
+
+
+@implementer(IPeerRegistry)
+class RedisRegistry:
+    """The table in Redis: *client* is a redis-py ``Redis`` or ``RedisCluster``.
+
+    ``peers`` answers come from a pool: every *refresh* seconds (at most a second, at most half a
+    heartbeat interval) the registry reads the bucket sizes and a uniform sample of ``POOL``
+    members (the whole table when it is smaller), and answers draw from it at once, without a
+    round trip: a peer registered through any tracker is in every tracker's answers within one
+    refresh.
+    """
+
+    log = Logger()
+
+    def __init__(self, client: Any, reactor: IReactorTime, timeout: float = 30.0, max_per_source: int = 32,
+                 prefix: str = "p2pshare", buckets: int = BUCKETS, refresh: float = POOL_EVERY,
+                 pool: int = POOL) -> None:
+        self.client = client
+        self.reactor = reactor
+        self.timeout_ms = int(timeout * 1000)
+        self.max_per_source = max_per_source
+        self.prefix = prefix.encode()
+        self.buckets = buckets
+        self.pool_size = pool
+        self.sizes = [0] * buckets
+        self.pool: list[PeerInfo] = []  # a uniform sample of the live table, as of the last refresh
+        self._pool_index: dict[str, int] = {}
+        self._known_sizes = False
+        self._down: Optional[RegistryUnavailable] = None  # why the last refresh failed
+        self._rng = random.Random(os.urandom(16))  # the worker thread's own
+        self._queue: list[tuple[Op, Deferred[Any]]] = []
+        self._busy = False
+        self._pool = ThreadPool(1, 1, name="p2pshare-redis")
+        self._pool.start()
+        self._refresher = LoopingCall(self._refresh)
+        self._refresher.clock = reactor
+        self._refresher.start(refresh, now=True)
+
+    # -- keys ----------------------------------------------------------------------------------
+
+    def _peer_key(self, raw: bytes) -> bytes:
+        return self.prefix + b":p:" + raw
+
+    def _bucket_key(self, raw: bytes) -> bytes:
+        return self.prefix + b":i:%d" % (int.from_bytes(raw[:4], "big") % self.buckets)
+
+    def _source_key(self, source: str) -> bytes:
+        return self.prefix + b":s:" + source.encode()
+
+    # -- IPeerRegistry -------------------------------------------------------------------------
+
+    def register(self, info: PeerInfo, source: str, now: float) -> Deferred[bool]:
+        return self._submit(self._register(info, source, int(now * 1000)))
+
+    def heartbeat(self, peer: str, now: float) -> Deferred[bool]:
+        return self._submit(self._heartbeat(bytes.fromhex(peer), int(now * 1000)))
+
+    def remove(self, peer: str) -> Deferred[bool]:
+        return self._submit(self._remove(bytes.fromhex(peer)))
+
+    def expire(self, now: float) -> Deferred[list[str]]:
+        return self._submit(self._expire(int(now * 1000)))
+
+    def sample(self, k: int, exclude: Optional[str], rng: random.Random) -> Deferred[list[PeerInfo]]:
+        if self._down is not None:  # the last refresh failed: no answers from an old picture
+            return fail(self._down)
+        pool, skip = self.pool, self._pool_index.get(exclude or "")
+        n = len(pool) - (skip is not None)
+        if k <= 0 or n <= 0:
+            return succeed([])
+        picks = rng.sample(range(n), min(k, n))
+        # Places at or past the excluded one shift by one, so it is never chosen.
+        return succeed([pool[i + (skip is not None and i >= skip)] for i in picks])
+
+    def count(self) -> int:
+        return sum(self.sizes) if self._known_sizes else 0
+
+    def close(self) -> Deferred[None]:
+        if self._refresher.running:
+            self._refresher.stop()
+        self._pool.stop()
+        try:
+            self.client.close()
+        except Exception:  # closing a client whose server is gone
+            pass
+        return succeed(None)
+
+    # -- the operations (run in the worker thread: pure functions of Redis's replies) ----------
+
+    def _register(self, info: PeerInfo, source: str, now_ms: int) -> Op:
+        raw = bytes.fromhex(info.peer)
+        key, skey, bucket = self._peer_key(raw), self._source_key(source), self._bucket_key(raw)
+        old, _, score, card = _checked((yield [("GET", key), ("ZREMRANGEBYSCORE", skey, "-inf", now_ms),
+                                              ("ZSCORE", skey, raw), ("ZCARD", skey)]))
+        if score is None and card >= self.max_per_source:
+            return False
+        expiry = now_ms + self.timeout_ms
+        commands: list[tuple[Any, ...]] = [
+            ("SET", key, f"{info.host} {info.udp} {info.tcp} {source}".encode(), "PX", self.timeout_ms),
+            ("ZADD", bucket, expiry, _member(raw, info.host, info.udp, info.tcp)),
+            ("ZADD", skey, expiry, raw), ("PEXPIRE", skey, 2 * self.timeout_ms)]
+        if old is not None:
+            host, udp, tcp, old_source = _record(old)
+            if (host, int(udp), int(tcp)) != (info.host, info.udp, info.tcp):
+                commands.append(("ZREM", bucket, _member(raw, host, int(udp), int(tcp))))
+            if old_source != source:  # it moved: free its place at the old address
+                commands.append(("ZREM", self._source_key(old_source), raw))
+        _checked((yield commands))
+        return True
+
+    def _heartbeat(self, raw: bytes, now_ms: int) -> Op:
+        (record,) = _checked((yield [("GETEX", self._peer_key(raw), "PX", self.timeout_ms)]))
+        if record is None:
+            return False
+        host, udp, tcp, source = _record(record)
+        skey, expiry = self._source_key(source), now_ms + self.timeout_ms
+        _checked((yield [("ZADD", self._bucket_key(raw), expiry, _member(raw, host, int(udp), int(tcp))),
+                         ("ZADD", skey, expiry, raw), ("PEXPIRE", skey, 2 * self.timeout_ms)]))
+        return True
+
+    def _remove(self, raw: bytes) -> Op:
+        (record,) = _checked((yield [("GET", self._peer_key(raw))]))
+        if record is None:
+            return False
+        host, udp, tcp, source = _record(record)
+        _checked((yield [("DEL", self._peer_key(raw)), ("ZREM", self._source_key(source), raw),
+                         ("ZREM", self._bucket_key(raw), _member(raw, host, int(udp), int(tcp)))]))
+        return True
+
+    def _expire(self, now_ms: int) -> Op:
+        keys = [self.prefix + b":i:%d" % b for b in range(self.buckets)]
+        replies = _checked((yield [c for key in keys for c in (("ZRANGEBYSCORE", key, "-inf", f"({now_ms}"),
+                                                               ("ZREMRANGEBYSCORE", key, "-inf", f"({now_ms}"))]))
+        return [member[:16].hex() for members in replies[0::2] for member in members]
+
+    def _sample_pool(self, now_ms: int) -> Op:
+        """The bucket sizes, then about ``pool_size`` members drawn in proportion to them."""
+        keys = [self.prefix + b":i:%d" % b for b in range(self.buckets)]
+        sizes = [int(n) for n in _checked((yield [("ZCARD", key) for key in keys]))]
+        total = sum(sizes)
+        # n * pool / total from each bucket, rounded up or down at random so that every member is
+        # read with the same chance, pool / total, however few a bucket holds
+        share = 1.0 if total <= self.pool_size else self.pool_size / total
+        wanted = [(key, int(n * share + self._rng.random())) for key, n in zip(keys, sizes) if n]
+        wanted = [(key, n) for key, n in wanted if n]
+        replies = _checked((yield [("ZRANDMEMBER", key, n, "WITHSCORES") for key, n in wanted]))
+        pool = []
+        for reply in replies:
+            for member, score in _pairs(reply):
+                if float(score) >= now_ms:
+                    try:
+                        pool.append(_info(member))
+                    except (ValueError, UnicodeDecodeError):  # not one of ours: leave it out of answers
+                        continue
+        return sizes, pool
+
+    def _refresh(self) -> Deferred[None]:
+        def got(result: tuple[list[int], list[PeerInfo]]) -> None:
+            self.sizes, pool = result
+            random.shuffle(pool)
+            self.pool, self._pool_index = pool, {info.peer: i for i, info in enumerate(pool)}
+            self._known_sizes, self._down = True, None
+
+        def failed(f: Failure) -> None:
+            f.trap(RegistryUnavailable)
+            self._down = f.value
+            self.pool, self._pool_index = [], {}
+
+        d = self._submit(self._sample_pool(int(self.reactor.seconds() * 1000)))
+        return d.addCallbacks(got, failed)
+
+    # -- batching --------------------------------------------------------------------------------
+
+    def _submit(self, op: Op) -> Deferred[Any]:
+        if len(self._queue) >= MAX_PENDING:
+            op.close()
+            return fail(RegistryUnavailable(f"{MAX_PENDING} requests already wait for Redis"))
+        d: Deferred[Any] = Deferred()
+        self._queue.append((op, d))
+        if not self._busy:
+            self._busy = True
+            self.reactor.callLater(0, self._next_batch)  # type: ignore[attr-defined]
+        return d
+
+    def _next_batch(self) -> None:
+        batch, self._queue = self._queue, []
+        if not batch:
+            self._busy = False
+            return
+        d = deferToThreadPool(self.reactor, self._pool, _run, self.client, [op for op, _ in batch])
+
+        def done(outcomes: list[tuple[bool, Any]]) -> None:
+            for (_, waiting), (ok, value) in zip(batch, outcomes):
+                if ok:
+                    waiting.callback(value)
+                else:
+                    waiting.errback(value)
+
+        def failed(f: Failure) -> None:
+            error = f.value if isinstance(f.value, RegistryUnavailable) else RegistryUnavailable(
+                f"Redis: {f.getErrorMessage()}")
+            for _, waiting in batch:
+                waiting.errback(error)
+
+        d.addCallbacks(done, failed)
+        d.addBoth(lambda _: self._next_batch())
+
+
+def _run(client: Any, ops: list[Op]) -> list[tuple[bool, Any]]:
+    """Drive *ops* in lockstep (in the worker thread): one pipeline per round of commands."""
+    outcomes: list[tuple[bool, Any]] = [(True, None)] * len(ops)
+    active: list[tuple[int, list[tuple[Any, ...]]]] = []
+
+    def step(i: int, replies: Any) -> None:
+        try:
+            active.append((i, ops[i].send(replies)))
+        except StopIteration as e:
+            outcomes[i] = (True, e.value)
+        except Exception as e:  # a reply it cannot use: this operation fails, the others go on
+            outcomes[i] = (False, e if isinstance(e, RegistryUnavailable) else RegistryUnavailable(str(e)))
+
+    try:
+        for i in range(len(ops)):
+            step(i, None)
+        while active:
+            pipe = client.pipeline(transaction=False)
+            for _, commands in active:
+                for command in commands:
+                    pipe.execute_command(*command)
+            try:
+                replies = pipe.execute(raise_on_error=False)
+            except Exception:
+                _rediscover(client)
+                raise
+            current, active[:] = list(active), []
+            at = 0
+            for i, commands in current:
+                step(i, replies[at: at + len(commands)])
+                at += len(commands)
+    finally:
+        for op in ops:
+            op.close()
+    return outcomes
+
+
+def _rediscover(client: Any) -> None:
+    """After a failed batch, a cluster client learns the slots again (a replica promoted in place of a
+    master that died), so that the next batch goes to the new master."""
+    nodes = getattr(client, "nodes_manager", None)
+    if nodes is None:
+        return
+    try:
+        nodes.initialize()
+    except Exception:  # no node answers yet: the next failed batch tries again
+        pass
+
+
+def _checked(replies: list[Any]) -> list[Any]:
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise RegistryUnavailable(f"Redis: {reply}")
+    return replies
+
+
+def _pairs(reply: list[Any]) -> list[Any]:
+    """``ZRANDMEMBER ... WITHSCORES``: flat (RESP2) or pairs (as redis-py parses it), as pairs."""
+    if reply and isinstance(reply[0], (list, tuple)):
+        return reply
+    return list(zip(reply[0::2], reply[1::2]))
+
+
+def _member(raw: bytes, host: str, udp: int, tcp: int) -> bytes:
+    """A bucket's member: the id's 16 bytes, both ports (2 bytes each), the host."""
+    return raw + udp.to_bytes(2, "big") + tcp.to_bytes(2, "big") + host.encode()
+
+
+def _info(member: bytes) -> PeerInfo:
+    return PeerInfo(member[:16].hex(), member[20:].decode(), int.from_bytes(member[16:18], "big"),
+                    int.from_bytes(member[18:20], "big"))
+
+
+def _record(value: bytes) -> list[str]:
+    """``host udp tcp source``."""
+    return value.decode().split(" ")
