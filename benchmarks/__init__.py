@@ -16,5 +16,6 @@ BENCHMARKS = {
     "search": "benchmarks.search",
     "search_hosts": "benchmarks.search_hosts",
     "tracker": "benchmarks.tracker",
+    "tracker_redis": "benchmarks.tracker_redis",
     "memory": "benchmarks.memory",
 }

@@ -168,10 +168,11 @@ def wait_ready(peer: PeerDaemon, files: Optional[int] = None, deadline: float = 
     return client
 
 
-def start_tracker(ctx: Context, port: int, interval: float, label: str = "tracker") -> subprocess.Popen[bytes]:
+def start_tracker(ctx: Context, port: int, interval: float, label: str = "tracker",
+                  registry: str = "memory") -> subprocess.Popen[bytes]:
     """``twistd -n p2ptracker`` on 127.0.0.1:*port*; returns once it accepts connections."""
     args = [tool("twistd"), "-n", "--pidfile=", "p2ptracker", "--port", f"tcp:{port}:interface=127.0.0.1",
-            "--max-peers", "20", "--interval", f"{interval:g}",
+            "--max-peers", "20", "--interval", f"{interval:g}", "--registry", registry,
             # every benchmark client connects from 127.0.0.1: lift the per-address limit
             "--max-per-address", "1000000"]
     proc = ctx.procs.start(args, ctx.folder("logs") / f"{label}.log", cwd=ctx.folder("logs"))

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from benchmarks import memory, search, search_hosts, small_files, swarm, tracker, transfer
+from benchmarks import memory, search, search_hosts, small_files, swarm, tracker, tracker_redis, transfer
 from benchmarks.harness import Context, Figure
 
 pytestmark = pytest.mark.system
@@ -123,3 +123,16 @@ def test_memory_reports_peak_rss_and_start_up_times(ctx: Context) -> None:
     assert got["requester peak RSS fetching 4 MiB"].verdict in ("pass", "FAIL")
     assert got["start to ready, 200 files, index cached"].median > 0
     assert got["first indexing, 4 MiB in 200 files"].median > 0
+
+
+def test_tracker_on_redis_reports_rate_memory_and_the_cost_of_two_trackers(ctx: Context) -> None:
+    figures = tracker_redis.run(ctx)
+    reason = tracker_redis.unavailable_reason()
+    if reason is not None:
+        assert [f.verdict for f in figures] == ["skipped"] and reason in figures[0].note
+        return
+    got = {f.name.split(": ", 1)[1]: f for f in by_name(figures).values()}
+    assert got["requests/s"].median > 0 and got["requests/s"].verdict in ("pass", "FAIL")
+    assert 0 < got["Redis memory per peer"].median < 10_000
+    assert got["two trackers, aggregate requests/s"].median > 0
+    assert all(got[f"two trackers, CPU per request, {who}"].median > 0 for who in ("tracker A", "tracker B", "Redis"))
