@@ -60,7 +60,13 @@ def redis_client(url: str) -> Any:
         from redis.cluster import ClusterNode, RedisCluster
     except ImportError:
         raise RegistryUnavailable("a Redis registry needs the redis package: pip install 'p2pshare[redis]'") from None
-    options: dict[str, Any] = dict(socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=SOCKET_TIMEOUT)
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    # A command waits at most SOCKET_TIMEOUT and is tried again once (a pooled connection that went
+    # stale when Redis restarted); redis-py's default of 10 retries would hold a batch for 20 s.
+    options: dict[str, Any] = dict(socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=SOCKET_TIMEOUT,
+                                   retry=Retry(NoBackoff(), 1))
     scheme = url.split("://", 1)[0]
     if scheme not in SCHEMES:
         raise ValueError(f"unknown registry URL scheme {scheme!r} (use one of {', '.join(SCHEMES)})")

@@ -168,6 +168,32 @@ async def test_a_redis_that_does_not_answer_makes_the_tracker_answer_unavailable
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_redis_that_stops_answering_costs_a_bounded_wait_and_bounded_work(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from twisted.internet.protocol import Factory, Protocol
+
+    from p2pshare import redis_registry
+
+    monkeypatch.setattr(redis_registry, "MAX_PENDING", 100)
+    silent = reactor().listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")  # reads, never answers
+    reg = registry(f"redis://127.0.0.1:{silent.getHost().port}/0")
+    try:
+        started = time.monotonic()
+        waiting = [reg.heartbeat(info(n).peer, reactor().seconds()) for n in range(1000)]
+        refused_at_once = sum(d.called for d in waiting)
+        assert refused_at_once >= 1000 - 100  # at most MAX_PENDING wait for the silent Redis
+        outcomes = await defer.DeferredList(waiting, consumeErrors=True)
+        assert all(not ok and f.check(RegistryUnavailable) for ok, f in outcomes)
+        # the batch in flight (the pool refresh) and the one after it: each two tries of 2 s at most
+        assert time.monotonic() - started < 2 * 2 * redis_registry.SOCKET_TIMEOUT + 2
+        with pytest.raises(RegistryUnavailable):
+            await reg.sample(5, None, random.Random(1))  # no answers from a picture it could not refresh
+    finally:
+        await reg.close()
+        await silent.stopListening()
+
+
+@pytest_twisted.ensureDeferred
 async def test_work_waiting_for_redis_is_bounded(server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
     from p2pshare import redis_registry
 
