@@ -19,7 +19,7 @@ from typing import Iterator
 
 import pytest
 
-from test_system import Daemon, accepts, free_port, peer_status, poll, start_peer, start_tracker
+from test_system import Daemon, accepts, cli, free_port, peer_status, poll, start_peer, start_tracker
 
 PROTOCOL_MD = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 EXAMPLE_A = "1b3f5e7a9c2d4f6081a3c5e7092b4d6f"  # peer A of the examples
@@ -194,6 +194,31 @@ def test_a_query_by_name_and_content_from_section_3_13_gets_an_ack_and_a_hit(
     assert ack == json_of(lines[3][0])  # B's ack of the section, same request id
     doc_hit = json_of(lines[4][0])
     assert hit == {**doc_hit, "tcp": ["127.0.0.1", status["tcp"]], "peer": status["peer"], "hops": 1}
+
+
+def test_a_hello_from_section_3_13_makes_the_sender_a_neighbour_that_gets_queries(
+        daemons: tuple[str, Path, dict]) -> None:
+    """The hello of section 3.13, sent from a fresh address: section 3.12 makes its sender a
+    learned neighbour, so the peer's next search reaches it as a query of section 3.2."""
+    _, root, status = daemons
+    hello = text_blocks("### 3.13 Examples")[-1][0]
+    assert json_of(hello)["t"] == "hello"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(5)
+        s.sendto(hello.encode(), ("127.0.0.1", status["udp"]))
+        poll(lambda: [s.getsockname()[0], s.getsockname()[1]] in (peer_status(root, root / "holder") or {}).get(
+            "neighbours", []) or None, "the hello's sender among the neighbours")
+        searched = cli("--dir", str(root / "holder"), "search", "nobody/has-this.txt", "--timeout", "0.5", cwd=root)
+        assert searched.returncode == 1
+        data, sender = s.recvfrom(65536)
+    query = json.loads(data)
+    assert sender[1] == status["udp"]
+    assert {k: query[k] for k in ("v", "t", "name", "hops", "fetch")} == {
+        "v": 1, "t": "query", "name": "nobody/has-this.txt", "hops": 0, "fetch": False}
+    assert re.fullmatch(r"[0-9a-f]{32}", query["id"]) and query["ttl"] >= 1
+    unpadded = len(json.dumps({k: v for k, v in query.items() if k != "pad"}, separators=(",", ":")).encode())
+    assert len(data) >= max(512 - unpadded, 320) + unpadded  # padded as section 3.2 says
 
 
 def play_requester(client: LineClient, lines: list[str], offer: dict) -> None:
