@@ -11,7 +11,7 @@ why this client, and how it was measured).
 The keys, under a prefix (``--registry-prefix``, so that several networks share one Redis):
 
 ``PREFIX:p:<id>``   the peer: ``host udp tcp source``, expiring ``timeout`` after it was last seen
-                    (``SET ... PX``; a heartbeat is ``GETEX ... PX``).
+                    (``SET ... PX``; a heartbeat is ``PEXPIRE``).
 ``PREFIX:i:<n>``    one of ``BUCKETS`` sorted sets of the peers (16 bytes of id, both ports, the host),
                     scored by expiry time in ms; the keys spread across a cluster's slots (no hash
                     tag).  Sampling reads the sizes, then members of each bucket in proportion
@@ -111,6 +111,7 @@ class RedisRegistry:
         self.pool: list[PeerInfo] = []  # a uniform sample of the live table, as of the last refresh
         self._pool_index: dict[str, int] = {}
         self._known_sizes = False
+        self._scored: dict[str, float] = {}  # peer -> when this tracker last wrote its scores
         self._down: Optional[RegistryUnavailable] = None  # why the last refresh failed
         self._rng = random.Random(os.urandom(16))  # the worker thread's own
         self._queue: list[tuple[Op, Deferred[Any]]] = []
@@ -135,15 +136,36 @@ class RedisRegistry:
     # -- IPeerRegistry -------------------------------------------------------------------------
 
     def register(self, info: PeerInfo, source: str, now: float) -> Deferred[bool]:
-        return self._submit(self._register(info, source, int(now * 1000)))
+        def scored(ok: bool) -> bool:
+            if ok:
+                self._scored[info.peer] = now
+            return ok
+
+        return self._submit(self._register(info, source, int(now * 1000))).addCallback(scored)
 
     def heartbeat(self, peer: str, now: float) -> Deferred[bool]:
-        return self._submit(self._heartbeat(bytes.fromhex(peer), int(now * 1000)))
+        # The record's expiry moves with every heartbeat; the scores in the bucket and source sets
+        # only every third of the timeout (so they never fall behind by more than that): most
+        # heartbeats are one PEXPIRE.
+        written = self._scored.get(peer)
+        if written is not None and now - written < self.timeout_ms / 3000:
+            return self._submit(self._touch(bytes.fromhex(peer)))
+
+        def scored(alive: bool) -> bool:
+            if alive:
+                self._scored[peer] = now
+            return alive
+
+        return self._submit(self._heartbeat(bytes.fromhex(peer), int(now * 1000))).addCallback(scored)
 
     def remove(self, peer: str) -> Deferred[bool]:
+        self._scored.pop(peer, None)
         return self._submit(self._remove(bytes.fromhex(peer)))
 
     def expire(self, now: float) -> Deferred[list[str]]:
+        stale = now - self.timeout_ms / 1000
+        for peer in [p for p, written in self._scored.items() if written < stale]:
+            del self._scored[peer]  # not heard through this tracker for a timeout: gone, or moved
         return self._submit(self._expire(int(now * 1000)))
 
     def sample(self, k: int, exclude: Optional[str], rng: random.Random) -> Deferred[list[PeerInfo]]:
@@ -192,6 +214,10 @@ class RedisRegistry:
                 commands.append(("ZREM", self._source_key(old_source), raw))
         _checked((yield commands))
         return True
+
+    def _touch(self, raw: bytes) -> Op:
+        (found,) = _checked((yield [("PEXPIRE", self._peer_key(raw), self.timeout_ms)]))
+        return bool(found)
 
     def _heartbeat(self, raw: bytes, now_ms: int) -> Op:
         (record,) = _checked((yield [("GETEX", self._peer_key(raw), "PX", self.timeout_ms)]))
