@@ -10,6 +10,11 @@ the aggregate rate, and the CPU time per request of each tracker and of Redis (f
 benchmark client connects from 127.0.0.1, so all registrations share one source address, whose
 set in Redis (for ``--max-per-address``) then holds every peer: the memory figure includes that.
 
+Then the memory of the table as peers on their own addresses make it: another key prefix filled
+with 100,000 and 1,000,000 peers (``--quick``: 10,000 and 100,000), each from its own source
+address, through ``RedisRegistry`` itself in a helper process (``python -m
+benchmarks.tracker_redis fill``), and ``used_memory``'s growth per peer.
+
 Skipped, with the reason, without ``redis-server`` or the redis package.
 """
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 import random
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from typing import Any, Optional
@@ -104,12 +110,24 @@ def run(ctx: Context) -> list[Figure]:
 
         pair = ctx.repeat(both)
         two = {k: [r[k] for r in pair] for k in pair[0]}
+        ctx.procs.stop(second)
+        ctx.procs.stop(tracker)
+        memory = {}
+        for count in ctx.size((100_000, 1_000_000), (10_000, 100_000), (300,)):
+            ctx.say(f"filling a second table with {count:,} peers, each from its own address")
+            before = _used_memory(redis_port)
+            fill = subprocess.run([sys.executable, "-m", "benchmarks.tracker_redis", "fill", url, str(count)],
+                                  capture_output=True, text=True, timeout=1800)
+            if fill.returncode != 0:
+                raise BenchmarkError(f"the fill helper failed: {fill.stderr[-2000:]}")
+            memory[count] = (_used_memory(redis_port) - before) / count
+            subprocess.run(["redis-cli", "-p", str(redis_port), "flushdb"], capture_output=True, timeout=120)
     finally:
         population.close()
-        for proc in (tracker, redis):
-            ctx.procs.stop(proc)
+        ctx.procs.stop(tracker)
         if "second" in locals():
             ctx.procs.stop(second)
+        ctx.procs.stop(redis)
     return [
         Figure(BENCH, f"{label}: requests/s", "req/s", got["rate"], Goal(">=", 15_000),
                note=f"one tracker; registered at {fill_rate:,.0f} peers/s"),
@@ -122,4 +140,35 @@ def run(ctx: Context) -> list[Figure]:
         Figure(BENCH, f"{label}: two trackers, CPU per request, tracker A", "us", two["us_a"]),
         Figure(BENCH, f"{label}: two trackers, CPU per request, tracker B", "us", two["us_b"]),
         Figure(BENCH, f"{label}: two trackers, CPU per request, Redis", "us", two["us_redis"]),
-    ]
+    ] + [Figure(BENCH, f"Redis memory per peer, {count:,} peers on their own addresses", "bytes", [per],
+                Goal("<=", 300), note="used_memory growth / peers, filled through RedisRegistry")
+         for count, per in memory.items()]
+
+
+async def _fill(reactor: Any, url: str, count: int) -> None:
+    """Register *count* peers, each from its own source address, through RedisRegistry."""
+    from twisted.internet.defer import gatherResults
+
+    from p2pshare.redis_registry import RedisRegistry, redis_client
+    from p2pshare.wire import PeerInfo
+
+    registry = RedisRegistry(redis_client(url), reactor, timeout=3600.0, prefix="memory")
+    try:
+        now = reactor.seconds()
+        for start in range(0, count, 5000):
+            batch = []
+            for i in range(start, min(start + 5000, count)):
+                host = f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"
+                batch.append(registry.register(PeerInfo(f"{i:032x}", host, 1024 + i % 60000, 1024 + i % 60000),
+                                               host, now))
+            if not all(await gatherResults(batch)):
+                raise SystemExit("a registration was refused")
+    finally:
+        await registry.close()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["fill"]:
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import react
+
+    react(lambda reactor: Deferred.fromCoroutine(_fill(reactor, sys.argv[2], int(sys.argv[3]))))
