@@ -8,19 +8,22 @@ batch is in flight joins the next one, which sends the first commands of all its
 operations in one pipeline, then their second ones in another (docs/architecture.md says
 why this client, and how it was measured).
 
-The keys, under a prefix (``--registry-prefix``, so that several networks share one Redis):
+The keys, under a prefix (``--registry-prefix``, so that several networks share one Redis),
+each of them one of ``BUCKETS`` (the id's first bytes pick a peer's bucket, a hash of the address
+its count's), so that they spread across a cluster's slots (no hash tag):
 
-``PREFIX:p:<id>``   the peer: ``host udp tcp source``, expiring ``timeout`` after it was last seen
-                    (``SET ... PX``; a heartbeat is ``PEXPIRE``).
-``PREFIX:i:<n>``    one of ``BUCKETS`` sorted sets of the peers (16 bytes of id, both ports, the host),
-                    scored by expiry time in ms; the keys spread across a cluster's slots (no hash
-                    tag).  Sampling reads the sizes, then members of each bucket in proportion
-                    (``ZRANDMEMBER``), so it stays uniform across them.
-``PREFIX:s:<addr>`` the ids registered from one source address, scored by expiry, so that the
+``PREFIX:i:<n>``    a sorted set: the peers' ids (16 raw bytes), scored by their expiry time in ms.
+                    A heartbeat is one ``ZADD XX``.  Sampling reads the sizes, then members of each
+                    bucket in proportion (``ZRANDMEMBER``), so it stays uniform across them.
+``PREFIX:r:<n>``    a hash: id -> ``host udp tcp source``.
+``PREFIX:c:<n>``    a hash: source address -> how many peers it registered, so that the
                     per-address limit holds across trackers.
 
-Expiry works whichever tracker the heartbeats reach: the peer keys expire on their own, and
-every tracker sweeps the buckets of entries past their score once per interval.
+About 210 bytes of Redis memory per peer; one key per peer would cost some 150 more.
+
+Expiry works whichever tracker the heartbeats reach: every tracker sweeps the buckets of entries
+past their score once per interval, and the one whose ``ZREM`` takes an entry deletes its record
+and gives its source the place back.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import os
 import random
 import urllib.parse
+import zlib
 from typing import Any, Generator, Optional
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -111,7 +115,7 @@ class RedisRegistry:
         self.pool: list[PeerInfo] = []  # a uniform sample of the live table, as of the last refresh
         self._pool_index: dict[str, int] = {}
         self._known_sizes = False
-        self._scored: dict[str, float] = {}  # peer -> when this tracker last wrote its scores
+        self._infos: dict[tuple[bytes, bytes], PeerInfo] = {}  # the pool's, by id and record
         self._down: Optional[RegistryUnavailable] = None  # why the last refresh failed
         self._rng = random.Random(os.urandom(16))  # the worker thread's own
         self._queue: list[tuple[Op, Deferred[Any]]] = []
@@ -124,48 +128,30 @@ class RedisRegistry:
 
     # -- keys ----------------------------------------------------------------------------------
 
-    def _peer_key(self, raw: bytes) -> bytes:
-        return self.prefix + b":p:" + raw
+    def _bucket(self, raw: bytes) -> int:
+        return int.from_bytes(raw[:4], "big") % self.buckets
 
-    def _bucket_key(self, raw: bytes) -> bytes:
-        return self.prefix + b":i:%d" % (int.from_bytes(raw[:4], "big") % self.buckets)
+    def _index_key(self, bucket: int) -> bytes:
+        return self.prefix + b":i:%d" % bucket
 
-    def _source_key(self, source: str) -> bytes:
-        return self.prefix + b":s:" + source.encode()
+    def _record_key(self, bucket: int) -> bytes:
+        return self.prefix + b":r:%d" % bucket
+
+    def _count_key(self, source: str) -> bytes:
+        return self.prefix + b":c:%d" % (zlib.crc32(source.encode()) % self.buckets)
 
     # -- IPeerRegistry -------------------------------------------------------------------------
 
     def register(self, info: PeerInfo, source: str, now: float) -> Deferred[bool]:
-        def scored(ok: bool) -> bool:
-            if ok:
-                self._scored[info.peer] = now
-            return ok
-
-        return self._submit(self._register(info, source, int(now * 1000))).addCallback(scored)
+        return self._submit(self._register(info, source, int(now * 1000)))
 
     def heartbeat(self, peer: str, now: float) -> Deferred[bool]:
-        # The record's expiry moves with every heartbeat; the scores in the bucket and source sets
-        # only every third of the timeout (so they never fall behind by more than that): most
-        # heartbeats are one PEXPIRE.
-        written = self._scored.get(peer)
-        if written is not None and now - written < self.timeout_ms / 3000:
-            return self._submit(self._touch(bytes.fromhex(peer)))
-
-        def scored(alive: bool) -> bool:
-            if alive:
-                self._scored[peer] = now
-            return alive
-
-        return self._submit(self._heartbeat(bytes.fromhex(peer), int(now * 1000))).addCallback(scored)
+        return self._submit(self._heartbeat(bytes.fromhex(peer), int(now * 1000)))
 
     def remove(self, peer: str) -> Deferred[bool]:
-        self._scored.pop(peer, None)
         return self._submit(self._remove(bytes.fromhex(peer)))
 
     def expire(self, now: float) -> Deferred[list[str]]:
-        stale = now - self.timeout_ms / 1000
-        for peer in [p for p, written in self._scored.items() if written < stale]:
-            del self._scored[peer]  # not heard through this tracker for a timeout: gone, or moved
         return self._submit(self._expire(int(now * 1000)))
 
     def sample(self, k: int, exclude: Optional[str], rng: random.Random) -> Deferred[list[PeerInfo]]:
@@ -196,78 +182,105 @@ class RedisRegistry:
 
     def _register(self, info: PeerInfo, source: str, now_ms: int) -> Op:
         raw = bytes.fromhex(info.peer)
-        key, skey, bucket = self._peer_key(raw), self._source_key(source), self._bucket_key(raw)
-        old, _, score, card = _checked((yield [("GET", key), ("ZREMRANGEBYSCORE", skey, "-inf", now_ms),
-                                              ("ZSCORE", skey, raw), ("ZCARD", skey)]))
-        if score is None and card >= self.max_per_source:
+        bucket, counts = self._bucket(raw), self._count_key(source)
+        old, count = _checked((yield [("HGET", self._record_key(bucket), raw), ("HGET", counts, source)]))
+        old_source = _record(old)[3] if old is not None else None
+        if old_source != source and int(count or 0) >= self.max_per_source:
             return False
-        expiry = now_ms + self.timeout_ms
         commands: list[tuple[Any, ...]] = [
-            ("SET", key, f"{info.host} {info.udp} {info.tcp} {source}".encode(), "PX", self.timeout_ms),
-            ("ZADD", bucket, expiry, _member(raw, info.host, info.udp, info.tcp)),
-            ("ZADD", skey, expiry, raw), ("PEXPIRE", skey, 2 * self.timeout_ms)]
-        if old is not None:
-            host, udp, tcp, old_source = _record(old)
-            if (host, int(udp), int(tcp)) != (info.host, info.udp, info.tcp):
-                commands.append(("ZREM", bucket, _member(raw, host, int(udp), int(tcp))))
-            if old_source != source:  # it moved: free its place at the old address
-                commands.append(("ZREM", self._source_key(old_source), raw))
-        _checked((yield commands))
+            ("HSET", self._record_key(bucket), raw, f"{info.host} {info.udp} {info.tcp} {source}".encode()),
+            ("ZADD", self._index_key(bucket), now_ms + self.timeout_ms, raw)]
+        if old_source != source:
+            commands.append(("HINCRBY", counts, source, 1))
+            if old_source is not None:  # it moved: free its place at the old address
+                commands.append(("HINCRBY", self._count_key(old_source), old_source, -1))
+        replies = _checked((yield commands))
+        if old_source not in (None, source) and int(replies[-1]) <= 0:
+            _checked((yield [("HDEL", self._count_key(old_source), old_source)]))
         return True
-
-    def _touch(self, raw: bytes) -> Op:
-        (found,) = _checked((yield [("PEXPIRE", self._peer_key(raw), self.timeout_ms)]))
-        return bool(found)
 
     def _heartbeat(self, raw: bytes, now_ms: int) -> Op:
-        (record,) = _checked((yield [("GETEX", self._peer_key(raw), "PX", self.timeout_ms)]))
-        if record is None:
-            return False
-        host, udp, tcp, source = _record(record)
-        skey, expiry = self._source_key(source), now_ms + self.timeout_ms
-        _checked((yield [("ZADD", self._bucket_key(raw), expiry, _member(raw, host, int(udp), int(tcp))),
-                         ("ZADD", skey, expiry, raw), ("PEXPIRE", skey, 2 * self.timeout_ms)]))
-        return True
+        index = self._index_key(self._bucket(raw))
+        (changed,) = _checked((yield [("ZADD", index, "XX", "CH", now_ms + self.timeout_ms, raw)]))
+        if int(changed):
+            return True
+        (score,) = _checked((yield [("ZSCORE", index, raw)]))  # the same expiry again, or not there
+        return score is not None
 
     def _remove(self, raw: bytes) -> Op:
-        (record,) = _checked((yield [("GET", self._peer_key(raw))]))
+        bucket = self._bucket(raw)
+        (record,) = _checked((yield [("HGET", self._record_key(bucket), raw)]))
         if record is None:
+            _checked((yield [("ZREM", self._index_key(bucket), raw)]))
             return False
-        host, udp, tcp, source = _record(record)
-        _checked((yield [("DEL", self._peer_key(raw)), ("ZREM", self._source_key(source), raw),
-                         ("ZREM", self._bucket_key(raw), _member(raw, host, int(udp), int(tcp)))]))
+        yield from self._forget([(bucket, raw, record)])
         return True
 
+    def _forget(self, gone: list[tuple[int, bytes, bytes]]) -> Op:
+        """Delete the records of *gone* (bucket, id, record) and give their places back to their sources."""
+        commands: list[tuple[Any, ...]] = []
+        for bucket, raw, record in gone:
+            source = _record(record)[3]
+            commands += [("HDEL", self._record_key(bucket), raw), ("ZREM", self._index_key(bucket), raw),
+                         ("HINCRBY", self._count_key(source), source, -1)]
+        replies = _checked((yield commands))
+        empty = [_record(record)[3] for (_, _, record), left in zip(gone, replies[2::3]) if int(left) <= 0]
+        if empty:
+            _checked((yield [("HDEL", self._count_key(source), source) for source in empty]))
+
     def _expire(self, now_ms: int) -> Op:
-        keys = [self.prefix + b":i:%d" % b for b in range(self.buckets)]
-        replies = _checked((yield [c for key in keys for c in (("ZRANGEBYSCORE", key, "-inf", f"({now_ms}"),
-                                                               ("ZREMRANGEBYSCORE", key, "-inf", f"({now_ms}"))]))
-        return [member[:16].hex() for members in replies[0::2] for member in members]
+        late = _checked((yield [("ZRANGEBYSCORE", self._index_key(b), "-inf", f"({now_ms}")
+                                for b in range(self.buckets)]))
+        found = [(b, raw) for b, members in enumerate(late) for raw in members]
+        if not found:
+            return []
+        # Only the tracker whose ZREM takes an entry forgets it, so that sweeping trackers do not
+        # give a source its place back twice.
+        replies = _checked((yield [c for b, raw in found for c in (("ZREM", self._index_key(b), raw),
+                                                                    ("HGET", self._record_key(b), raw))]))
+        gone = [(b, raw, record) for (b, raw), removed, record in zip(found, replies[0::2], replies[1::2])
+                if int(removed) and record is not None]
+        if gone:
+            yield from self._forget(gone)
+        return [raw.hex() for _, raw, _ in gone]
 
     def _sample_pool(self, now_ms: int) -> Op:
-        """The bucket sizes, then about ``pool_size`` members drawn in proportion to them."""
-        keys = [self.prefix + b":i:%d" % b for b in range(self.buckets)]
-        sizes = [int(n) for n in _checked((yield [("ZCARD", key) for key in keys]))]
+        """The bucket sizes, then about ``pool_size`` members drawn in proportion to them, with their records."""
+        sizes = [int(n) for n in _checked((yield [("ZCARD", self._index_key(b)) for b in range(self.buckets)]))]
         total = sum(sizes)
         # n * pool / total from each bucket, rounded up or down at random so that every member is
         # read with the same chance, pool / total, however few a bucket holds
         share = 1.0 if total <= self.pool_size else self.pool_size / total
-        wanted = [(key, int(n * share + self._rng.random())) for key, n in zip(keys, sizes) if n]
-        wanted = [(key, n) for key, n in wanted if n]
-        replies = _checked((yield [("ZRANDMEMBER", key, n, "WITHSCORES") for key, n in wanted]))
-        pool = []
-        for reply in replies:
-            for member, score in _pairs(reply):
-                if float(score) >= now_ms:
-                    try:
-                        pool.append(_info(member))
-                    except (ValueError, UnicodeDecodeError):  # not one of ours: leave it out of answers
-                        continue
-        return sizes, pool
+        wanted = [(b, int(n * share + self._rng.random())) for b, n in enumerate(sizes) if n]
+        wanted = [(b, n) for b, n in wanted if n]
+        replies = _checked((yield [("ZRANDMEMBER", self._index_key(b), n, "WITHSCORES") for b, n in wanted]))
+        live = [(b, [raw for raw, score in _pairs(reply) if float(score) >= now_ms])
+                for (b, _), reply in zip(wanted, replies)]
+        live = [(b, ids) for b, ids in live if ids]
+        records = _checked((yield [("HMGET", self._record_key(b), *ids) for b, ids in live]))
+        infos = {}
+        for (_, ids), values in zip(live, records):
+            for raw, record in zip(ids, values):
+                if record is None:
+                    continue
+                try:
+                    infos[raw, record] = self._info(raw, record)
+                except (ValueError, UnicodeDecodeError, IndexError):  # not one of ours: not offered
+                    continue
+        return sizes, infos
+
+    def _info(self, raw: bytes, record: bytes) -> PeerInfo:
+        """A PeerInfo, validated once per record (the pool reads the same peers every second)."""
+        info = self._infos.get((raw, record))
+        if info is None:
+            host, udp, tcp, _ = _record(record)
+            info = PeerInfo(raw.hex(), host, int(udp), int(tcp))
+        return info
 
     def _refresh(self) -> Deferred[None]:
-        def got(result: tuple[list[int], list[PeerInfo]]) -> None:
-            self.sizes, pool = result
+        def got(result: tuple[list[int], dict[tuple[bytes, bytes], PeerInfo]]) -> None:
+            self.sizes, self._infos = result
+            pool = list(self._infos.values())
             random.shuffle(pool)
             self.pool, self._pool_index = pool, {info.peer: i for i, info in enumerate(pool)}
             self._known_sizes, self._down = True, None
@@ -378,16 +391,6 @@ def _pairs(reply: list[Any]) -> list[Any]:
     if reply and isinstance(reply[0], (list, tuple)):
         return reply
     return list(zip(reply[0::2], reply[1::2]))
-
-
-def _member(raw: bytes, host: str, udp: int, tcp: int) -> bytes:
-    """A bucket's member: the id's 16 bytes, both ports (2 bytes each), the host."""
-    return raw + udp.to_bytes(2, "big") + tcp.to_bytes(2, "big") + host.encode()
-
-
-def _info(member: bytes) -> PeerInfo:
-    return PeerInfo(member[:16].hex(), member[20:].decode(), int.from_bytes(member[16:18], "big"),
-                    int.from_bytes(member[18:20], "big"))
 
 
 def _record(value: bytes) -> list[str]:

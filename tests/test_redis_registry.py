@@ -75,6 +75,9 @@ async def test_the_table_on_redis_registers_beats_samples_removes_and_expires(se
         assert sorted(gone) == sorted(info(n).peer for n in range(10) if n != 4)
         await sizes_known(reg)
         assert await reg.sample(5, None, random.Random(2)) == [] and reg.count() == 0
+        # nothing is left behind: no records, and the source's count went with its last peer
+        leftovers = [k for k in reg.client.scan_iter(match=reg.prefix + b":*") if reg.client.type(k) != b"none"]
+        assert leftovers == []
     finally:
         await reg.close()
 
@@ -132,7 +135,7 @@ async def test_sampling_is_uniform_across_the_buckets(where: str, request: pytes
         expected = sum(counts.values()) / 200
         assert len(counts) == 200
         assert min(counts.values()) > 0.3 * expected and max(counts.values()) < 1.9 * expected, counts.most_common(3)
-        buckets = {reg._bucket_key(bytes.fromhex(p.peer)) for p in peers}
+        buckets = {reg._bucket(bytes.fromhex(p.peer)) for p in peers}
         assert len(buckets) > 100  # 200 ids over 256 buckets: spread, not one key
         if where == "cluster":  # and over the masters' slots
             per_master = keys_per_node(store.masters(), f"{reg.prefix.decode()}:*")
