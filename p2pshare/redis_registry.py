@@ -15,7 +15,7 @@ its count's), so that they spread across a cluster's slots (no hash tag):
 ``PREFIX:i:<n>``    a sorted set: the peers' ids (16 raw bytes), scored by their expiry time in ms.
                     A heartbeat is one ``ZADD XX``.  Sampling reads the sizes, then members of each
                     bucket in proportion (``ZRANDMEMBER``), so it stays uniform across them.
-``PREFIX:r:<n>``    a hash: id -> ``host udp tcp source``.
+``PREFIX:r:<n>``    a hash: id -> the record: both ports, the host, the source address (``_pack``).
 ``PREFIX:c:<n>``    a hash: source address -> how many peers it registered, so that the
                     per-address limit holds across trackers.
 
@@ -28,6 +28,7 @@ and gives its source the place back.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import random
 import urllib.parse
@@ -184,11 +185,11 @@ class RedisRegistry:
         raw = bytes.fromhex(info.peer)
         bucket, counts = self._bucket(raw), self._count_key(source)
         old, count = _checked((yield [("HGET", self._record_key(bucket), raw), ("HGET", counts, source)]))
-        old_source = _record(old)[3] if old is not None else None
+        old_source = _unpack(old)[3] if old is not None else None
         if old_source != source and int(count or 0) >= self.max_per_source:
             return False
         commands: list[tuple[Any, ...]] = [
-            ("HSET", self._record_key(bucket), raw, f"{info.host} {info.udp} {info.tcp} {source}".encode()),
+            ("HSET", self._record_key(bucket), raw, _pack(info.host, info.udp, info.tcp, source)),
             ("ZADD", self._index_key(bucket), now_ms + self.timeout_ms, raw)]
         if old_source != source:
             commands.append(("HINCRBY", counts, source, 1))
@@ -220,11 +221,11 @@ class RedisRegistry:
         """Delete the records of *gone* (bucket, id, record) and give their places back to their sources."""
         commands: list[tuple[Any, ...]] = []
         for bucket, raw, record in gone:
-            source = _record(record)[3]
+            source = _unpack(record)[3]
             commands += [("HDEL", self._record_key(bucket), raw), ("ZREM", self._index_key(bucket), raw),
                          ("HINCRBY", self._count_key(source), source, -1)]
         replies = _checked((yield commands))
-        empty = [_record(record)[3] for (_, _, record), left in zip(gone, replies[2::3]) if int(left) <= 0]
+        empty = [_unpack(record)[3] for (_, _, record), left in zip(gone, replies[2::3]) if int(left) <= 0]
         if empty:
             _checked((yield [("HDEL", self._count_key(source), source) for source in empty]))
 
@@ -273,7 +274,7 @@ class RedisRegistry:
         """A PeerInfo, validated once per record (the pool reads the same peers every second)."""
         info = self._infos.get((raw, record))
         if info is None:
-            host, udp, tcp, _ = _record(record)
+            host, udp, tcp, _ = _unpack(record)
             info = PeerInfo(raw.hex(), host, int(udp), int(tcp))
         return info
 
@@ -393,6 +394,34 @@ def _pairs(reply: list[Any]) -> list[Any]:
     return list(zip(reply[0::2], reply[1::2]))
 
 
-def _record(value: bytes) -> list[str]:
-    """``host udp tcp source``."""
-    return value.decode().split(" ")
+def _pack(host: str, udp: int, tcp: int, source: str) -> bytes:
+    """A peer's record, small (Redis keeps a million of them): both ports, the host's address in
+    binary, and the source's only when it differs from the host."""
+    packed = _address(host)
+    return (udp.to_bytes(2, "big") + tcp.to_bytes(2, "big") + bytes([len(packed)]) + packed
+            + (b"" if source == host else _address(source)))
+
+
+def _address(host: str) -> bytes:
+    """An IP address literal in binary (4 or 16 bytes); anything else (a scoped IPv6 address, whose
+    scope the binary form would lose) as its text, marked by a 0 byte."""
+    if "%" not in host:
+        try:
+            return ipaddress.ip_address(host).packed
+        except ValueError:
+            pass
+    return b"\0" + host.encode()
+
+
+def _text(packed: bytes) -> str:
+    if packed[:1] == b"\0":
+        return packed[1:].decode()
+    return str(ipaddress.ip_address(packed))
+
+
+def _unpack(record: bytes) -> tuple[str, int, int, str]:
+    """``(host, udp, tcp, source)``."""
+    n = record[4]
+    host = _text(record[5:5 + n])
+    rest = record[5 + n:]
+    return host, int.from_bytes(record[0:2], "big"), int.from_bytes(record[2:4], "big"), _text(rest) if rest else host

@@ -318,9 +318,16 @@ def test_redis_back_empty_after_an_outage_gets_every_live_peer_again(tmp_path: P
     redis = RedisServer(tmp_path / "redis").start()
     try:
         tracker = start_tracker(procs, tmp_path, redis.url, "tracker", "p2pshare")
-        peers = [start_peer(procs, tmp_path, tracker, f"peer{i}") for i in range(3)]
+        peers = [start_peer(procs, tmp_path, tracker, f"peer{i}", files={f"own-{i}.txt": b"%d\n" % i})
+                 for i in range(3)]
         ids = {peer_id(p) for p in peers}
         wait(lambda: peers_of(tracker) == ids, "every peer registered", 10, procs)
+
+        def search(name: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([str(BIN / "p2pshare"), "--dir", str(peers[0]), "search", name, "--timeout", "1"],
+                                  capture_output=True, text=True, timeout=60)
+
+        wait(lambda: search("own-2.txt").returncode == 0, "a search across the network", 10, procs)
         redis.stop()
 
         def refused() -> bool:
@@ -334,6 +341,8 @@ def test_redis_back_empty_after_an_outage_gets_every_live_peer_again(tmp_path: P
         wait(refused, "the tracker answering unavailable", 2 * INTERVAL + 2 * 2.0, procs)
         time.sleep(3 * INTERVAL)  # an outage longer than a peer's expiry
         assert all(p.proc.poll() is None for p in procs), "a daemon exited while Redis was down"
+        during = search("own-2.txt")  # the peers go on with the neighbours they have
+        assert during.returncode == 0 and "own-2.txt" in during.stdout, during.stdout + during.stderr
         RedisServer(redis.folder, port=redis.port).start()  # back, and empty
         back = time.monotonic()
         wait(lambda: peers_of(tracker) == ids, "every live peer in the table again", 2 * INTERVAL + 3, procs)

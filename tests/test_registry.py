@@ -93,3 +93,12 @@ def test_one_source_may_hold_at_most_its_limit_and_a_peer_that_moves_frees_its_p
     assert reg.register(info(3), 1.0, "10.1.1.1")
     assert reg.remove(info(1).peer) and reg.register(info(4), 2.0, "10.1.1.1")
     assert len(reg) == 3
+
+
+def test_a_redis_record_packs_both_ports_the_host_and_a_different_source_and_reads_back() -> None:
+    from p2pshare.redis_registry import _pack, _unpack
+
+    for record in (("10.0.0.1", 1, 65535, "10.0.0.1"), ("fd00::1", 7000, 7001, "10.9.9.9"),
+                   ("192.0.2.5", 4000, 4000, "2001:db8::7"), ("10.0.0.2", 5, 6, "fe80::1%eth0")):
+        assert _unpack(_pack(*record)) == record
+    assert len(_pack("10.0.0.1", 7000, 7000, "10.0.0.1")) == 9  # ports, length, 4 bytes: no source
