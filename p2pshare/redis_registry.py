@@ -19,7 +19,8 @@ its count's), so that they spread across a cluster's slots (no hash tag):
 ``PREFIX:c:<n>``    a hash: source address -> how many peers it registered, so that the
                     per-address limit holds across trackers.
 
-About 210 bytes of Redis memory per peer; one key per peer would cost some 150 more.
+About 230 to 280 bytes of Redis memory per peer (100,000 to 1,000,000 peers); a key per peer
+cost some 250 more.
 
 Expiry works whichever tracker the heartbeats reach: every tracker sweeps the buckets of entries
 past their score once per interval, and the one whose ``ZREM`` takes an entry deletes its record
