@@ -197,6 +197,55 @@ async def test_a_redis_that_stops_answering_costs_a_bounded_wait_and_bounded_wor
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_redis_connection_that_keeps_breaking_fails_requests_not_the_tracker_and_heals(
+        server: RedisServer) -> None:
+    """A proxy in front of the real Redis that, while lossy, cuts every connection as soon as a
+    command arrives: requests are answered unavailable within the bounded wait, the memory used by
+    thousands of them stays flat, and once the proxy is healthy again everything works."""
+    import gc
+    import tracemalloc
+
+    from twisted.protocols import portforward
+
+    lossy = [True]
+
+    class Cutting(portforward.ProxyServer):
+        def dataReceived(self, data: bytes) -> None:
+            if lossy[0]:
+                self.transport.abortConnection()
+            else:
+                super().dataReceived(data)
+
+    factory = portforward.ProxyFactory("127.0.0.1", server.port)
+    factory.protocol = Cutting
+    proxy = reactor().listenTCP(0, factory, interface="127.0.0.1")
+    reg = registry(f"redis://127.0.0.1:{proxy.getHost().port}/0")
+    try:
+        now = reactor().seconds()
+        started = time.monotonic()
+        with pytest.raises(RegistryUnavailable):
+            await reg.register(info(1), "10.0.0.1", now)
+        assert time.monotonic() - started < 2 * 2.0 + 1
+        tracemalloc.start()
+        sizes = []
+        for round_ in range(6):
+            outcomes = await defer.DeferredList([reg.heartbeat(info(n).peer, now) for n in range(1000)],
+                                                consumeErrors=True)
+            assert not any(ok for ok, _ in outcomes)
+            del outcomes
+            gc.collect()  # failures and their tracebacks are cycles
+            sizes.append(tracemalloc.get_traced_memory()[0])
+        tracemalloc.stop()
+        assert sizes[-1] - sizes[1] < 256 * 1024, sizes  # 5,000 failed requests later: flat
+        lossy[0] = False
+        assert await reg.register(info(1), "10.0.0.1", reactor().seconds())
+        assert await reg.heartbeat(info(1).peer, reactor().seconds())
+    finally:
+        await reg.close()
+        await proxy.stopListening()
+
+
+@pytest_twisted.ensureDeferred
 async def test_work_waiting_for_redis_is_bounded(server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
     from p2pshare import redis_registry
 
