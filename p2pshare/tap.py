@@ -94,7 +94,7 @@ def tracker_endpoint(reactor: Any, value: str) -> Any:
 
 
 class TrackerOptions(usage.Options):
-    synopsis = "[--port 8000] [--max-peers 20] [--interval 10]"
+    synopsis = "[--port 8000] [--max-peers 20] [--interval 10] [--registry memory|URL]"
     longdesc = "Run a p2pshare tracker: peers register with it and ask it for a random subset of the others."
     optParameters = [
         ["port", "p", "8000", "TCP port or endpoint string to listen on (e.g. tcp:8000:interface=127.0.0.1)."],
