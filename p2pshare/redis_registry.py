@@ -34,7 +34,7 @@ import os
 import random
 import urllib.parse
 import zlib
-from typing import Any, Generator, Optional
+from typing import Any, Callable, Generator, Optional
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -73,21 +73,34 @@ def redis_client(url: str) -> Any:
     # stale when Redis restarted); redis-py's default of 10 retries would hold a batch for 20 s.
     options: dict[str, Any] = dict(socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=SOCKET_TIMEOUT,
                                    retry=Retry(NoBackoff(), 1))
-    scheme = url.split("://", 1)[0]
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown registry URL scheme {scheme!r} (use one of {', '.join(SCHEMES)})")
+    scheme = check_url(url)
     if scheme.endswith("+cluster"):
         parts = urllib.parse.urlsplit(url)
-        nodes = []
-        for hostport in parts.netloc.rsplit("@", 1)[-1].split(","):
-            host, _, port = hostport.rpartition(":")
-            if not host or not port.isdigit():
-                raise ValueError(f"{url!r}: a cluster URL lists HOST:PORT,HOST:PORT,...")
-            nodes.append(ClusterNode(host.strip("[]"), int(port)))
         if parts.password:
             options["password"] = urllib.parse.unquote(parts.password)
+        nodes = [ClusterNode(host, port) for host, port in _cluster_nodes(url)]
         return RedisCluster(startup_nodes=nodes, ssl=scheme.startswith("rediss"), **options)
     return redis.Redis.from_url(url, **options)
+
+
+def check_url(url: str) -> str:
+    """The scheme of a registry URL; ValueError, saying why, for one that cannot work."""
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme not in SCHEMES:
+        raise ValueError(f"must be memory or a URL starting {', '.join(s + '://' for s in SCHEMES)}; got {url!r}")
+    if scheme.endswith("+cluster"):
+        _cluster_nodes(url)
+    return scheme
+
+
+def _cluster_nodes(url: str) -> list[tuple[str, int]]:
+    nodes = []
+    for hostport in urllib.parse.urlsplit(url).netloc.rsplit("@", 1)[-1].split(","):
+        host, _, port = hostport.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"a cluster URL lists HOST:PORT,HOST:PORT,...; got {url!r}")
+        nodes.append((host.strip("[]"), int(port)))
+    return nodes
 
 
 @implementer(IPeerRegistry)
@@ -105,8 +118,12 @@ class RedisRegistry:
 
     def __init__(self, client: Any, reactor: IReactorTime, timeout: float = 30.0, max_per_source: int = 32,
                  prefix: str = "p2pshare", buckets: int = BUCKETS, refresh: float = POOL_EVERY,
-                 pool: int = POOL) -> None:
+                 pool: int = POOL, connect: Optional[Callable[[], Any]] = None) -> None:
+        """*client*, or None and *connect*, which makes one in the worker thread when it is first
+        needed (and again after it failed): a cluster client connects as it is made, and a tracker
+        must start, answering ``unavailable``, while its Redis is still down."""
         self.client = client
+        self._connect = connect
         self.reactor = reactor
         self.timeout_ms = int(timeout * 1000)
         self.max_per_source = max_per_source
@@ -175,7 +192,8 @@ class RedisRegistry:
             self._refresher.stop()
         self._pool.stop()
         try:
-            self.client.close()
+            if self.client is not None:
+                self.client.close()
         except Exception:  # closing a client whose server is gone
             pass
         return succeed(None)
@@ -313,7 +331,7 @@ class RedisRegistry:
         if not batch:
             self._busy = False
             return
-        d = deferToThreadPool(self.reactor, self._pool, _run, self.client, [op for op, _ in batch])
+        d = deferToThreadPool(self.reactor, self._pool, self._run, [op for op, _ in batch])
 
         def done(outcomes: list[tuple[bool, Any]]) -> None:
             for (_, waiting), (ok, value) in zip(batch, outcomes):
@@ -330,6 +348,18 @@ class RedisRegistry:
 
         d.addCallbacks(done, failed)
         d.addBoth(lambda _: self._next_batch())
+
+    def _run(self, ops: list[Op]) -> list[tuple[bool, Any]]:
+        """In the worker thread: the client (made now if need be), then the batch."""
+        if self.client is None:
+            assert self._connect is not None
+            try:
+                self.client = self._connect()
+            except Exception:
+                for op in ops:
+                    op.close()
+                raise
+        return _run(self.client, ops)
 
 
 def _run(client: Any, ops: list[Op]) -> list[tuple[bool, Any]]:

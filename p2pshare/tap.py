@@ -193,12 +193,12 @@ def registry_url(value: str) -> str:
     """``memory``, or a Redis URL whose client is installed (a UsageError says what to install)."""
     if value == "memory":
         return value
-    from p2pshare.redis_registry import SCHEMES
+    from p2pshare.redis_registry import check_url
 
-    scheme = value.split("://", 1)[0] if "://" in value else ""
-    if scheme not in SCHEMES:
-        raise usage.UsageError(f"--registry must be memory or a URL starting {', '.join(s + '://' for s in SCHEMES)}; "
-                               f"got {value!r}")
+    try:
+        check_url(value)
+    except ValueError as e:
+        raise usage.UsageError(f"--registry {e}") from None
     try:
         import redis  # noqa: F401
     except ImportError:
@@ -216,9 +216,10 @@ def makeTrackerService(options: TrackerOptions, reactor: Any = None) -> IService
         from p2pshare.redis_registry import RedisRegistry, redis_client
         from p2pshare.tracker import EXPIRE_AFTER
 
-        registry = RedisRegistry(redis_client(options["registry"]), reactor, timeout=options["interval"] * EXPIRE_AFTER,
-                                 max_per_source=options["max-per-address"], prefix=options["registry-prefix"],
-                                 refresh=min(1.0, options["interval"] / 2))
+        url = options["registry"]
+        registry = RedisRegistry(None, reactor, connect=lambda: redis_client(url),
+                                 timeout=options["interval"] * EXPIRE_AFTER, max_per_source=options["max-per-address"],
+                                 prefix=options["registry-prefix"], refresh=min(1.0, options["interval"] / 2))
     factory = TrackerFactory(reactor, registry=registry, max_peers=options["max-peers"], interval=options["interval"],
                              max_per_address=options["max-per-address"])
     tracker = TrackerService(serverFromString(reactor, options["port"]), factory, key=options["key"])

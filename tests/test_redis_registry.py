@@ -429,6 +429,9 @@ def test_a_bad_registry_option_stops_the_tracker_with_one_clear_line(tmp_path: P
     bad = subprocess.run([str(BIN / "twistd"), "-n", "--pidfile=", "p2ptracker", "--registry", "mongodb://x"],
                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert bad.returncode != 0 and "--registry must be memory or a URL" in bad.stdout + bad.stderr
+    cluster = subprocess.run([str(BIN / "twistd"), "-n", "--pidfile=", "p2ptracker", "--registry",
+                              "redis+cluster://127.0.0.1"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert cluster.returncode != 0 and "a cluster URL lists HOST:PORT" in cluster.stdout + cluster.stderr
     shim = tmp_path / "shim"
     shim.mkdir()
     (shim / "redis.py").write_text("raise ImportError('no redis here')\n")
@@ -470,3 +473,22 @@ def test_a_tracker_killed_its_peers_move_to_another_and_searches_and_fetches_go_
     got = cli("get", "moving.bin")
     assert got.returncode == 0, got.stdout + got.stderr
     assert (asker / "moving.bin").read_bytes() == data
+
+
+@pytest.mark.system
+def test_a_tracker_starts_while_its_redis_cluster_is_down_and_answers_unavailable(tmp_path: Path,
+                                                                                   procs: list[Proc]) -> None:
+    nowhere = f"redis+cluster://127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    port = free_port()
+    procs.append(Proc("tracker", ["p2ptracker", "--port", f"tcp:{port}:interface=127.0.0.1", "--interval", "1",
+                                  "--registry", nowhere], tmp_path))
+
+    def refused() -> bool:
+        try:
+            peers_of(f"127.0.0.1:{port}")
+        except RuntimeError as e:
+            return "unavailable" in str(e)
+        return False
+
+    wait(refused, "the tracker answering unavailable", 20, procs)
+    assert procs[0].proc.poll() is None
