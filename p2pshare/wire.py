@@ -359,7 +359,12 @@ class PeerInfo:
     tcp: int = field(validator=_port)
 
     def encode(self) -> bytes:
-        # Hex id and IP literal: nothing to escape, so no JSON encoder on the tracker's hot path.
+        return self._encoded
+
+    @functools.cached_property
+    def _encoded(self) -> bytes:
+        # Hex id and IP literal: nothing to escape, so no JSON encoder on the tracker's hot path; and
+        # once per peer, since a tracker puts the same entries in answer after answer.
         return b'{"peer":"%s","host":"%s","udp":%d,"tcp":%d}' % (
             self.peer.encode(), self.host.encode(), self.udp, self.tcp)
 
@@ -404,8 +409,14 @@ class TrackerRequest:
 
     @classmethod
     def decode(cls, data: bytes) -> "TrackerRequest":
+        beat = _HEARTBEAT.fullmatch(data)  # most requests, as this implementation writes them
+        if beat is not None and int(beat[1]) < 2**31:
+            return cls("heartbeat", int(beat[1]), beat[2].decode())
         obj = _loads(data, MAX_TRACKER_LINE)
         return _build(cls, obj, ("op", "id"), ("peer", "udp", "tcp", "host", "max"))
+
+
+_HEARTBEAT = re.compile(rb'\{"v":1,"op":"heartbeat","id":(0|[1-9][0-9]{0,9}),"peer":"([0-9a-f]{32})"\}')
 
 
 def _check_op(op: Any) -> None:
@@ -426,6 +437,11 @@ class TrackerReply:
     peers: Optional[tuple[PeerInfo, ...]] = None  # present in every answer to "peers"
 
     def encode(self) -> bytes:
+        if self.ok and not self.host and not self.interval:  # heartbeats and peers: most replies
+            head = b'{"v":%d,"id":%d,"ok":true' % (VERSION, self.id)
+            if self.peers is None:
+                return head + b"}"
+            return head + b',"peers":[' + b",".join(p.encode() for p in self.peers) + b"]}"
         obj: dict[str, Any] = {"v": VERSION, "id": self.id, "ok": self.ok}
         if not self.ok:
             obj.update(error=self.error, message=self.message)

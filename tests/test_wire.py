@@ -165,3 +165,37 @@ def test_error_messages_are_bounded_text() -> None:
         Frame("error", code="x", message=["not", "text"])  # type: ignore[arg-type]
     with pytest.raises(MalformedMessage):
         Frame.decode(b'{"v":1,"t":"error","code":"x","message":"' + b"m" * 600 + b'"}')
+
+
+def test_heartbeats_decode_the_same_whether_written_as_this_implementation_does_or_otherwise() -> None:
+    peer = "ab" * 16
+    canonical = TrackerRequest("heartbeat", 7, peer=peer).encode()
+    spaced = b'{ "v": 1, "op": "heartbeat", "peer": "%s", "id": 7 }' % peer.encode()
+    assert TrackerRequest.decode(canonical) == TrackerRequest.decode(spaced) == TrackerRequest("heartbeat", 7, peer=peer)
+    for bad in (canonical.replace(b'"id":7', b'"id":2147483648'), canonical.replace(b'"id":7', b'"id":07'),
+                canonical.replace(peer.encode(), b"AB" * 16)):
+        with pytest.raises(MalformedMessage):
+            TrackerRequest.decode(bad)
+
+
+def test_a_peer_info_is_encoded_once_and_replies_encode_as_json_would() -> None:
+    info = PeerInfo("cd" * 16, "10.0.0.9", 4000, 4001)
+    assert info.encode() is info.encode()
+    for reply in (TrackerReply(3, True), TrackerReply(4, True, peers=(info,)), TrackerReply(5, True, peers=()),
+                  TrackerReply(6, False, "unknown_peer", "register first"),
+                  TrackerReply(7, True, host="10.0.0.9", interval=10.0)):
+        assert json.loads(reply.encode()) == json.loads(json.dumps(_as_json(reply)))
+        assert TrackerReply.decode(reply.encode()) == reply
+
+
+def _as_json(reply: TrackerReply) -> dict:
+    obj: dict = {"v": 1, "id": reply.id, "ok": reply.ok}
+    if not reply.ok:
+        obj.update(error=reply.error, message=reply.message)
+    if reply.host:
+        obj["host"] = reply.host
+    if reply.interval:
+        obj["interval"] = reply.interval
+    if reply.peers is not None:
+        obj["peers"] = [{"peer": p.peer, "host": p.host, "udp": p.udp, "tcp": p.tcp} for p in reply.peers]
+    return obj
