@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from benchmarks.daemons import BenchmarkError
+from benchmarks.daemons import BenchmarkError, wait_for
 from benchmarks.harness import Context, Figure, Goal, quantile
 from benchmarks.swarm import PORT, REPO, TESTS, TRACKER_PORT, _netns, unavailable_reason
 
@@ -84,8 +84,8 @@ def _one_network(ctx: Context, root: Path, searches: int, warmup: int) -> dict[s
 
         net.hosts[0].start_daemon("tracker", ["p2ptracker", "--port", f"tcp:{TRACKER_PORT}", "--interval", "1"], root)
         cli = str(Path(sys.executable).parent / "p2pshare")
-        _wait(lambda: net.hosts[0].run(cli, "peers", "--tracker", tracker, timeout=10).returncode == 0,
-              "the tracker answering", net)
+        wait_for(lambda: net.hosts[0].run(cli, "peers", "--tracker", tracker, timeout=10).returncode == 0,
+                 f"the tracker answering (logs in {root})", deadline=30, every=0.2)
         # Started with all UDP dropped until every peer is registered: hellos sent before that go to
         # peers learned by peer exchange and would give the ring chords (see tests/test_multihost.py).
         net.set_loss(100)
@@ -100,8 +100,8 @@ def _one_network(ctx: Context, root: Path, searches: int, warmup: int) -> dict[s
             tracker, "--port", str(PORT), *links(SEARCHER), "--go", str(go), "--searches", str(searches),
             "--warmup", str(warmup), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
-            _wait(lambda: all(_registered(net.hosts[k], root / f"p{k}") for k in range(2, PEERS + 1)),
-                  "every daemon registered with the tracker", net)
+            wait_for(lambda: all(_registered(net.hosts[k], root / f"p{k}") for k in range(2, PEERS + 1)),
+                     f"every daemon registered with the tracker (logs in {root})", deadline=30, every=0.2)
             net.clear_loss()
             go.write_text("go\n")
             try:
@@ -126,15 +126,6 @@ def _status(host: Any, folder: Path) -> Optional[dict[str, Any]]:
 def _registered(host: Any, folder: Path) -> bool:
     status = _status(host, folder)
     return bool(status and status.get("tracker") and status["tracker"]["connected"])
-
-
-def _wait(check: Any, what: str, net: Any, deadline: float = 30.0) -> None:
-    end = time.monotonic() + deadline
-    while not check():
-        if time.monotonic() > end:
-            logs = "".join(f"\n--- {d.name}\n{d.output(1500)}" for d in net.daemons)
-            raise BenchmarkError(f"not within {deadline:g} s: {what}{logs}")
-        time.sleep(0.2)
 
 
 # -- the helper, inside the searcher's namespace ------------------------------------------------

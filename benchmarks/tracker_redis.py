@@ -24,8 +24,8 @@ import random
 import shutil
 import subprocess
 import sys
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 from benchmarks.daemons import BenchmarkError, can_connect, cpu_seconds, free_ports, rss_kib, start_tracker, wait_for
@@ -97,14 +97,9 @@ def run(ctx: Context) -> list[Figure]:
         def both(i: int) -> dict[str, Any]:
             pids = {"a": tracker.pid, "b": second.pid, "redis": redis.pid}
             before = {k: cpu_seconds(p) for k, p in pids.items()}
-            results: dict[int, float] = {}
-            threads = [threading.Thread(target=lambda p=p: results.__setitem__(p, load(p, lines, total)[0]))
-                       for p in (port, port_b)]
             started = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            with ThreadPoolExecutor(2) as clients:  # both trackers loaded at once
+                list(clients.map(lambda p: load(p, lines, total), (port, port_b)))
             elapsed = time.perf_counter() - started
             used = {k: cpu_seconds(p) - before[k] for k, p in pids.items()}
             return {"aggregate": 2 * total / elapsed, "us_a": used["a"] / total * 1e6,
@@ -154,7 +149,7 @@ async def _fill(reactor: Any, url: str, count: int) -> None:
     from p2pshare.redis_registry import RedisRegistry, redis_client
     from p2pshare.wire import PeerInfo
 
-    registry = RedisRegistry(redis_client(url), reactor, timeout=3600.0, prefix="memory")
+    registry = RedisRegistry(lambda: redis_client(url), reactor, timeout=3600.0, prefix="memory")
     try:
         now = reactor.seconds()
         for start in range(0, count, 5000):

@@ -105,7 +105,7 @@ def _cluster_nodes(url: str) -> list[tuple[str, int]]:
 
 @implementer(IPeerRegistry)
 class RedisRegistry:
-    """The table in Redis: *client* is a redis-py ``Redis`` or ``RedisCluster``.
+    """The table in Redis, through a redis-py ``Redis`` or ``RedisCluster``.
 
     ``peers`` answers come from a pool: every *refresh* seconds (at most a second, at most half a
     heartbeat interval) the registry reads the bucket sizes and a uniform sample of ``POOL``
@@ -116,13 +116,13 @@ class RedisRegistry:
 
     log = Logger()
 
-    def __init__(self, client: Any, reactor: IReactorTime, timeout: float = 30.0, max_per_source: int = 32,
-                 prefix: str = "p2pshare", buckets: int = BUCKETS, refresh: float = POOL_EVERY,
-                 pool: int = POOL, connect: Optional[Callable[[], Any]] = None) -> None:
-        """*client*, or None and *connect*, which makes one in the worker thread when it is first
-        needed (and again after it failed): a cluster client connects as it is made, and a tracker
-        must start, answering ``unavailable``, while its Redis is still down."""
-        self.client = client
+    def __init__(self, connect: Callable[[], Any], reactor: IReactorTime, timeout: float = 30.0,
+                 max_per_source: int = 32, prefix: str = "p2pshare", buckets: int = BUCKETS,
+                 refresh: float = POOL_EVERY, pool: int = POOL) -> None:
+        """*connect* makes the client (``lambda: redis_client(url)``), in the worker thread when it is
+        first needed and again after it failed: a cluster client connects as it is made, and a
+        tracker must start, answering ``unavailable``, while its Redis is still down."""
+        self.client: Any = None
         self._connect = connect
         self.reactor = reactor
         self.timeout_ms = int(timeout * 1000)
@@ -352,7 +352,6 @@ class RedisRegistry:
     def _run(self, ops: list[Op]) -> list[tuple[bool, Any]]:
         """In the worker thread: the client (made now if need be), then the batch."""
         if self.client is None:
-            assert self._connect is not None
             try:
                 self.client = self._connect()
             except Exception:

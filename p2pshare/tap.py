@@ -217,7 +217,7 @@ def makeTrackerService(options: TrackerOptions, reactor: Any = None) -> IService
         from p2pshare.tracker import EXPIRE_AFTER
 
         url = options["registry"]
-        registry = RedisRegistry(None, reactor, connect=lambda: redis_client(url),
+        registry = RedisRegistry(lambda: redis_client(url), reactor,
                                  timeout=options["interval"] * EXPIRE_AFTER, max_per_source=options["max-per-address"],
                                  prefix=options["registry-prefix"], refresh=min(1.0, options["interval"] / 2))
     factory = TrackerFactory(reactor, registry=registry, max_peers=options["max-peers"], interval=options["interval"],
