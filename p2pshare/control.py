@@ -31,6 +31,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from p2pshare.errors import AlreadyExists, InvalidName, NotFound, P2PError, describe
+from p2pshare.metrics import MetricsPage
 from p2pshare.peer import FetchResult, Peer, hit_json
 from p2pshare.wire import STATE_DIR
 
@@ -228,9 +229,20 @@ class RescanResource(_Guarded):
         return _answer_later(request, self.peer.shares.rescan().addCallback(lambda files: {"files": len(files)}))
 
 
+class ScrapeResource(_Guarded):
+    """``GET /metrics``: the peer's Prometheus metrics, for a scraper given the token
+    (Prometheus: ``authorization: {credentials_file: .../control.token}``)."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        return MetricsPage(self.peer.metrics.registry).render_GET(request)
+
+
 def control_site(peer: Peer, token: str) -> Site:
     """The API's resources; every request must carry ``Authorization: Bearer`` *token*."""
     root = Resource()
+    root.putChild(b"metrics", ScrapeResource(peer, token))
     v1 = Resource()
     root.putChild(b"v1", v1)
     for name, cls in ((b"status", StatusResource), (b"search", SearchResource), (b"get", GetResource),

@@ -67,6 +67,7 @@ class Download:
         self.piece_size = piece_size if self.root else RANGE
         self.done: Deferred[Any] = Deferred()
         self.sources: set[Any] = set()
+        self.wire_bytes = 0  # bytes the sources delivered, duplicates included
         self.watchers: set[Any] = set()  # connections serving this download's verified pieces to others
         self.store = PieceStore(shares, sha256, size, self.piece_size, self.root, executor or in_thread(),
                                 self._checked)
@@ -163,6 +164,7 @@ class Download:
 
     def receive(self, source: Any, offset: int, data: memoryview) -> None:
         """Bytes *source* received for the file at *offset* (a range it claimed), handed on to the disk."""
+        self.wire_bytes += len(data)
         if self._ended or self._finishing:
             return
         piece = self.piece_size

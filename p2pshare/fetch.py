@@ -39,6 +39,7 @@ class FetchHost(Protocol):
     reactor: Any  # IReactorTime and IReactorThreads: timers, and the pool that writes downloads
     shares: Shares
     counters: Counters
+    metrics: Any  # metrics.PeerMetrics: the histograms a fetch observes
     peer_id: str
     dial_wait: float  # seconds to wait for holders to dial before dialling them
     requery: float  # seconds between queries while nobody answered, or while a download lacks sources
@@ -261,6 +262,8 @@ class Fetcher:
             return
         if any(h.peer == hit.peer and h.tcp == hit.tcp and h.sha256 == hit.sha256 for h in f.hits):
             return  # the same holder again, answering a re-query
+        if not f.hits and f.download is None:
+            self.host.metrics.first_hit.observe("fetch", self.host.reactor.seconds() - f.started)
         f.hits.append(hit)
         for proto, peer in f.source_peers.items():
             if peer == hit.peer:  # it dialled us before its hit came: now we know its listening address
@@ -384,7 +387,6 @@ class Fetcher:
                                  len(holders))
             self.host.counters.add("downloads_completed")
             self.host.counters.add("download_pauses", download.pauses)  # the disk fell behind the network
-            self.host.counters.add("bytes_received", frame.size - download.resumed_from)
             self._finish(f, result)
 
         def failed(failure: Failure) -> None:
@@ -411,6 +413,7 @@ class Fetcher:
                 proto.transport.loseConnection()
         f.banned.update(address for address, _ in f.all_sources)
         f.all_sources.clear()
+        self._retire(download)
         f.download = None
         for address in f.other_roots - f.banned:
             f.tried.pop(address, None)  # may be dialled again at once
@@ -464,9 +467,19 @@ class Fetcher:
             error = NotFound(f"{f.label}: no peer answered within {f.timeout:g}s")
         self._finish(f, Failure(error))
 
+    def _retire(self, download: Download) -> None:
+        """A download leaves its fetch: the bytes it took off the wire join the peer's count."""
+        self.host.counters.add("bytes_received", download.wire_bytes)
+
     def _finish(self, f: _Fetch, result: Any) -> None:
         if self.fetches.get(f.key) is f:
             del self.fetches[f.key]
+        if f.active:
+            outcome = ("completed" if not isinstance(result, Failure) else
+                       "cancelled" if not f.waiters else "failed")  # the last waiter withdrew
+            self.host.metrics.fetch.observe(outcome, self.host.reactor.seconds() - f.started)
+            if f.download is not None:
+                self._retire(f.download)
         f.active = False
         for proto in list(f.sources) + list(f.dialing):
             if proto.transport is not None:

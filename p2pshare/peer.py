@@ -26,6 +26,7 @@ from zope.interface import implementer
 from p2pshare.download import Download
 from p2pshare.errors import InvalidName, NotFound, P2PError
 from p2pshare.fetch import Fetcher, FetchResult
+from p2pshare.metrics import PeerMetrics
 from p2pshare.neighbours import Neighbourhood
 from p2pshare.ratelimit import Backoff, Counters
 from p2pshare.reliable import Retransmitter
@@ -47,7 +48,7 @@ class _Search:
         self.done: Deferred[list[Hit]] = Deferred()
         self.end: Optional[IDelayedCall] = None
         self.again: Optional[IDelayedCall] = None
-        self.deadline = 0.0
+        self.started = self.deadline = 0.0
 
 
 @implementer(ITransferNode)
@@ -76,6 +77,7 @@ class Peer(MultiService):
         self.static_peers = list(peers)
         self.dial_wait, self.idle, self.requery, self.want = dial_wait, idle, requery, want
         self.counters = Counters()
+        self.metrics = PeerMetrics(self)  # its own registry: several peers in one process stay apart
         if key is not None:
             from p2pshare.netkey import DatagramSeal, NetworkTLS, reporter
             from p2pshare.ratelimit import RateLimitedLog
@@ -308,7 +310,8 @@ class Peer(MultiService):
         except P2PError as e:
             return fail(e)
         state = _Search(name, sha256)
-        state.deadline = self.reactor.seconds() + timeout
+        state.started = self.reactor.seconds()
+        state.deadline = state.started + timeout
         self._searches.add(state)
         self._search_query(state)
         state.end = self.reactor.callLater(timeout, self._end_search, state)
@@ -319,10 +322,14 @@ class Peer(MultiService):
         state.again = None
         if state.hits:
             return
-        state.ids.append(self.query(state.name, False, lambda h: state.hits.setdefault((h.peer, h.sha256), h),
-                                     state.sha256))
+        state.ids.append(self.query(state.name, False, lambda h: self._search_hit(state, h), state.sha256))
         if self.reactor.seconds() + self.requery < state.deadline:
             state.again = self.reactor.callLater(self.requery, self._search_query, state)
+
+    def _search_hit(self, state: "_Search", hit: Hit) -> None:
+        if not state.hits:
+            self.metrics.first_hit.observe("search", self.reactor.seconds() - state.started)
+        state.hits.setdefault((hit.peer, hit.sha256), hit)
 
     def _end_search(self, state: "_Search") -> None:
         self._searches.discard(state)

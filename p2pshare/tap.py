@@ -23,6 +23,8 @@ from twisted.python import usage
 from p2pshare.wire import MAX_PEERS_ANSWER, MAX_TTL
 
 DEFAULT_CONTROL = "7878"
+METRICS_HELP = ("Serve Prometheus metrics at /metrics on this port or endpoint (e.g. tcp:9101), without a token, "
+                "for a scraper on the network (default: off; the control API has /metrics with its token).")
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "\\:\\:1")
 
 
@@ -51,6 +53,22 @@ def control_endpoint_string(value: str) -> Optional[str]:
     if match.group(1) not in LOOPBACK:
         raise usage.UsageError(f"--control: the control API listens on loopback only, not {match.group(1)}")
     return desc
+
+
+def metrics_endpoint_string(value: Optional[str]) -> Optional[str]:
+    return None if value is None or value.lower() == "none" else server_endpoint_string(value, "--metrics")
+
+
+def with_metrics(reactor: Any, options: usage.Options, registry: Any, services: list[IService],
+                 ready: list[Callable[[], Deferred[Any]]]) -> None:
+    """Add the ``--metrics`` listener, when asked for, to *services* (and its start to *ready*)."""
+    if options["metrics"] is None:
+        return
+    from p2pshare.metrics import MetricsService
+
+    service = MetricsService(serverFromString(reactor, options["metrics"]), registry)
+    services.append(service)
+    ready.append(service.when_listening)
 
 
 def host_port(value: str, what: str) -> tuple[str, int]:
@@ -106,6 +124,7 @@ class TrackerOptions(usage.Options):
          "trackers: redis://HOST:PORT/DB, rediss://..., unix:///PATH?db=N, redis+cluster://HOST:PORT,HOST:PORT,... "
          "(needs pip install 'p2pshare[redis]')."],
         ["registry-prefix", None, "p2pshare", "Prefix of the table's Redis keys: one per network sharing a Redis."],
+        ["metrics", None, None, METRICS_HELP],
     ]
 
     def postOptions(self) -> None:
@@ -113,6 +132,7 @@ class TrackerOptions(usage.Options):
         if not self["registry-prefix"] or not self["registry-prefix"].isprintable():
             raise usage.UsageError("--registry-prefix must be a non-empty printable string")
         self["port"] = server_endpoint_string(self["port"], "--port")
+        self["metrics"] = metrics_endpoint_string(self["metrics"])
         self["key"] = network_key(self["key"])
         if not 1 <= self["max-peers"] <= MAX_PEERS_ANSWER:
             raise usage.UsageError(f"--max-peers must be between 1 and {MAX_PEERS_ANSWER}")
@@ -223,8 +243,12 @@ def makeTrackerService(options: TrackerOptions, reactor: Any = None) -> IService
     factory = TrackerFactory(reactor, registry=registry, max_peers=options["max-peers"], interval=options["interval"],
                              max_per_address=options["max-per-address"])
     tracker = TrackerService(serverFromString(reactor, options["port"]), factory, key=options["key"])
-    top = _StopOnFailure(reactor, tracker.when_listening)
-    tracker.setServiceParent(top)
+    services: list[IService] = [tracker]
+    ready: list[Callable[[], Deferred[Any]]] = [tracker.when_listening]
+    with_metrics(reactor, options, factory.metrics.registry, services, ready)
+    top = _StopOnFailure(reactor, *ready)
+    for service in services:
+        service.setServiceParent(top)
     return top
 
 
@@ -243,6 +267,7 @@ class PeerOptions(usage.Options):
         ["rescan", None, 30.0, "Seconds between rescans of the shared folder.", float],
         ["ttl", None, 7, f"Hops a query may travel (at most {MAX_TTL}).", int],
         ["key", None, None, "Private network: the key file (p2pshare keygen); talk only to its holders."],
+        ["metrics", None, None, METRICS_HELP],
     ]
 
     def __init__(self) -> None:
@@ -276,6 +301,7 @@ class PeerOptions(usage.Options):
             if not 0.05 <= self[name] <= 86400:
                 raise usage.UsageError(f"--{name} must be between 0.05 and 86400 seconds")
         self["control"] = control_endpoint_string(self["control"])
+        self["metrics"] = metrics_endpoint_string(self["metrics"])
         self["key"] = network_key(self["key"])
         if self["key"] is not None and any(t.startswith("tls:") for t in self["tracker"]):
             raise usage.UsageError("--tracker: with --key, give HOST:PORT or a tcp: endpoint (the key brings TLS)")
@@ -293,8 +319,9 @@ def makePeerService(options: PeerOptions, reactor: Any = None) -> IService:
                 advertise=options["advertise"], peers=tuple(options["peers"]), want=options["neighbours"],
                 refresh=options["refresh"], rescan=options["rescan"], ttl=options["ttl"], reactor=reactor,
                 key=options["key"])
-    ready = [peer.when_ready]
+    ready: list[Callable[[], Deferred[Any]]] = [peer.when_ready]
     services: list[IService] = [peer]
+    with_metrics(reactor, options, peer.metrics.registry, services, ready)
     if options["control"] is not None:
         control = ControlService(serverFromString(reactor, options["control"]), peer)
         ready.append(control.when_listening)

@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from p2pshare.errors import MalformedMessage, TrackerError
+from p2pshare.metrics import TrackerMetrics
 from p2pshare.ratelimit import Counters, RateLimitedLog
 from p2pshare.registry import IPeerRegistry, MemoryRegistry, RegistryUnavailable
 from p2pshare.wire import MAX_PEERS_ANSWER, MAX_TRACKER_LINE, PeerInfo, TrackerReply, TrackerRequest
@@ -114,6 +115,7 @@ class TrackerFactory(Factory):
         self.registrations: dict[str, tuple[PeerInfo, str]] = {}
         self.open: set[TrackerServerProtocol] = set()
         self.counters = Counters()
+        self.metrics = TrackerMetrics(self)
         self.bad_input = RateLimitedLog(self.log, clock)
         self._connections_from: Counter[str] = Counter()
 
@@ -145,6 +147,7 @@ class TrackerFactory(Factory):
     def handle(self, req: TrackerRequest, conn: TrackerServerProtocol) -> Deferred[TrackerReply]:
         """The answer to *req*: at once from the in-memory table, later from a shared one."""
         self.counters[_OP_COUNTER[req.op]] += 1
+        started = self.clock.seconds()
         if req.op == "register":
             d = self._register(req, conn)
         elif req.op == "heartbeat":
@@ -153,7 +156,12 @@ class TrackerFactory(Factory):
             d = self.forget(req.peer).addCallback(lambda _: TrackerReply(req.id, True))  # type: ignore[arg-type]
         else:
             d = self._peers(req, conn)
-        return d.addErrback(self._unavailable, req)
+        d.addErrback(self._unavailable, req)
+        return d.addCallback(self._answered, req.op, started)
+
+    def _answered(self, reply: TrackerReply, op: str, started: float) -> TrackerReply:
+        self.metrics.latency.observe(op, self.clock.seconds() - started)
+        return reply
 
     def _register(self, req: TrackerRequest, conn: TrackerServerProtocol) -> Deferred[TrackerReply]:
         assert req.peer is not None
