@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import sys
 import time
 import urllib.parse
@@ -336,6 +337,33 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def dashboard_url(address: tuple[str, int], token: str) -> str:
+    """The dashboard's address: the token rides in the fragment, which the browser never sends."""
+    host = f"[{address[0]}]" if ":" in address[0] else address[0]
+    return f"http://{host}:{address[1]}/#token={token}"
+
+
+def _can_open_browser() -> bool:
+    """A graphical browser can show the page (not a text one taking over this terminal)."""
+    return sys.platform in ("darwin", "win32") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    address = control_address(args)
+    token = control_token(args)
+    if token is None:
+        raise ControlError("no control token found: give --dir DIR (the peer's folder) or --token-file FILE")
+    _json_reply(_request(address, "GET", "/v1/status", token=token, timeout=args.timeout))  # it runs, and takes it
+    url = dashboard_url(address, token)
+    print(url)
+    print("(the address holds the peer's control token: keep it to yourself)", file=sys.stderr)
+    if not args.no_browser and _can_open_browser():
+        import webbrowser
+
+        webbrowser.open(url)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--control", default=argparse.SUPPRESS,
@@ -368,6 +396,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max", type=int, default=20, choices=range(1, 101), metavar="1..100")
     s.add_argument("--timeout", type=float, default=5.0)
     s.set_defaults(func=cmd_peers)
+    s = sub.add_parser("ui", parents=[common], help="print the dashboard's address, and open it in a browser")
+    s.add_argument("--no-browser", action="store_true", help="only print the address")
+    s.add_argument("--timeout", type=float, default=10.0)
+    s.set_defaults(func=cmd_ui)
     s = sub.add_parser("keygen", help="create a private network's key (give the file to --key)")
     s.add_argument("--out", metavar="FILE", help="create FILE (mode 0600, never overwritten) instead of printing")
     s.set_defaults(func=cmd_keygen)

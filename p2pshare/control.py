@@ -112,6 +112,26 @@ def _answer_later(request: Request, d: Deferred[Any]) -> Any:
     return NOT_DONE_YET
 
 
+def _body(request: Request) -> dict[str, Any]:
+    """The request's JSON object; ValueError when it is not one."""
+    body = json.loads(request.content.read(MAX_BODY + 1)[:MAX_BODY])
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object")
+    return body
+
+
+def _loopback_only(request: Request) -> Optional[bytes]:
+    """A 403 answer for a request addressed to a non-loopback host name (DNS rebinding) or from
+    another site; None when it may go on."""
+    host = (request.getHeader("host") or "").rsplit(":", 1)[0] if request.getHeader("host") else ""
+    if host not in LOOPBACK_HOSTS:
+        return _json(request, {"error": "Forbidden", "message": "the control API answers loopback only"}, 403)
+    origin = request.getHeader("origin")
+    if origin is not None and urlsplit(origin).hostname not in LOOPBACK_HOSTS:
+        return _json(request, {"error": "Forbidden", "message": "cross-site requests are refused"}, 403)
+    return None
+
+
 class _Guarded(Resource):
     """Refuses requests addressed to a non-loopback host name (DNS rebinding), cross-site requests,
     and requests without the control token."""
@@ -129,12 +149,9 @@ class _Guarded(Resource):
         return hmac.compare_digest(given.strip(), self._expected) and scheme.lower() == b"bearer"
 
     def render(self, request: Request) -> Any:
-        host = (request.getHeader("host") or "").rsplit(":", 1)[0] if request.getHeader("host") else ""
-        if host not in LOOPBACK_HOSTS:
-            return _json(request, {"error": "Forbidden", "message": "the control API answers loopback only"}, 403)
-        origin = request.getHeader("origin")
-        if origin is not None and urlsplit(origin).hostname not in LOOPBACK_HOSTS:
-            return _json(request, {"error": "Forbidden", "message": "cross-site requests are refused"}, 403)
+        refused = _loopback_only(request)
+        if refused is not None:
+            return refused
         if not self._authorized(request):
             request.setHeader(b"www-authenticate", b'Bearer realm="p2pshare"')
             return _json(request, {"error": "Unauthorized", "message": "send Authorization: Bearer TOKEN, the token "
@@ -181,9 +198,7 @@ class GetResource(_Guarded):
 
     def render_POST(self, request: Request) -> Any:
         try:
-            body = json.loads(request.content.read(MAX_BODY + 1)[:MAX_BODY])
-            if not isinstance(body, dict):
-                raise ValueError("the body must be a JSON object")
+            body = _body(request)
             name, sha256 = body.get("name", ""), body.get("sha256", "")
             timeout = float(body.get("timeout", 10.0))
             if not isinstance(name, str) or not isinstance(sha256, str) or not (name or sha256) \
@@ -229,6 +244,58 @@ class RescanResource(_Guarded):
         return _answer_later(request, self.peer.shares.rescan().addCallback(lambda files: {"files": len(files)}))
 
 
+class FilesResource(_Guarded):
+    """``GET /v1/files``: every shared file (name, size, sha256), and the version of that list."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        files = [{"name": e.name, "size": e.size, "sha256": e.sha256}
+                 for e in sorted(self.peer.shares.entries.values(), key=lambda e: e.name)]
+        return _json(request, {"version": self.peer.shares.generation, "files": files})
+
+
+class FetchesResource(_Guarded):
+    """``POST /v1/fetches`` ``{"name", "sha256", "timeout"}``: start a fetch that runs on its own (not tied
+    to this request), answered 202 with its ``id``; it shows in ``/v1/status`` under ``fetching``, then
+    ``fetched``."""
+
+    isLeaf = True
+
+    def render_POST(self, request: Request) -> bytes:
+        try:
+            body = _body(request)
+            name, sha256 = body.get("name", ""), body.get("sha256", "")
+            timeout = float(body.get("timeout", 10.0))
+            if not isinstance(name, str) or not isinstance(sha256, str) or not (name or sha256) \
+                    or not 0.1 <= timeout <= 3600:
+                raise ValueError("need a name or a sha256 (strings), and a timeout within [0.1, 3600]")
+        except (ValueError, TypeError) as e:
+            return _json(request, {"error": "BadRequest", "message": f"bad request body: {e}"}, 400)
+        try:
+            fid = self.peer.fetcher.start(name, sha256, timeout)
+        except P2PError as e:
+            return _error(request, e)
+        return _json(request, {"id": fid}, 202)
+
+
+class CancelResource(_Guarded):
+    """``POST /v1/cancel`` ``{"id": N}``: end fetch N for every caller, keeping its verified pieces."""
+
+    isLeaf = True
+
+    def render_POST(self, request: Request) -> bytes:
+        try:
+            fid = _body(request).get("id")
+            if not isinstance(fid, int) or isinstance(fid, bool):
+                raise ValueError("id must be a fetch's number")
+        except ValueError as e:
+            return _json(request, {"error": "BadRequest", "message": f"bad request body: {e}"}, 400)
+        if not self.peer.fetcher.cancel(fid):
+            return _json(request, {"error": "NotFound", "message": f"no fetch {fid} in progress"}, 404)
+        return _json(request, {"cancelled": fid})
+
+
 class ScrapeResource(_Guarded):
     """``GET /metrics``: the peer's Prometheus metrics, for a scraper given the token
     (Prometheus: ``authorization: {credentials_file: .../control.token}``)."""
@@ -239,14 +306,53 @@ class ScrapeResource(_Guarded):
         return MetricsPage(self.peer.metrics.registry).render_GET(request)
 
 
+# The dashboard's page: its own files only, no inline script or style, nothing from elsewhere.
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+UI_FILES = {b"": ("index.html", b"text/html; charset=utf-8"), b"app.js": ("app.js", b"text/javascript; charset=utf-8"),
+            b"style.css": ("style.css", b"text/css; charset=utf-8"), b"icon.svg": ("icon.svg", b"image/svg+xml")}
+
+
+class UIFile(Resource):
+    """One file of the dashboard (``p2pshare/dashboard/``), served to loopback names only. The page holds
+    no secret: it asks for the token, which it keeps in the browser's session storage."""
+
+    isLeaf = True
+
+    def __init__(self, filename: str, content_type: bytes) -> None:
+        super().__init__()
+        self.body = (Path(__file__).parent / "dashboard" / filename).read_bytes()
+        self.content_type = content_type
+
+    def render_GET(self, request: Request) -> bytes:
+        refused = _loopback_only(request)
+        if refused is not None:
+            return refused
+        for name, value in ((b"content-type", self.content_type), (b"content-security-policy", CSP.encode()),
+                            (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
+                            (b"x-frame-options", b"DENY"), (b"cache-control", b"no-cache")):
+            request.setHeader(name, value)
+        return self.body
+
+
+def dashboard(root: Resource) -> None:
+    """The dashboard at ``/`` (``/ui/app.js``, ``/ui/style.css`` beside it)."""
+    ui = Resource()
+    for path, (filename, content_type) in UI_FILES.items():
+        (root if path == b"" else ui).putChild(path, UIFile(filename, content_type))
+    root.putChild(b"ui", ui)
+
+
 def control_site(peer: Peer, token: str) -> Site:
     """The API's resources; every request must carry ``Authorization: Bearer`` *token*."""
     root = Resource()
     root.putChild(b"metrics", ScrapeResource(peer, token))
+    dashboard(root)
     v1 = Resource()
     root.putChild(b"v1", v1)
     for name, cls in ((b"status", StatusResource), (b"search", SearchResource), (b"get", GetResource),
-                      (b"rescan", RescanResource)):
+                      (b"rescan", RescanResource), (b"files", FilesResource), (b"fetches", FetchesResource),
+                      (b"cancel", CancelResource)):
         v1.putChild(name, cls(peer, token))
     site = Site(root)
     site.noisy = False

@@ -7,8 +7,11 @@ place, or with NotFound / TransferFailed.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
+import time
+from collections import deque
 from pathlib import Path
 from typing import IO, Any, Callable, Optional, Protocol
 
@@ -21,7 +24,7 @@ from zope.interface import implementer
 
 from p2pshare.download import Download, in_thread
 from p2pshare.errors import (AlreadyExists, AmbiguousName, InvalidName, NotFound, P2PError, TransferFailed,
-                             VerificationFailed)
+                             VerificationFailed, describe)
 from p2pshare.ratelimit import Counters
 from p2pshare.shares import Entry, Shares
 from p2pshare.transfer import ITransferNode, TransferProtocol, dial
@@ -31,6 +34,7 @@ MAX_SOURCES = 8  # holders one download draws on at once
 FIRST_SWARM_QUERY = 0.5  # seconds after a download starts: who else holds or fetches it?
 RETRY_SOURCE = 5.0  # seconds before a holder that was tried may be dialled again in one download
 KEEP_QUERIES = 2  # re-queries of a download in progress still waiting for hits
+HISTORY = 50  # finished fetches remembered for the status (the dashboard's list)
 
 
 class FetchHost(Protocol):
@@ -71,7 +75,10 @@ class FetchResult:
 
 
 class _Fetch:
+    serials = itertools.count(1)
+
     def __init__(self, name: str, sha256: str, timeout: float, started: float) -> None:
+        self.id = next(self.serials)  # names this fetch in the status and to cancel it
         self.name, self.sha256, self.timeout = name, sha256, timeout  # name "" until an offer names it
         self.key = f"{name}\0{sha256}"  # by name, by content, or both: joined only when both agree
         self.ids: list[str] = []  # one per query sent: the first, then re-queries
@@ -156,6 +163,8 @@ class Fetcher:
         self.host = host
         self.fetches: dict[str, _Fetch] = {}
         self.by_id: dict[str, _Fetch] = {}
+        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)  # finished fetches, the latest last
+        self.detached: dict[int, Deferred[FetchResult]] = {}  # fetches started by start(), by id
 
     def accept_offer(self, frame: Frame, proto: TransferProtocol) -> Optional[Download]:
         """A holder dialled us with an offer: the download it is for, or None to decline."""
@@ -183,8 +192,40 @@ class Fetcher:
         return DeferredList([d.settled for d in downloads])
 
     def status(self) -> dict[str, Any]:
-        return {f.label: {"received": f.download.received if f.download else 0,
-                          "size": f.download.size if f.download else None} for f in self.fetches.values()}
+        """The fetches in progress by label: bytes, sources and pieces (a download's, once one started)."""
+        out = {}
+        now = self.host.reactor.seconds()
+        for f in self.fetches.values():
+            d = f.download
+            out[f.label] = {"id": f.id, "name": f.name or (d.name if d else ""),
+                            "sha256": f.sha256 or (d.sha256 if d else ""),
+                            "state": "downloading" if d else "searching", "received": d.received if d else 0,
+                            "size": d.size if d else None, "sources": len(f.sources),
+                            "pieces": d.count if d else 0, "verified": d.count - d.missing if d else 0,
+                            "seconds": round(now - f.started, 3)}
+        return out
+
+    def start(self, name: str = "", sha256: str = "", timeout: float = 10.0) -> int:
+        """A fetch that runs on its own, not tied to a caller (the dashboard's): its id, to follow it in the
+        status and to ``cancel`` it.  Raises what ``fetch`` would fail with at once (a bad name...)."""
+        d = self.fetch(name, timeout, None, sha256)
+        refused: list[Failure] = []
+        d.addErrback(refused.append)  # fires now only when the request is refused outright
+        if refused:
+            refused[0].raiseException()
+        fid = next(f.id for f in self.fetches.values() if d in f.waiters)
+        self.detached[fid] = d
+        d.addBoth(lambda _: (self.detached.pop(fid, None), None)[1])  # its end is in the history
+        return fid
+
+    def cancel(self, fid: int) -> bool:
+        """End fetch *fid* for every caller, keeping its verified pieces; False when no such fetch runs."""
+        f = next((f for f in self.fetches.values() if f.id == fid), None)
+        if f is None:
+            return False
+        self.host.counters.add("fetches_cancelled")
+        self._finish(f, Failure(TransferFailed(f"{f.label}: cancelled")), "cancelled")
+        return True
 
     def fetch(self, name: str = "", timeout: float = 10.0, progress: Optional[Callable[[int, int], None]] = None,
               sha256: str = "") -> Deferred[FetchResult]:
@@ -471,15 +512,22 @@ class Fetcher:
         """A download leaves its fetch: the bytes it took off the wire join the peer's count."""
         self.host.counters.add("bytes_received", download.wire_bytes)
 
-    def _finish(self, f: _Fetch, result: Any) -> None:
+    def _finish(self, f: _Fetch, result: Any, outcome: str = "") -> None:
         if self.fetches.get(f.key) is f:
             del self.fetches[f.key]
         if f.active:
-            outcome = ("completed" if not isinstance(result, Failure) else
-                       "cancelled" if not f.waiters else "failed")  # the last waiter withdrew
-            self.host.metrics.fetch.observe(outcome, self.host.reactor.seconds() - f.started)
-            if f.download is not None:
-                self._retire(f.download)
+            outcome = outcome or ("completed" if not isinstance(result, Failure) else
+                                  "cancelled" if not f.waiters else "failed")  # the last waiter withdrew
+            seconds = self.host.reactor.seconds() - f.started
+            self.host.metrics.fetch.observe(outcome, seconds)
+            d = f.download
+            self.history.append({
+                "id": f.id, "name": f.name or (d.name if d else ""), "sha256": f.sha256 or (d.sha256 if d else ""),
+                "outcome": outcome, "size": d.size if d else None, "seconds": round(seconds, 3),
+                "sources": len(f.all_sources) + len(f.sources), "ended": round(time.time(), 3),
+                "error": "" if outcome == "completed" else describe(result.value)})
+            if d is not None:
+                self._retire(d)
         f.active = False
         for proto in list(f.sources) + list(f.dialing):
             if proto.transport is not None:

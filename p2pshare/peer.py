@@ -448,7 +448,9 @@ class Peer(MultiService):
             "tracker": {"connected": bool(self.tracker and self.tracker.registered)} if self.tracker else None,
             "neighbours": [list(a) for a in self.neighbours()],
             "files": len(self.shares.entries),
+            "files_version": self.shares.generation,  # changes whenever the list of shared files does
             "fetching": self.fetcher.status(),
+            "fetched": list(reversed(self.fetcher.history)),  # the latest first
             "counters": dict(sorted(self.counters.items())),
         }
 

@@ -201,6 +201,7 @@ class Shares:
                 stale.unlink(missing_ok=True)
         self._entries: dict[str, Entry] = {}
         self._by_hash: dict[str, Entry] = {}
+        self.generation = 0  # changes whenever the index does (the dashboard fetches the list again)
         self.only_placed = only_placed
         self._own: set[str] = set()  # with only_placed: the names placed here, the only ones indexed
         self.entries = {} if only_placed else self._load_cache()
@@ -285,6 +286,8 @@ class Shares:
 
     @entries.setter
     def entries(self, entries: dict[str, Entry]) -> None:
+        if entries != self._entries:
+            self.generation += 1
         self._entries = entries
         self._by_hash = {e.sha256: e for e in sorted(entries.values(), key=lambda e: e.name, reverse=True)}
 
@@ -371,6 +374,7 @@ class Shares:
         st = target.stat()
         self._own.add(name)
         entry = self._entries[name] = Entry(name, st.st_size, st.st_mtime_ns, sha256, piece_size, pieces)
+        self.generation += 1
         self._by_hash.setdefault(sha256, entry)
         if self._scanning is not None:
             self._placed[name] = entry

@@ -398,3 +398,64 @@ async def test_a_missing_token_file_is_one_line_and_exit_1(api: Any, tmp_path: P
     assert await _cli("--dir", str(requester.shares.root), "status") == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot read the control token" in err and "Traceback" not in err
+
+
+async def _status(url: str) -> dict[str, Any]:
+    code, body = await call(url + "/v1/status")
+    assert code == 200
+    return json.loads(body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fetch_started_for_the_dashboard_runs_on_its_own_and_lists_the_new_file(api: Any) -> None:
+    from tests.loopback import eventually
+
+    url, requester, _ = api
+    code, body = await call(url + "/v1/files")
+    assert code == 200 and json.loads(body) == {"version": requester.shares.generation, "files": []}
+    before = (await _status(url))["files_version"]
+
+    code, body = await call(url + "/v1/fetches", b"POST", json.dumps({"name": "doc.txt"}).encode())
+    assert code == 202
+    fid = json.loads(body)["id"]
+    await eventually(lambda: any(f["id"] == fid for f in requester.fetcher.history))
+    status = await _status(url)
+    assert status["fetching"] == {}
+    done = status["fetched"][0]
+    assert (done["id"], done["name"], done["outcome"], done["error"], done["size"]) == (fid, "doc.txt", "completed",
+                                                                                     "", 9000)
+    assert status["files_version"] != before
+    code, body = await call(url + "/v1/files")
+    assert json.loads(body)["files"] == [{"name": "doc.txt", "size": 9000,
+                                          "sha256": requester.shares.entries["doc.txt"].sha256}]
+    code, body = await call(url + "/v1/fetches", b"POST", json.dumps({"name": "doc.txt"}).encode())
+    assert code == 409 and json.loads(body)["error"] == "AlreadyExists"
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_ends_a_fetch_in_progress_and_says_why(api: Any) -> None:
+    url, requester, _ = api
+    code, body = await call(url + "/v1/fetches", b"POST", json.dumps({"name": "nobody-has.txt", "timeout": 60}).encode())
+    assert code == 202
+    fid = json.loads(body)["id"]
+    fetching = (await _status(url))["fetching"]["nobody-has.txt"]
+    assert (fetching["id"], fetching["state"], fetching["received"]) == (fid, "searching", 0)
+    code, body = await call(url + "/v1/cancel", b"POST", json.dumps({"id": fid}).encode())
+    assert (code, json.loads(body)) == (200, {"cancelled": fid})
+    status = await _status(url)
+    assert status["fetching"] == {}
+    assert (status["fetched"][0]["outcome"], status["fetched"][0]["error"]) == ("cancelled", "nobody-has.txt: cancelled")
+    assert status["counters"]["fetches_cancelled"] == 1
+    code, _ = await call(url + "/v1/cancel", b"POST", json.dumps({"id": fid}).encode())
+    assert code == 404
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/fetches", b"[]"), ("/v1/fetches", b'{"name": 5}'), ("/v1/fetches", b'{"name": "../x"}'),
+    ("/v1/fetches", b'{"name": "a", "timeout": 0}'), ("/v1/cancel", b'{"id": "1"}'), ("/v1/cancel", b'{"id": true}'),
+    ("/v1/cancel", b"not json"),
+])
+@pytest_twisted.ensureDeferred
+async def test_bad_fetch_and_cancel_bodies_are_answered_400(api: Any, path: str, body: bytes) -> None:
+    code, answer = await call(api[0] + path, b"POST", body)
+    assert code == 400, answer
