@@ -18,4 +18,5 @@ BENCHMARKS = {
     "tracker": "benchmarks.tracker",
     "tracker_redis": "benchmarks.tracker_redis",
     "memory": "benchmarks.memory",
+    "observe": "benchmarks.observe",
 }

@@ -23,6 +23,8 @@ from twisted.python import usage
 from p2pshare.wire import MAX_PEERS_ANSWER, MAX_TTL
 
 DEFAULT_CONTROL = "7878"
+CONFIG_HELP = ("A TOML file of options, keys named as the long options (port = 8000, tracker = [\"a:8000\"]); "
+               "the command line wins over it.")
 METRICS_HELP = ("Serve Prometheus metrics at /metrics on this port or endpoint (e.g. tcp:9101), without a token, "
                 "for a scraper on the network (default: off; the control API has /metrics with its token).")
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "\\:\\:1")
@@ -111,7 +113,121 @@ def tracker_endpoint(reactor: Any, value: str) -> Any:
     return HostnameEndpoint(reactor, host, port, timeout=10)
 
 
-class TrackerOptions(usage.Options):
+class ConfigFileOptions(usage.Options):
+    """Options that ``--config FILE`` (TOML) can give too, with the long options' names as keys; the command
+    line wins over the file.  An unknown key, or a value of the wrong type, is a usage error naming the
+    key and the file, before anything starts."""
+
+    REPEATABLE: dict[str, Callable[[Any, str], None]] = {}  # key -> the opt_ method a list's items go to
+
+    def parseOptions(self, options: Optional[list[str]] = None) -> None:
+        args = sys.argv[1:] if options is None else list(options)
+        path = _config_path(args)
+        if path is not None:
+            self._apply_file(path, args)
+        super().parseOptions(args)
+
+    def _apply_file(self, path: str, args: list[str]) -> None:
+        table = read_toml(path)
+        params = {p[0]: (p[4] if len(p) > 4 else None) for p in self.optParameters}
+        flags = {f[0] for f in getattr(self, "optFlags", [])}
+        known = sorted((set(params) | flags | set(self.REPEATABLE)) - {"config"})
+        for raw, value in table.items():
+            key = raw.replace("_", "-")
+            where = f"--config {path}: {raw}"
+            if key == "config" or key not in known:
+                raise usage.UsageError(f"{where}: no such option (the keys are: {', '.join(known)})")
+            if _given(args, key, self):
+                continue  # the command line wins
+            if key in self.REPEATABLE:
+                items = value if isinstance(value, list) else [value]
+                if not items or not all(isinstance(v, str) for v in items):
+                    raise usage.UsageError(f"{where}: expected a string or a list of strings")
+                for item in items:
+                    self.REPEATABLE[key](self, item)
+            elif key in flags:
+                if not isinstance(value, bool):
+                    raise usage.UsageError(f"{where}: expected true or false")
+                self[key] = value
+            else:
+                self[key] = _typed(value, params[key], where)
+
+
+def _config_path(args: list[str]) -> Optional[str]:
+    """The value of ``--config`` among *args* (``--config F``, ``--config=F``, or a prefix getopt takes)."""
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        if name in ("--config", "--confi", "--conf"):
+            if eq:
+                return value
+            if i + 1 < len(args):
+                return args[i + 1]
+    return None
+
+
+def _given(args: list[str], key: str, options: usage.Options) -> bool:
+    """Does the command line set option *key* (long form, a prefix of it, or its short letter)?"""
+    shorts = {p[1] for p in options.optParameters if p[0] == key and p[1]}
+    shorts |= {name[4:] for name in dir(options) if name.startswith("opt_") and len(name) == 5
+               and getattr(options, name) == getattr(options, f"opt_{key}", None)}
+    for arg in args:
+        name = arg.partition("=")[0]
+        if name.startswith("--") and len(name) > 3 and f"--{key}".startswith(name) and name not in ("--con",):
+            return True
+        if name[:1] == "-" and name[1:2] in shorts:
+            return True
+    return False
+
+
+def _typed(value: Any, coerce: Any, where: str) -> Any:
+    """*value* as an option of type *coerce* (int, float, or None for a string) would hold it."""
+    if isinstance(value, bool):
+        raise usage.UsageError(f"{where}: expected {'a number' if coerce else 'a string'}, got a boolean")
+    if coerce is int:
+        if not isinstance(value, int):
+            raise usage.UsageError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if coerce is float:
+        if not isinstance(value, (int, float)):
+            raise usage.UsageError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if isinstance(value, int):
+        return str(value)  # port = 8000 for an option that also takes endpoint strings
+    if not isinstance(value, str):
+        raise usage.UsageError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """The TOML file *path*, or a usage error in one line saying why not."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover (Python 3.10)
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise usage.UsageError(f"--config {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise usage.UsageError(f"--config {path}: not valid TOML ({e})") from None
+
+
+def own_pidfile(options: usage.Options, plugin: str) -> None:
+    """twistd's pid file when the user chose none: none under ``--nodaemon``, else ``<plugin>.pid``, so
+    that a tracker and a peer started in one folder do not both claim ``twistd.pid``.  An explicit
+    ``--pidfile`` (before the plugin's name, where twistd reads it) always wins."""
+    parent = getattr(options, "parent", None)
+    if parent is None or "pidfile" not in parent:
+        return  # parsed on its own (a library, a test): no twistd to tell
+    args = sys.argv[1:]
+    before = args[:args.index(plugin)] if plugin in args else args
+    if any(a.startswith("--pid") for a in before):  # getopt takes any unambiguous prefix of --pidfile
+        return
+    parent["pidfile"] = "" if parent["nodaemon"] else f"{plugin}.pid"
+
+
+class TrackerOptions(ConfigFileOptions):
     synopsis = "[--port 8000] [--max-peers 20] [--interval 10] [--registry memory|URL]"
     longdesc = "Run a p2pshare tracker: peers register with it and ask it for a random subset of the others."
     optParameters = [
@@ -125,9 +241,11 @@ class TrackerOptions(usage.Options):
          "(needs pip install 'p2pshare[redis]')."],
         ["registry-prefix", None, "p2pshare", "Prefix of the table's Redis keys: one per network sharing a Redis."],
         ["metrics", None, None, METRICS_HELP],
+        ["config", None, None, CONFIG_HELP],
     ]
 
     def postOptions(self) -> None:
+        own_pidfile(self, "p2ptracker")
         self["registry"] = registry_url(self["registry"])
         if not self["registry-prefix"] or not self["registry-prefix"].isprintable():
             raise usage.UsageError("--registry-prefix must be a non-empty printable string")
@@ -252,7 +370,7 @@ def makeTrackerService(options: TrackerOptions, reactor: Any = None) -> IService
     return top
 
 
-class PeerOptions(usage.Options):
+class PeerOptions(ConfigFileOptions):
     synopsis = "--tracker HOST:PORT --dir DIR [--port N] [--control 7878|ENDPOINT|none]"
     longdesc = ("Run a p2pshare peer sharing every file under --dir. UDP (search) and TCP (transfer) use the "
                 "same port number; 0 picks a free one.")
@@ -268,6 +386,7 @@ class PeerOptions(usage.Options):
         ["ttl", None, 7, f"Hops a query may travel (at most {MAX_TTL}).", int],
         ["key", None, None, "Private network: the key file (p2pshare keygen); talk only to its holders."],
         ["metrics", None, None, METRICS_HELP],
+        ["config", None, None, CONFIG_HELP],
     ]
 
     def __init__(self) -> None:
@@ -285,7 +404,10 @@ class PeerOptions(usage.Options):
         """A neighbour to use besides the tracker's, HOST:PORT (repeatable)."""
         self["peers"].append(host_port(value, "--peer"))
 
+    REPEATABLE = {"tracker": opt_tracker, "peer": opt_peer}
+
     def postOptions(self) -> None:
+        own_pidfile(self, "p2ppeer")
         if not self["tracker"] and not self["peers"]:
             raise usage.UsageError("give --tracker HOST:PORT (or at least one --peer HOST:PORT)")
         directory = Path(self["dir"])

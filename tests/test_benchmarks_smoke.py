@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from benchmarks import memory, search, search_hosts, small_files, swarm, tracker, tracker_redis, transfer
+from benchmarks import memory, observe, search, search_hosts, small_files, swarm, tracker, tracker_redis, transfer
 from benchmarks.harness import Context, Figure
 
 pytestmark = pytest.mark.system
@@ -137,3 +137,16 @@ def test_tracker_on_redis_reports_rate_memory_and_the_cost_of_two_trackers(ctx: 
     assert got["two trackers, aggregate requests/s"].median > 0
     assert all(got[f"two trackers, CPU per request, {who}"].median > 0 for who in ("tracker A", "tracker B", "Redis"))
     assert 0 < got["Redis memory per peer, 300 peers on their own addresses"].median < 10_000
+
+
+def test_observe_times_a_scrape_against_a_status_request_and_the_open_dashboards_cpu(ctx: Context) -> None:
+    figures = observe.run(ctx)
+    got = {f.name: f for f in figures}
+    scrape = next(f for name, f in got.items() if name.startswith("GET /metrics with"))
+    assert scrape.median > 0 and got["scrape size"].median > 1000
+    assert got["scrape / status"].median > 0
+    opened = next(f for name, f in got.items() if name.endswith("dashboard open"))
+    if opened.status == "n/a":
+        pytest.skip("no Chromium or Playwright: the dashboard figures are n/a")
+    assert opened.verdict in ("pass", "FAIL")
+    assert got["status requests from the page in that time"].median >= 1

@@ -459,3 +459,32 @@ async def test_cancel_ends_a_fetch_in_progress_and_says_why(api: Any) -> None:
 async def test_bad_fetch_and_cancel_bodies_are_answered_400(api: Any, path: str, body: bytes) -> None:
     code, answer = await call(api[0] + path, b"POST", body)
     assert code == 400, answer
+
+
+@pytest_twisted.ensureDeferred
+async def test_ui_prints_the_dashboard_address_and_opens_a_browser_only_on_a_desktop(
+        api: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import webbrowser
+
+    url, requester, _ = api
+    opened: list[str] = []
+    monkeypatch.setattr(webbrowser, "open", opened.append)
+    token = (requester.shares.state / "control.token").read_text().strip()
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    assert await _cli("--dir", str(requester.shares.root), "ui") == 0
+    assert capsys.readouterr().out == f"{url}/#token={token}\n" and opened == []
+    monkeypatch.setenv("DISPLAY", ":0")
+    assert await _cli("--dir", str(requester.shares.root), "ui") == 0
+    assert opened == [f"{url}/#token={token}"]
+    assert await _cli("--dir", str(requester.shares.root), "ui", "--no-browser") == 0
+    assert len(opened) == 1
+
+
+def test_ui_without_a_running_peer_is_one_line_and_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    token = tmp_path / "t"
+    token.write_text("ab" * 32)
+    assert cli.main(["--control", "127.0.0.1:1", "--token-file", str(token), "ui", "--no-browser"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no peer answers" in err
+    assert cli.dashboard_url(("::1", 7878), "ab") == "http://[::1]:7878/#token=ab"

@@ -53,6 +53,8 @@ def test_wheel_ships_the_drop_in_without_package_markers(built: tuple[Path, Path
     assert "twisted/plugins/__init__.py" not in names
     assert not [n for n in names if n.endswith("dropin.cache")]
     assert {"p2pshare/__init__.py", "p2pshare/tap.py", "p2pshare/cli.py"} <= names
+    # the dashboard's files, which the control API reads from the installed package
+    assert {f"p2pshare/dashboard/{f}" for f in ("index.html", "app.js", "style.css", "icon.svg")} <= names
 
 
 def test_installed_twistd_lists_both_plugins_from_another_folder(built: tuple[Path, Path, dict[str, str]],
@@ -74,7 +76,7 @@ def test_installed_p2pshare_command_runs(built: tuple[Path, Path, dict[str, str]
     _, venv, env = built
     result = run([str(venv / "bin" / "p2pshare"), "--help"], cwd=tmp_path, env=env, timeout=60)
     assert "usage: p2pshare" in result.stdout
-    assert {"status", "search", "get", "peers"} <= set(result.stdout.replace(",", " ").replace("{", " ")
+    assert {"status", "search", "get", "peers", "ui"} <= set(result.stdout.replace(",", " ").replace("{", " ")
                                                         .replace("}", " ").split())
 
 

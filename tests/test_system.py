@@ -593,3 +593,53 @@ def test_a_file_added_later_is_found_by_the_rescan_timer(network: Network) -> No
     result = network.p2pshare("alice", "search", "sub/timer.txt", "--timeout", "1")
     assert result.returncode == 0, result.stderr + network.logs()
     assert result.stdout.split("\t")[3] == carol.address
+
+
+def _bare_twistd(name: str, args: list[str], cwd: Path) -> Daemon:
+    """``twistd ARGS`` exactly as typed, without the ``-n --pidfile=`` that ``Daemon.start`` adds."""
+    log = cwd / f"{name}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([TWISTD, *args], cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT)
+    return Daemon(name, proc, log)
+
+
+def test_the_readmes_two_lines_run_side_by_side_in_one_folder(tmp_path: Path) -> None:
+    """``twistd -n p2ptracker --port N`` then ``twistd -n p2ppeer --tracker localhost:N --dir files``, in one
+    folder, as the original's instructions run them: no pid file is claimed under --nodaemon."""
+    port = free_port()
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "a.txt").write_text("a")
+    control = free_port()
+    tracker = _bare_twistd("tracker", ["-n", "p2ptracker", "--port", str(port)], tmp_path)
+    peer = _bare_twistd("peer", ["-n", "p2ppeer", "--tracker", f"localhost:{port}", "--dir", "files",
+                                 "--control", str(control)], tmp_path)
+    try:
+        poll(lambda: True if (s := peer_status(tmp_path, tmp_path / "files")) and s["tracker"]["connected"]
+             else None, "the peer registered with the tracker", (tracker, peer))
+        assert not (tmp_path / "twistd.pid").exists()
+    finally:
+        peer.stop()
+        tracker.stop()
+    assert "Another twistd server is running" not in tracker.output() + peer.output()
+
+
+def test_daemonized_plugins_take_a_pid_file_each_unless_one_is_given(tmp_path: Path) -> None:
+    port = free_port()
+    (tmp_path / "files").mkdir()
+    for args in (["p2ptracker", "--port", f"tcp:{port}:interface=127.0.0.1"],
+                 ["p2ppeer", "--tracker", f"127.0.0.1:{port}", "--dir", "files", "--interface", "127.0.0.1",
+                  "--control", f"tcp:{free_port()}:interface=127.0.0.1"],
+                 ["--pidfile", "mine.pid", "p2ptracker", "--port", f"tcp:{free_port()}:interface=127.0.0.1"]):
+        done = subprocess.run([TWISTD, "--logfile", f"{args[0]}.log", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=30)
+        assert done.returncode == 0, done.stdout + done.stderr
+    pidfiles = {name: tmp_path / name for name in ("p2ptracker.pid", "p2ppeer.pid", "mine.pid")}
+    try:
+        poll(lambda: True if all(p.exists() for p in pidfiles.values()) else None, "three pid files")
+        assert not (tmp_path / "twistd.pid").exists()
+    finally:
+        for path in pidfiles.values():
+            if path.exists():
+                os.kill(int(path.read_text()), signal.SIGTERM)
+        poll(lambda: True if not any(p.exists() for p in pidfiles.values()) else None, "the daemons to stop")
