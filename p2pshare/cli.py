@@ -337,6 +337,19 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_limits(args: argparse.Namespace) -> int:
+    """Show the peer's bandwidth limits, or change them (--upload / --download RATE)."""
+    body = {k: v for k, v in (("upload", args.upload), ("download", args.download)) if v is not None}
+    if body:
+        limits = _json_reply(_control(args, "POST", "/v1/limits", body, timeout=args.timeout))
+    else:
+        limits = _json_reply(_control(args, "GET", "/v1/limits", timeout=args.timeout))
+    for direction in ("upload", "download"):
+        rate = limits[direction]
+        print(f"{direction}:{' ' * (9 - len(direction))}{f'{rate} bytes/s' if rate else 'unlimited'}")
+    return 0
+
+
 def dashboard_url(address: tuple[str, int], token: str) -> str:
     """The dashboard's address: the token rides in the fragment, which the browser never sends."""
     host = f"[{address[0]}]" if ":" in address[0] else address[0]
@@ -396,6 +409,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max", type=int, default=20, choices=range(1, 101), metavar="1..100")
     s.add_argument("--timeout", type=float, default=5.0)
     s.set_defaults(func=cmd_peers)
+    s = sub.add_parser("limits", parents=[common], help="show or change the running peer's bandwidth limits")
+    s.add_argument("--upload", metavar="RATE", help="bytes a second for all uploads: 500k, 10M, 1.5MiB, 0 for none")
+    s.add_argument("--download", metavar="RATE", help="bytes a second for all downloads")
+    s.add_argument("--timeout", type=float, default=10.0)
+    s.set_defaults(func=cmd_limits)
     s = sub.add_parser("ui", parents=[common], help="print the dashboard's address, and open it in a browser")
     s.add_argument("--no-browser", action="store_true", help="only print the address")
     s.add_argument("--timeout", type=float, default=10.0)

@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from p2pshare.bandwidth import parse_rate
 from p2pshare.errors import AlreadyExists, InvalidName, NotFound, P2PError, describe
 from p2pshare.metrics import MetricsPage
 from p2pshare.peer import FetchResult, Peer, hit_json
@@ -296,6 +297,35 @@ class CancelResource(_Guarded):
         return _json(request, {"cancelled": fid})
 
 
+class LimitsResource(_Guarded):
+    """``GET /v1/limits``: the peer's bandwidth limits, bytes a second (0: none).  ``POST`` ``{"upload": R,
+    "download": R}`` (either or both; a number, or a string such as ``"10M"`` or ``"none"``) changes them
+    at once, for the transfers under way too, and answers the new limits."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        return _json(request, self.peer.limits.status())
+
+    def render_POST(self, request: Request) -> bytes:
+        try:
+            body = _body(request)
+            rates = {}
+            for direction in ("upload", "download"):
+                if direction in body:
+                    value = body[direction]
+                    if isinstance(value, bool) or not isinstance(value, (int, str)):
+                        raise ValueError(f"{direction}: give bytes a second, as a number or a string such as '10M'")
+                    rates[direction] = parse_rate(str(value))
+            if set(body) - {"upload", "download"} or not rates:
+                raise ValueError('give "upload" and/or "download"')
+        except ValueError as e:
+            return _json(request, {"error": "BadRequest", "message": f"bad request body: {e}"}, 400)
+        for direction, rate in rates.items():
+            getattr(self.peer.limits, direction).set_rate(rate)
+        return _json(request, self.peer.limits.status())
+
+
 class ScrapeResource(_Guarded):
     """``GET /metrics``: the peer's Prometheus metrics, for a scraper given the token
     (Prometheus: ``authorization: {credentials_file: .../control.token}``)."""
@@ -352,7 +382,7 @@ def control_site(peer: Peer, token: str) -> Site:
     root.putChild(b"v1", v1)
     for name, cls in ((b"status", StatusResource), (b"search", SearchResource), (b"get", GetResource),
                       (b"rescan", RescanResource), (b"files", FilesResource), (b"fetches", FetchesResource),
-                      (b"cancel", CancelResource)):
+                      (b"cancel", CancelResource), (b"limits", LimitsResource)):
         v1.putChild(name, cls(peer, token))
     site = Site(root)
     site.noisy = False

@@ -135,6 +135,7 @@ class _Dialer:
     def __init__(self, fetcher: "Fetcher", fetch: _Fetch, hit: Hit) -> None:
         self.fetcher, self.fetch, self.hit = fetcher, fetch, hit
         self.peer_id = fetcher.host.peer_id
+        self.limits = getattr(fetcher.host, "limits", None)  # the peer's bandwidth limits
 
     def open_for_sending(self, frame: Frame) -> tuple[Entry, IO[bytes], Optional[Download]]:
         raise NotFound("this connection only receives")

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from p2pshare.bandwidth import Limits
 from p2pshare.download import Download
 from p2pshare.errors import InvalidName, NotFound, P2PError
 from p2pshare.fetch import Fetcher, FetchResult
@@ -61,9 +62,12 @@ class Peer(MultiService):
                  interface: str = "0.0.0.0", advertise: Optional[str] = None, peers: tuple[Address, ...] = (),
                  want: int = 4, refresh: float = 30.0, rescan: float = 30.0, ttl: int = DEFAULT_TTL,
                  dial_wait: float = 0.5, idle: float = IDLE_TIMEOUT, requery: float = 3.0,
-                 reactor: Any = None, key: Any = None, only_placed: bool = False) -> None:
+                 reactor: Any = None, key: Any = None, only_placed: bool = False, max_upload_rate: int = 0,
+                 max_download_rate: int = 0) -> None:
         """*key*, a ``netkey.NetworkKey``, makes the peer a member of that private network only.
-        With *only_placed*, the peer shares only the files it downloads, none of the folder's others."""
+        With *only_placed*, the peer shares only the files it downloads, none of the folder's others.
+        *max_upload_rate* and *max_download_rate* (bytes a second, 0 for none) limit the file
+        transfers of the whole peer; ``limits`` changes them while it runs."""
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
@@ -77,6 +81,7 @@ class Peer(MultiService):
         self.static_peers = list(peers)
         self.dial_wait, self.idle, self.requery, self.want = dial_wait, idle, requery, want
         self.counters = Counters()
+        self.limits = Limits(reactor, max_upload_rate, max_download_rate)
         self.metrics = PeerMetrics(self)  # its own registry: several peers in one process stay apart
         if key is not None:
             from p2pshare.netkey import DatagramSeal, NetworkTLS, reporter
@@ -451,6 +456,7 @@ class Peer(MultiService):
             "files_version": self.shares.generation,  # changes whenever the list of shared files does
             "fetching": self.fetcher.status(),
             "fetched": list(reversed(self.fetcher.history)),  # the latest first
+            "limits": self.limits.status(),  # bytes a second, 0 for none
             "counters": dict(sorted(self.counters.items())),
         }
 

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.internet.endpoints import HostnameEndpoint, clientFromString, serverFromString
 from twisted.python import usage
 
+from p2pshare.bandwidth import parse_rate
 from p2pshare.wire import MAX_PEERS_ANSWER, MAX_TTL
 
 DEFAULT_CONTROL = "7878"
@@ -387,6 +388,9 @@ class PeerOptions(ConfigFileOptions):
         ["key", None, None, "Private network: the key file (p2pshare keygen); talk only to its holders."],
         ["metrics", None, None, METRICS_HELP],
         ["config", None, None, CONFIG_HELP],
+        ["max-upload-rate", None, "0", "Most bytes a second the peer sends, across all its transfers (k, M, G: "
+         "thousands; Ki, Mi, Gi: 1024s; 0: no limit). p2pshare limits changes it while the peer runs."],
+        ["max-download-rate", None, "0", "Most bytes a second the peer receives, across all its transfers."],
     ]
 
     def __init__(self) -> None:
@@ -424,6 +428,11 @@ class PeerOptions(ConfigFileOptions):
                 raise usage.UsageError(f"--{name} must be between 0.05 and 86400 seconds")
         self["control"] = control_endpoint_string(self["control"])
         self["metrics"] = metrics_endpoint_string(self["metrics"])
+        for name in ("max-upload-rate", "max-download-rate"):
+            try:
+                self[name] = parse_rate(str(self[name]))
+            except ValueError as e:
+                raise usage.UsageError(f"--{name}: {e}") from None
         self["key"] = network_key(self["key"])
         if self["key"] is not None and any(t.startswith("tls:") for t in self["tracker"]):
             raise usage.UsageError("--tracker: with --key, give HOST:PORT or a tcp: endpoint (the key brings TLS)")
@@ -440,7 +449,8 @@ def makePeerService(options: PeerOptions, reactor: Any = None) -> IService:
     peer = Peer(options["dir"], tracker=tracker, port=options["port"], interface=options["interface"],
                 advertise=options["advertise"], peers=tuple(options["peers"]), want=options["neighbours"],
                 refresh=options["refresh"], rescan=options["rescan"], ttl=options["ttl"], reactor=reactor,
-                key=options["key"])
+                key=options["key"], max_upload_rate=options["max-upload-rate"],
+                max_download_rate=options["max-download-rate"])
     ready: list[Callable[[], Deferred[Any]]] = [peer.when_ready]
     services: list[IService] = [peer]
     with_metrics(reactor, options, peer.metrics.registry, services, ready)

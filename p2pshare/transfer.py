@@ -39,6 +39,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from p2pshare.bandwidth import Limiter
 from p2pshare.download import Download
 from p2pshare.errors import MalformedMessage, NotFound, TransferFailed
 from p2pshare.pieces import choice_for, window_bytes
@@ -114,9 +115,10 @@ class RangeProducer:
     memory: for consumers that are not a plain socket, such as TLS)."""
 
     def __init__(self, file: IO[bytes], offset: int, length: int, consumer: IConsumer,
-                 on_chunk: Callable[[], None] = lambda: None) -> None:
+                 on_chunk: Callable[[], None] = lambda: None, limiter: Optional[Limiter] = None) -> None:
         self.file, self.offset, self.remaining, self.consumer = file, offset, length, consumer
         self.on_chunk = on_chunk
+        self.limiter = limiter if limiter is not None and limiter.limited else None  # the peer's upload limit
         self.finished: Deferred[None] = Deferred()
         self._paused = False
 
@@ -128,15 +130,23 @@ class RangeProducer:
 
     def resumeProducing(self) -> None:
         self._paused = False
+        limiter = self.limiter
+        chunk = CHUNK if limiter is None else limiter.slice(CHUNK)
         while not self._paused and self.remaining > 0:
+            if limiter is not None and limiter.blocked():
+                self._paused = True
+                limiter.wait(self, self.resumeProducing)
+                return
             try:
-                data = read_range(self.file, self.offset, min(CHUNK, self.remaining))
+                data = read_range(self.file, self.offset, min(chunk, self.remaining))
             except TransferFailed as e:
                 self._end(e)
                 return
             self.offset += len(data)
             self.remaining -= len(data)
             self.on_chunk()
+            if limiter is not None:
+                limiter.charge(len(data), self)
             self.consumer.write(data)
         if self.remaining == 0 and not self.finished.called:
             self._end(None)
@@ -146,6 +156,8 @@ class RangeProducer:
 
     def stopProducing(self) -> None:
         self._paused = True
+        if self.limiter is not None:
+            self.limiter.forget(self)
         if not self.finished.called:
             self.remaining = 0
             d, self.finished = self.finished, Deferred()
@@ -159,6 +171,8 @@ class RangeProducer:
             self._end(TransferFailed("the range was cancelled"))
 
     def _end(self, error: Optional[Exception]) -> None:
+        if self.limiter is not None:
+            self.limiter.forget(self)
         self.consumer.unregisterProducer()
         d, self.finished = self.finished, Deferred()
         self.finished.callback(None)  # later stopProducing calls find it fired
@@ -193,10 +207,16 @@ class SendfileProducer(RangeProducer):
     def resumeProducing(self) -> None:
         self._paused = False
         sock, fd = self.consumer.fileno(), self.file.fileno()
-        budget = SENDFILE_SLICE
+        limiter = self.limiter
+        budget = SENDFILE_SLICE if limiter is None else limiter.slice(SENDFILE_SLICE)
         while self.remaining > 0 and not self._paused:
             if budget <= 0:
                 return self._wait()  # others get a turn; the socket is still writable
+            if limiter is not None and limiter.blocked():
+                # Over the peer's upload limit: neither send nor watch the socket until the bucket
+                # refills; then wait for writability as after any pause.
+                self._paused = self.consumer.producerPaused = True
+                return limiter.wait(self, self._wait)
             try:
                 n = os.sendfile(sock, fd, self.offset, min(self.remaining, budget))
             except BlockingIOError:
@@ -212,6 +232,8 @@ class SendfileProducer(RangeProducer):
             self.offset += n
             self.remaining -= n
             budget -= n
+            if limiter is not None:
+                limiter.charge(n, self)
             self.on_chunk()
         if self.remaining == 0 and not self.finished.called:
             self._end(None)
@@ -362,6 +384,9 @@ class Holder:
     def _send_next_range(self) -> None:
         if not self.gets or not self.conn.open:
             return
+        limiter = self.conn.upload_limiter
+        if limiter is not None and limiter.blocked():
+            return limiter.wait(self, self._send_next_range)
         frame = self.gets.popleft()
         self._sending_offset, self._sending_length = frame.offset, frame.length
         transport = self.conn.transport
@@ -372,12 +397,15 @@ class Holder:
             except TransferFailed as e:
                 return self._range_failed(Failure(e))
             self.conn.resetTimeout()
+            if limiter is not None:
+                limiter.charge(len(data))
             transport.write(header + data)
             return self._range_sent(None)
         transport.write(header)
         kind = SendfileProducer if isinstance(transport, tcp.Connection) and hasattr(os, "sendfile") \
             else RangeProducer
-        self.producer = kind(self.file, frame.offset, frame.length, transport, on_chunk=self.conn.resetTimeout)
+        self.producer = kind(self.file, frame.offset, frame.length, transport, on_chunk=self.conn.resetTimeout,
+                             limiter=limiter)
         self.producer.start().addCallbacks(self._range_sent, self._range_failed)
 
     def _range_sent(self, _: None) -> None:
@@ -538,10 +566,10 @@ class Requester:
         self.ask()
 
     def pauseProducing(self) -> None:
-        self.conn.transport.pauseProducing()
+        self.conn.pause("disk")
 
     def resumeProducing(self) -> None:
-        self.conn.transport.resumeProducing()
+        self.conn.resume("disk")
 
     def download_finished(self) -> None:
         """The download has every piece (from us or others): goodbye."""
@@ -590,6 +618,10 @@ class TransferProtocol(Protocol, TimeoutMixin):
         self._manifest: Optional[list[bytes]] = None  # the manifest's bytes while they arrive
         self._unreset = 0  # raw bytes received since the idle timer was last reset
         self._stopped = False  # refused or dropped: read nothing more
+        self._pauses: set[str] = set()  # why reading is paused: "disk" (the download fell behind), "rate"
+        limits = getattr(node, "limits", None)  # bandwidth.Limits of the peer, if it has limits
+        self.upload_limiter: Optional[Limiter] = limits.upload if limits is not None else None
+        self.download_limiter: Optional[Limiter] = limits.download if limits is not None else None
 
     # -- what other modules read ------------------------------------------------------------
 
@@ -631,6 +663,27 @@ class TransferProtocol(Protocol, TimeoutMixin):
     def send(self, frame: Frame) -> None:
         self.transport.write(frame.encode() + b"\n")
 
+    def pause(self, reason: str) -> None:
+        """Stop reading for *reason*; reading goes on once every reason is gone."""
+        if not self._pauses:
+            self.transport.pauseProducing()
+        self._pauses.add(reason)
+
+    def resume(self, reason: str) -> None:
+        if reason in self._pauses:
+            self._pauses.discard(reason)
+            if not self._pauses and self.connected:
+                self.transport.resumeProducing()
+
+    def _downloaded(self, nbytes: int) -> None:
+        """Charge the peer's download limit; over it, read nothing more until it refills."""
+        limiter = self.download_limiter
+        assert limiter is not None
+        limiter.charge(nbytes, self)
+        if limiter.blocked() and "rate" not in self._pauses:
+            self.pause("rate")
+            limiter.wait(self, lambda: self.resume("rate"))
+
     def refuse(self, code: str, message: str) -> None:
         self.log.info("closing transfer connection with {peer}: {message}", peer=self.transport.getPeer(),
                       message=message)
@@ -661,6 +714,8 @@ class TransferProtocol(Protocol, TimeoutMixin):
             self._manifest_done()
 
     def dataReceived(self, data: bytes) -> None:
+        if self.download_limiter is not None and self.download_limiter.limited:
+            self._downloaded(len(data))
         view, pos, end = memoryview(data), 0, len(data)
         while pos < end and not self._stopped:
             if self._raw_left:
@@ -719,6 +774,11 @@ class TransferProtocol(Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.setTimeout(None)
         self.node.track(self, False)
+        for limiter in (self.download_limiter, self.upload_limiter):
+            if limiter is not None:
+                limiter.forget(self)
+                if self.holder is not None:
+                    limiter.forget(self.holder)
         if self.holder is not None:
             self.holder.close()
         if self.requester is not None:

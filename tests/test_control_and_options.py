@@ -488,3 +488,27 @@ def test_ui_without_a_running_peer_is_one_line_and_exit_1(tmp_path: Path, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no peer answers" in err
     assert cli.dashboard_url(("::1", 7878), "ab") == "http://[::1]:7878/#token=ab"
+
+
+@pytest_twisted.ensureDeferred
+async def test_limits_shows_and_changes_the_running_peers_bandwidth_limits(
+        api: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    _, requester, _ = api
+    folder = str(requester.shares.root)
+    assert await _cli("--dir", folder, "limits") == 0
+    assert capsys.readouterr().out == "upload:   unlimited\ndownload: unlimited\n"
+    assert await _cli("--dir", folder, "limits", "--upload", "1.5M") == 0
+    assert capsys.readouterr().out == "upload:   1500000 bytes/s\ndownload: unlimited\n"
+    assert requester.limits.upload.rate == 1_500_000
+    assert await _cli("--dir", folder, "limits", "--download", "lots") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a rate" in err
+
+
+def test_rate_options_take_suffixes_and_refuse_nonsense(tmp_path: Path) -> None:
+    options = PeerOptions()
+    options.parseOptions(["--peer", "127.0.0.1:9", "--dir", str(tmp_path), "--max-upload-rate", "10M",
+                          "--max-download-rate", "512KiB"])
+    assert (options["max-upload-rate"], options["max-download-rate"]) == (10_000_000, 524_288)
+    with pytest.raises(usage.UsageError, match="--max-upload-rate: 'fast' is not a rate"):
+        PeerOptions().parseOptions(["--peer", "127.0.0.1:9", "--dir", str(tmp_path), "--max-upload-rate", "fast"])

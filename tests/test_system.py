@@ -354,11 +354,19 @@ def holder_of_big_file(root: Path) -> Iterator[tuple[str, str, list[Daemon]]]:
             daemon.stop()
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def ctrl_c_part_way(argv: list[str], cwd: Path, have: Path, holder: Daemon) -> subprocess.CompletedProcess[str]:
     """Run ``p2pshare ARGV``; once the record *have* shows a verified piece, hang *holder*
     (SIGSTOP), so the download cannot finish, and press Ctrl-C (SIGINT)."""
+    # As a terminal would start it: SIGINT at its default, even when these tests run in a background job
+    # (whose shell ignores SIGINT, and the child would inherit that).
     get = subprocess.Popen([P2PSHARE, *argv], cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+                           stderr=subprocess.PIPE, text=True,
+                           preexec_fn=_default_sigint)
     try:
         deadline = time.monotonic() + DEADLINE
         while not have.exists():  # written as soon as the first piece is verified
@@ -366,7 +374,15 @@ def ctrl_c_part_way(argv: list[str], cwd: Path, have: Path, holder: Daemon) -> s
             time.sleep(0.002)
         holder.proc.send_signal(signal.SIGSTOP)
         get.send_signal(signal.SIGINT)
-        out, err = get.communicate(timeout=DEADLINE)
+        try:
+            out, err = get.communicate(timeout=DEADLINE)
+        except subprocess.TimeoutExpired:
+            signals = [line for line in Path(f"/proc/{get.pid}/status").read_text().splitlines()
+                       if line.startswith(("SigBlk", "SigIgn", "SigCgt", "State"))]
+            get.kill()
+            out, err = get.communicate()
+            pytest.fail(f"p2pshare {' '.join(argv)} did not end within {DEADLINE:g}s of Ctrl-C ({signals}); it "
+                        f"printed:\n{out}\n{err}")
     finally:
         if get.poll() is None:
             get.kill()
