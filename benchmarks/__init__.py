@@ -1,6 +1,7 @@
 """p2pshare's benchmark suite: ``make bench`` (``python -m benchmarks``).
 
-Six benchmarks of issue 3, one module each (search has a second, on separate hosts); each is judged
+Eight benchmarks, one module each (search has a second, on separate hosts, and the tracker one on
+Redis); each is judged
 against a baseline measured in the same run, because absolute figures drift by
 tens of percent on shared machines while ratios hold.  ``docs/performance.md``
 says what each figure means.
@@ -18,5 +19,6 @@ BENCHMARKS = {
     "tracker": "benchmarks.tracker",
     "tracker_redis": "benchmarks.tracker_redis",
     "memory": "benchmarks.memory",
+    "limits": "benchmarks.limits",
     "observe": "benchmarks.observe",
 }

@@ -92,7 +92,7 @@ def _one_network(ctx: Context, root: Path, searches: int, warmup: int) -> dict[s
         for k in range(2, PEERS + 1):
             net.hosts[k].start_daemon(f"p{k}", [
                 "p2ppeer", "--tracker", tracker, "--dir", f"p{k}", "--port", str(PORT), "--control",
-                "tcp:0:interface=127.0.0.1", "--refresh", "1", "--rescan", "3600", "--neighbours", "0", *links(k)],
+                "tcp:0:interface=127.0.0.1", "--refresh", "1", "--rescan", "3600", "--neighbours", "0", "--no-lan", *links(k)],
                 root)
         go = root / "go"
         helper = net.hosts[SEARCHER].popen(

@@ -161,7 +161,7 @@ class Swarm:
             self.host(k).start_daemon(
                 "holder" if k == 0 else f"p{k}",
                 ["p2ppeer", "--tracker", f"{tracker.ip}:{TRACKER_PORT}", "--dir", str(self.dir(k)),
-                 "--port", str(PORT), "--control", "tcp:0:interface=127.0.0.1", "--refresh", "2",
+                 "--port", str(PORT), "--control", "tcp:0:interface=127.0.0.1", "--refresh", "2", "--no-lan",
                  # deleted copies must leave the index quickly, between rounds
                  "--rescan", "1"], self.root)
         self.wait_all(lambda k: 1 if k == 0 else 0, connected=True)

@@ -420,7 +420,7 @@ class ControlService(Service):
         def listening(port: IListeningPort) -> None:
             self.port = port
             host = port.getHost()
-            self.url = f"http://{host.host}:{host.port}"
+            self.url = f"http://[{host.host}]:{host.port}" if ":" in host.host else f"http://{host.host}:{host.port}"
             (self.peer.shares.state / "control.json").write_text(json.dumps({"url": self.url}) + "\n")
             self.log.info("control API on {url}", url=self.url)
             self._listening.callback(None)  # last: whoever waits sees the URL set

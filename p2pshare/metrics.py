@@ -46,6 +46,8 @@ _LABELLED = (
     ("downloads_", "downloads", "outcome", "Downloads ended: completed or failed."),
     ("sources_dialled_by_", "download_sources", "dialled_by", "Sources taken on by downloads, by who dialled."),
     ("tracker_", "tracker_events", "event", "Tracker events: refusals, expiries, closed and refused connections."),
+    ("lan_", "lan_events", "event", "LAN discovery: announcements sent and received, dropped (bad, rate_limited), "
+     "send errors."),
 )
 # Counters renamed one by one: name -> (family, label, value, help).
 _EXACT = {
@@ -75,6 +77,8 @@ PEER_COUNTERS = (
     "acks_received", "hellos_received", "dropped_duplicate", "dropped_malformed", "dropped_unproven",
     "dropped_rate_limited", "retries_query", "gave_up_query", "downloads_completed", "downloads_failed",
     "bad_pieces", "bad_manifests", "fetches_cancelled", "uploads_opened", "offers_declined", "send_errors",
+    "lan_announcements_sent", "lan_announcements_received", "lan_dropped_bad", "lan_dropped_rate_limited",
+    "lan_send_errors",
 )
 TRACKER_OPS = ("register", "heartbeat", "leave", "peers")
 TRACKER_COUNTERS = ("tracker_malformed", "tracker_unavailable", "tracker_expired", "tracker_connections_refused",
@@ -196,7 +200,8 @@ class PeerMetrics:
         entries = peer.shares.entries
         yield gauge("neighbours", "Peers this one sends its queries to.", len(peer.neighbours()))
         yield gauge("shared_files", "Files in the shared folder's index.", len(entries))
-        yield gauge("shared_bytes", "Bytes in the shared folder's indexed files.", sum(e.size for e in entries.values()))
+        yield gauge("shared_bytes", "Bytes in the shared folder's indexed files.",
+                    sum(e.size for e in entries.values()))
         yield gauge("downloads_active", "Fetches in progress (searching or downloading).", len(peer.fetcher.fetches))
         yield gauge("upload_connections", "Open transfer connections.", len(peer._connections))
         if peer.tracker is not None:

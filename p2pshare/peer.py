@@ -15,7 +15,7 @@ from typing import IO, Any, Callable, Optional
 from attrs import asdict
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, fail
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, TCP6ClientEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
@@ -28,6 +28,8 @@ from p2pshare.download import Download
 from p2pshare.errors import InvalidName, NotFound, P2PError
 from p2pshare.fetch import Fetcher, FetchResult
 from p2pshare.metrics import PeerMetrics
+from p2pshare import lan as lan_module
+from p2pshare.lan import LanDiscovery
 from p2pshare.neighbours import Neighbourhood
 from p2pshare.ratelimit import Backoff, Counters
 from p2pshare.reliable import Retransmitter
@@ -35,7 +37,8 @@ from p2pshare.search import DEFAULT_TTL, Reaction, SearchCore, SearchProtocol
 from p2pshare.shares import Entry, Shares
 from p2pshare.tracker import TrackerClient
 from p2pshare.transfer import IDLE_TIMEOUT, ITransferNode, TransferFactory, TransferProtocol, dial, offer_for
-from p2pshare.wire import MAX_DATAGRAM, Address, Frame, Hello, Hit, PeerInfo, Query, is_ip, is_sha256, validate_name
+from p2pshare.wire import (MAX_DATAGRAM, Address, Frame, Hello, Hit, PeerInfo, Query, is_ip, is_ipv6, is_sha256,
+                           plain_host, validate_name)
 
 MAX_OFFERS = 16  # connections a holder opens to requesters at once
 SUSPECT_EVERY = 60.0  # seconds between re-hashes of one file that requesters say does not match
@@ -63,11 +66,14 @@ class Peer(MultiService):
                  want: int = 4, refresh: float = 30.0, rescan: float = 30.0, ttl: int = DEFAULT_TTL,
                  dial_wait: float = 0.5, idle: float = IDLE_TIMEOUT, requery: float = 3.0,
                  reactor: Any = None, key: Any = None, only_placed: bool = False, max_upload_rate: int = 0,
-                 max_download_rate: int = 0) -> None:
+                 max_download_rate: int = 0, lan: bool = False, lan_group: str = lan_module.GROUP,
+                 lan_port: int = lan_module.PORT) -> None:
         """*key*, a ``netkey.NetworkKey``, makes the peer a member of that private network only.
         With *only_placed*, the peer shares only the files it downloads, none of the folder's others.
         *max_upload_rate* and *max_download_rate* (bytes a second, 0 for none) limit the file
-        transfers of the whole peer; ``limits`` changes them while it runs."""
+        transfers of the whole peer; ``limits`` changes them while it runs.  With *lan*, the peer
+        announces itself on the local link and takes the peers it hears there as neighbours
+        (``lan.py``); never on a loopback *interface*."""
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
@@ -97,6 +103,11 @@ class Peer(MultiService):
                                          "that peer run with the same --key?")
         self.udp_port = self.tcp_port = 0
         self.hood = Neighbourhood(expire_after=refresh * 3)
+        self.lan: Optional[LanDiscovery] = None
+        if lan and not lan_module.is_loopback(interface) and (not is_ipv6(interface) or interface == "::"):
+            self.lan = LanDiscovery(self.peer_id, lambda: self.udp_port, self._found_on_lan, reactor, self.counters,
+                                    seal=seal, group=lan_group, port=lan_port,
+                                    interface="" if interface in ("0.0.0.0", "", "::") else interface)
         self.rng = random.SystemRandom()
         self.core = SearchCore(self.shares.lookup, self.neighbours, self._me, self.counters, max_ttl=ttl,
                                retransmitter=Retransmitter(self.counters, on_give_up=self._unanswered),
@@ -158,7 +169,7 @@ class Peer(MultiService):
     async def _start(self) -> "Peer":
         resolved = []
         for host, port in self.static_peers:  # datagrams go to IP addresses only
-            resolved.append((await self.reactor.resolve(host), port))
+            resolved.append((plain_host(host) if is_ip(host) else await self.reactor.resolve(host), port))
         if self.advertise and not is_ip(self.advertise):
             self.advertise = await self.reactor.resolve(self.advertise)
         self.static_peers = resolved
@@ -177,8 +188,9 @@ class Peer(MultiService):
 
     async def _listen(self) -> None:
         for attempt in range(20):
-            tcp = await TCP4ServerEndpoint(self.reactor, self.port, interface=self.interface).listen(
-                self.transfer_factory())
+            endpoint = (TCP6ServerEndpoint if is_ipv6(self.interface) else TCP4ServerEndpoint)(
+                self.reactor, self.port, interface=self.interface)
+            tcp = await endpoint.listen(self.transfer_factory())
             number = tcp.getHost().port
             try:
                 udp = self.reactor.listenUDP(number, self.search_proto, interface=self.interface,
@@ -188,8 +200,12 @@ class Peer(MultiService):
                 if self.port:
                     raise
                 continue
+            self.search_proto.dual_stack = is_ipv6(self.interface)
             self._ports = [tcp, udp]
             self.tcp_port = self.udp_port = number
+            if self.lan is not None:
+                # Several peers on one machine share the group's port (SO_REUSEADDR / SO_REUSEPORT).
+                self._ports.append(self.reactor.listenMulticast(self.lan.port, self.lan, listenMultiple=True))
             return
         raise CannotListenError(self.interface, 0, "no port free for both TCP and UDP")
 
@@ -202,7 +218,8 @@ class Peer(MultiService):
 
     def endpoint_to(self, address: Address) -> IStreamClientEndpoint:
         """The endpoint for a transfer connection to another peer's TCP *address* (TLS in a private network)."""
-        endpoint = TCP4ClientEndpoint(self.reactor, address[0], address[1], timeout=10)
+        kind = TCP6ClientEndpoint if is_ipv6(address[0]) else TCP4ClientEndpoint
+        endpoint = kind(self.reactor, address[0], address[1], timeout=10)
         if self.tls is None:
             return endpoint
         return self.tls.client(endpoint, self._dial_failed, self.reactor)
@@ -248,6 +265,11 @@ class Peer(MultiService):
         fresh = [(p.host, p.udp) for p in peers if p.peer != self.peer_id]
         self._say_hello(self.hood.refresh_tracker(fresh, self.want))
 
+    def _found_on_lan(self, addr: Address) -> None:
+        self.hood.set_own(self._own_addresses)
+        if self.hood.found_on_lan(addr, self.reactor.seconds()):
+            self._say_hello([addr])  # so that it forwards to us at once, without waiting for our announcement
+
     def _unanswered(self, kind: str, request_id: str, dest: Address) -> None:
         """A neighbour acknowledged nothing through every retry: stop counting on what we learned of it."""
         self.hood.forget(dest)
@@ -277,7 +299,7 @@ class Peer(MultiService):
 
     @property
     def _own_addresses(self) -> set[Address]:
-        return {(self.host_for_others, self.udp_port), ("127.0.0.1", self.udp_port)}
+        return {(self.host_for_others, self.udp_port), ("127.0.0.1", self.udp_port), ("::1", self.udp_port)}
 
     def neighbours(self) -> list[Address]:
         self.hood.set_own(self._own_addresses)

@@ -22,7 +22,8 @@ from p2pshare.errors import MalformedMessage, MessageTooLarge, UnsupportedVersio
 from p2pshare.ratelimit import Counters, RateLimitedLog, TokenBuckets, touch
 from p2pshare.reliable import Retransmitter
 from p2pshare.shares import Entry
-from p2pshare.wire import MAX_DATAGRAM, MIN_QUERY, Ack, Address, Hello, Hit, Query, decode_datagram
+from p2pshare.wire import (MAX_DATAGRAM, MIN_QUERY, Ack, Address, Hello, Hit, Query, decode_datagram, mapped,
+                           plain_host)
 
 if TYPE_CHECKING:
     from p2pshare.netkey import DatagramSeal
@@ -324,6 +325,7 @@ class SearchProtocol(DatagramProtocol):
                  on_hello: Callable[[Hello, Address], None] = lambda h, a: None,
                  seal: Optional["DatagramSeal"] = None) -> None:
         self.core = core
+        self.dual_stack = False  # set when the port is an IPv6 socket (IPv4 peers reach it as ::ffff:a.b.c.d)
         self.seal = seal  # a private network's: every datagram sealed on the way out, opened first on the way in
         if seal is not None:
             core.budget.overhead = HEADERS + seal.max_sealed - MAX_DATAGRAM  # sealing adds as much to each
@@ -341,6 +343,8 @@ class SearchProtocol(DatagramProtocol):
         return self.core.counters
 
     def datagramReceived(self, data: bytes, addr: Address) -> None:  # type: ignore[override]
+        if self.dual_stack:
+            addr = (plain_host(addr[0]), addr[1])  # an IPv4 sender reaches an IPv6 socket as ::ffff:a.b.c.d
         if not self.limit.allow(addr[0], self.clock.seconds()):
             self.counters.add("dropped_rate_limited")
             self.bad_input.warn(addr[0], "dropping datagrams from {host}: more than {rate} a second",
@@ -435,6 +439,8 @@ class SearchProtocol(DatagramProtocol):
         if len(payload) > MAX_DATAGRAM:  # receivers would drop it
             self.counters.add("send_oversized")
             return False
+        if self.dual_stack and ":" not in dest[0]:
+            dest = (mapped(dest[0]), dest[1])
         try:
             self.transport.write(payload if self.seal is None else self.seal.seal(payload, self.clock.seconds()),
                                  dest)

@@ -21,6 +21,7 @@ from twisted.internet.endpoints import HostnameEndpoint, clientFromString, serve
 from twisted.python import usage
 
 from p2pshare.bandwidth import parse_rate
+from p2pshare.lan import is_loopback
 from p2pshare.wire import MAX_PEERS_ANSWER, MAX_TTL
 
 DEFAULT_CONTROL = "7878"
@@ -44,15 +45,21 @@ def server_endpoint_string(value: str, what: str) -> str:
 
 
 def control_endpoint_string(value: str) -> Optional[str]:
-    """The control API's endpoint, always on loopback; None for ``none``."""
+    """The control API's endpoint, always on loopback; None for ``none``.  ``HOST:PORT`` and
+    ``[::1]:PORT`` are taken too."""
     if value.lower() == "none":
         return None
+    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([0-9.]+|localhost):(\d+)", value)
+    if match is not None:
+        host, port = (match.group(1), match.group(2)) if match.group(1) else (match.group(3), match.group(4))
+        kind = "tcp6" if ":" in host else "tcp"
+        value = f"{kind}:{port}:interface={host.replace(':', chr(92) + ':')}"
     desc = server_endpoint_string(value, "--control")
-    if not desc.startswith("tcp:"):
-        raise usage.UsageError("--control: only tcp endpoints are supported")
+    if not desc.startswith(("tcp:", "tcp6:")):
+        raise usage.UsageError("--control: only tcp and tcp6 endpoints are supported")
     match = re.search(r":interface=((?:\\:|[^:])+)", desc)
     if match is None:
-        return desc + ":interface=127.0.0.1"
+        return desc + (":interface=\\:\\:1" if desc.startswith("tcp6:") else ":interface=127.0.0.1")
     if match.group(1) not in LOOPBACK:
         raise usage.UsageError(f"--control: the control API listens on loopback only, not {match.group(1)}")
     return desc
@@ -392,6 +399,10 @@ class PeerOptions(ConfigFileOptions):
          "thousands; Ki, Mi, Gi: 1024s; 0: no limit). p2pshare limits changes it while the peer runs."],
         ["max-download-rate", None, "0", "Most bytes a second the peer receives, across all its transfers."],
     ]
+    optFlags = [
+        ["no-lan", None, "Do not announce this peer on the local link, nor take the peers announced there as "
+         "neighbours (LAN discovery: multicast 239.192.72.69:7771, never on a loopback --interface)."],
+    ]
 
     def __init__(self) -> None:
         super().__init__()
@@ -412,8 +423,10 @@ class PeerOptions(ConfigFileOptions):
 
     def postOptions(self) -> None:
         own_pidfile(self, "p2ppeer")
-        if not self["tracker"] and not self["peers"]:
-            raise usage.UsageError("give --tracker HOST:PORT (or at least one --peer HOST:PORT)")
+        if not self["tracker"] and not self["peers"] and (self["no-lan"] or is_loopback(self["interface"])):
+            raise usage.UsageError("give --tracker HOST:PORT or at least one --peer HOST:PORT (without them, the "
+                                   "peer can only find others on the local link: not with --no-lan, nor on a "
+                                   "loopback --interface)")
         directory = Path(self["dir"])
         if not directory.is_dir():
             raise usage.UsageError(f"--dir: {directory} is not a folder")
@@ -450,7 +463,7 @@ def makePeerService(options: PeerOptions, reactor: Any = None) -> IService:
                 advertise=options["advertise"], peers=tuple(options["peers"]), want=options["neighbours"],
                 refresh=options["refresh"], rescan=options["rescan"], ttl=options["ttl"], reactor=reactor,
                 key=options["key"], max_upload_rate=options["max-upload-rate"],
-                max_download_rate=options["max-download-rate"])
+                max_download_rate=options["max-download-rate"], lan=not options["no-lan"])
     ready: list[Callable[[], Deferred[Any]]] = [peer.when_ready]
     services: list[IService] = [peer]
     with_metrics(reactor, options, peer.metrics.registry, services, ready)

@@ -30,7 +30,7 @@ from p2pshare.errors import MalformedMessage, TrackerError
 from p2pshare.metrics import TrackerMetrics
 from p2pshare.ratelimit import Counters, RateLimitedLog
 from p2pshare.registry import IPeerRegistry, MemoryRegistry, RegistryUnavailable
-from p2pshare.wire import MAX_PEERS_ANSWER, MAX_TRACKER_LINE, PeerInfo, TrackerReply, TrackerRequest
+from p2pshare.wire import MAX_PEERS_ANSWER, MAX_TRACKER_LINE, PeerInfo, TrackerReply, TrackerRequest, plain_host
 
 if TYPE_CHECKING:
     from p2pshare.netkey import NetworkKey
@@ -122,6 +122,7 @@ class TrackerFactory(Factory):
     def buildProtocol(self, addr: Any) -> Optional[TrackerServerProtocol]:
         host = getattr(addr, "host", None)
         if host is not None:
+            host = plain_host(host)  # IPv4 on a dual-stack port: a.b.c.d, as connection_closed counts it
             if self._connections_from[host] >= self.max_per_address:
                 self.counters.add("tracker_connections_refused")
                 self.bad_input.warn(("connections", host), "refusing a connection from {host}: it has {n} already",
@@ -131,7 +132,7 @@ class TrackerFactory(Factory):
         return TrackerServerProtocol(self)
 
     def connection_closed(self, conn: TrackerServerProtocol) -> None:
-        host = conn.transport.getPeer().host
+        host = plain_host(conn.transport.getPeer().host)
         self._connections_from[host] -= 1
         if self._connections_from[host] <= 0:
             del self._connections_from[host]
@@ -166,7 +167,7 @@ class TrackerFactory(Factory):
     def _register(self, req: TrackerRequest, conn: TrackerServerProtocol) -> Deferred[TrackerReply]:
         assert req.peer is not None
         peer = req.peer
-        observed = conn.transport.getPeer().host
+        observed = plain_host(conn.transport.getPeer().host)  # IPv4 on a dual-stack port: a.b.c.d
         info = PeerInfo(peer, req.host or observed, req.udp, req.tcp)  # type: ignore[arg-type]
 
         def recorded(ok: bool) -> TrackerReply:

@@ -618,6 +618,7 @@ class TransferProtocol(Protocol, TimeoutMixin):
         self._manifest: Optional[list[bytes]] = None  # the manifest's bytes while they arrive
         self._unreset = 0  # raw bytes received since the idle timer was last reset
         self._stopped = False  # refused or dropped: read nothing more
+        self._small_reads = False  # reads made smaller by a download limit
         self._pauses: set[str] = set()  # why reading is paused: "disk" (the download fell behind), "rate"
         limits = getattr(node, "limits", None)  # bandwidth.Limits of the peer, if it has limits
         self.upload_limiter: Optional[Limiter] = limits.upload if limits is not None else None
@@ -675,10 +676,19 @@ class TransferProtocol(Protocol, TimeoutMixin):
             if not self._pauses and self.connected:
                 self.transport.resumeProducing()
 
+    def _read_size(self, size: int) -> None:
+        """Read at most *size* bytes at a time: under a download limit, about the bucket's depth, so that
+        one read does not take seconds of the limit at once."""
+        sock = socket_transport(self.transport)
+        if sock is not None and sock.bufferSize != size:
+            sock.bufferSize = size
+        self._small_reads = size < RECEIVE_BUFFER
+
     def _downloaded(self, nbytes: int) -> None:
         """Charge the peer's download limit; over it, read nothing more until it refills."""
         limiter = self.download_limiter
         assert limiter is not None
+        self._read_size(limiter.slice(RECEIVE_BUFFER))
         limiter.charge(nbytes, self)
         if limiter.blocked() and "rate" not in self._pauses:
             self.pause("rate")
@@ -714,8 +724,12 @@ class TransferProtocol(Protocol, TimeoutMixin):
             self._manifest_done()
 
     def dataReceived(self, data: bytes) -> None:
-        if self.download_limiter is not None and self.download_limiter.limited:
-            self._downloaded(len(data))
+        limiter = self.download_limiter
+        if limiter is not None:
+            if limiter.limited:
+                self._downloaded(len(data))
+            elif self._small_reads:
+                self._read_size(RECEIVE_BUFFER)  # the limit was lifted: large reads again
         view, pos, end = memoryview(data), 0, len(data)
         while pos < end and not self._stopped:
             if self._raw_left:

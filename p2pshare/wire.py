@@ -51,6 +51,28 @@ def _parses_as_ip(host: str) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=4096)
+def plain_host(host: str) -> str:
+    """An address as peers name it: an IPv4 address that reached a dual-stack (IPv6) socket as
+    ``::ffff:a.b.c.d`` is ``a.b.c.d`` again; IPv6 addresses in their compressed form."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def is_ipv6(host: str) -> bool:
+    return ":" in host
+
+
+def mapped(host: str) -> str:
+    """*host* as a dual-stack IPv6 socket addresses it: IPv4 as ``::ffff:a.b.c.d``."""
+    return host if ":" in host else f"::ffff:{host}"
+
+
 def is_sha256(value: object) -> bool:
     return type(value) is str and _HEX64.match(value) is not None
 

@@ -72,6 +72,7 @@ BIN = Path(sys.executable).parent
 TWISTD = str(BIN / "twistd")
 LOSS_TABLE = "p2pt_loss"
 THROTTLE_TABLE = "p2pt_throttle"
+MULTICAST_TABLE = "p2pt_multicast"
 PARTITION_TABLE = "p2pt_partition"
 SHAPE_TABLE = "p2pt_shape"  # the nft fallback of Host.rate_limit (one per bridge port in the switch)
 TBF_LATENCY = 0.1  # seconds: the most a packet may wait in a tbf queue before it is dropped
@@ -455,3 +456,14 @@ class TestNetwork:
 
     def heal(self) -> None:
         _nft_script(self.switch, _replace_table("bridge", PARTITION_TABLE, ""))
+
+    def separate_multicast(self, side_a: Iterable[Host], side_b: Iterable[Host]) -> None:
+        """Two links joined by a router, as far as discovery can tell: IPv4 multicast frames (destination
+        MAC 01:00:5e/25) no longer cross between the sides; unicast, ARP included, still does."""
+        a = ", ".join(f'"{h.port}"' for h in side_a)
+        b = ", ".join(f'"{h.port}"' for h in side_b)
+        multicast = "ether daddr & ff:ff:ff:80:00:00 == 01:00:5e:00:00:00"
+        body = ("  chain forward {\n    type filter hook forward priority filter; policy accept;\n"
+                f"    iifname {{ {a} }} oifname {{ {b} }} {multicast} drop\n"
+                f"    iifname {{ {b} }} oifname {{ {a} }} {multicast} drop\n  }}")
+        _nft_script(self.switch, _replace_table("bridge", MULTICAST_TABLE, body))

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from benchmarks import memory, observe, search, search_hosts, small_files, swarm, tracker, tracker_redis, transfer
+from benchmarks import limits, memory, observe, search, search_hosts, small_files, swarm, tracker, tracker_redis, transfer
 from benchmarks.harness import Context, Figure
 
 pytestmark = pytest.mark.system
@@ -150,3 +150,10 @@ def test_observe_times_a_scrape_against_a_status_request_and_the_open_dashboards
         pytest.skip("no Chromium or Playwright: the dashboard figures are n/a")
     assert opened.verdict in ("pass", "FAIL")
     assert got["status requests from the page in that time"].median >= 1
+
+
+def test_limits_reports_the_achieved_rate_against_the_configured_one_both_ways(ctx: Context) -> None:
+    got = by_name(limits.run(ctx))
+    for side in ("upload", "download"):
+        assert got[f"--max-{side}-rate 2 MB/s: achieved / configured"].median > 0
+        assert got[f"--max-{side}-rate: distance from the configured rate"].verdict in ("pass", "FAIL")

@@ -136,7 +136,7 @@ class Ring:
         self.peers[k] = self.host(k).start_daemon(
             f"p{k}", ["p2ppeer", "--tracker", self.tracker_address, "--dir", f"p{k}", "--port", str(PORT),
                       "--control", "tcp:0:interface=127.0.0.1", "--refresh", str(REFRESH), "--rescan", "3600",
-                      "--neighbours", "0", *links], self.root)
+                      "--neighbours", "0", "--no-lan", *links], self.root)
         return self.peers[k]
 
     # the driver

@@ -321,7 +321,8 @@ def start_peer(procs: list[Daemon], root: Path, tracker: str, name: str, *more: 
         (folder / file).write_bytes(data)
     control = ["--control", f"tcp:{free_port()}:interface=127.0.0.1"] if files or more else ["--control", "none"]
     trackers = [a for t in (tracker, *more) for a in ("--tracker", t)]
-    procs.append(Daemon.start(name, ["p2ppeer", *trackers, "--dir", str(folder), "--port", "0", *control,
+    procs.append(Daemon.start(name, ["p2ppeer", *trackers, "--dir", str(folder), "--port", "0", "--interface",
+                                     "127.0.0.1", *control,
                              "--refresh", str(INTERVAL)], root))
     wait(lambda: (folder / ".p2pshare" / "peer.json").exists(), f"{name} started", 20, procs)
     return folder

@@ -193,7 +193,7 @@ def lan(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lan]:
             daemons.append(net.hosts[k].start_daemon(
                 "holder" if k == 0 else "searcher",
                 ["p2ppeer", "--peer", f"{net.hosts[other].ip}:{PORT}", "--dir", f"p{k}", "--port", str(PORT),
-                 "--control", "tcp:0:interface=127.0.0.1", "--rescan", "3600", "--refresh", "1"], root))
+                 "--control", "tcp:0:interface=127.0.0.1", "--rescan", "3600", "--refresh", "1", "--no-lan"], root))
         lan = Lan(net, root, *daemons)
 
         def ready() -> bool:

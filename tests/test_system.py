@@ -24,6 +24,8 @@ from typing import Callable, Iterator, Optional, TypeVar
 
 import pytest
 
+from tests.netns import TestNetwork, requires_netns
+
 pytestmark = pytest.mark.system
 
 BIN = Path(sys.executable).parent
@@ -611,33 +613,32 @@ def test_a_file_added_later_is_found_by_the_rescan_timer(network: Network) -> No
     assert result.stdout.split("\t")[3] == carol.address
 
 
-def _bare_twistd(name: str, args: list[str], cwd: Path) -> Daemon:
-    """``twistd ARGS`` exactly as typed, without the ``-n --pidfile=`` that ``Daemon.start`` adds."""
-    log = cwd / f"{name}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([TWISTD, *args], cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT)
-    return Daemon(name, proc, log)
-
-
+@requires_netns
 def test_the_readmes_two_lines_run_side_by_side_in_one_folder(tmp_path: Path) -> None:
-    """``twistd -n p2ptracker --port N`` then ``twistd -n p2ppeer --tracker localhost:N --dir files``, in one
-    folder, as the original's instructions run them: no pid file is claimed under --nodaemon."""
-    port = free_port()
+    """``twistd -n p2ptracker --port 8000`` then ``twistd -n p2ppeer --tracker localhost:8000 --dir files``, in
+    one folder, exactly as typed: no pid file is claimed under --nodaemon.  In a host of its own (a network
+    namespace), because the peer, on every interface with LAN discovery on, announces itself on the link."""
     (tmp_path / "files").mkdir()
     (tmp_path / "files" / "a.txt").write_text("a")
-    control = free_port()
-    tracker = _bare_twistd("tracker", ["-n", "p2ptracker", "--port", str(port)], tmp_path)
-    peer = _bare_twistd("peer", ["-n", "p2ppeer", "--tracker", f"localhost:{port}", "--dir", "files",
-                                 "--control", str(control)], tmp_path)
-    try:
-        poll(lambda: True if (s := peer_status(tmp_path, tmp_path / "files")) and s["tracker"]["connected"]
-             else None, "the peer registered with the tracker", (tracker, peer))
-        assert not (tmp_path / "twistd.pid").exists()
-    finally:
-        peer.stop()
-        tracker.stop()
-    assert "Another twistd server is running" not in tracker.output() + peer.output()
+    with TestNetwork(1, tmp_path / "net") as net:
+        host = net.hosts[0]
+        logs = {}
+        for name, line in (("tracker", "twistd -n p2ptracker --port 8000"),
+                           ("peer", "twistd -n p2ppeer --tracker localhost:8000 --dir files")):
+            logs[name] = tmp_path / f"{name}.log"
+            with logs[name].open("wb") as out:
+                host.popen(TWISTD, *line.split()[1:], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+
+        def registered() -> Optional[bool]:
+            done = host.run(P2PSHARE, "--dir", "files", "status", "--json", cwd=tmp_path)
+            return True if done.returncode == 0 and json.loads(done.stdout)["tracker"]["connected"] else None
+
+        try:
+            poll(registered, "the peer registered with the tracker")
+        finally:
+            output = "".join(f"--- {n}\n{p.read_text(errors='replace')}" for n, p in logs.items())
+        assert not (tmp_path / "twistd.pid").exists(), output
+    assert "Another twistd server is running" not in output
 
 
 def test_daemonized_plugins_take_a_pid_file_each_unless_one_is_given(tmp_path: Path) -> None:
