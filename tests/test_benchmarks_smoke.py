@@ -135,7 +135,8 @@ def test_tracker_on_redis_reports_rate_memory_and_the_cost_of_two_trackers(ctx: 
     assert got["requests/s"].median > 0 and got["requests/s"].verdict in ("pass", "FAIL")
     assert 0 < got["Redis memory per peer"].median < 10_000
     assert got["two trackers, aggregate requests/s"].median > 0
-    assert all(got[f"two trackers, CPU per request, {who}"].median > 0 for who in ("tracker A", "tracker B", "Redis"))
+    # CPU time comes in clock ticks (10 ms): a smoke-sized load may take less than one of Redis's
+    assert all(got[f"two trackers, CPU per request, {who}"].median >= 0 for who in ("tracker A", "tracker B", "Redis"))
     assert 0 < got["Redis memory per peer, 300 peers on their own addresses"].median < 10_000
 
 

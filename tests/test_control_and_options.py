@@ -173,7 +173,12 @@ def test_tracker_port_accepts_numbers_and_endpoint_strings() -> None:
 
 def test_peer_options_need_a_tracker_or_a_peer_and_an_existing_folder(tmp_path: Path) -> None:
     with pytest.raises(usage.UsageError, match="tracker"):
-        PeerOptions().parseOptions(["--dir", str(tmp_path)])
+        PeerOptions().parseOptions(["--dir", str(tmp_path), "--no-lan"])
+    with pytest.raises(usage.UsageError, match="loopback"):  # no LAN to find others on
+        PeerOptions().parseOptions(["--dir", str(tmp_path), "--interface", "127.0.0.1"])
+    lan_only = PeerOptions()
+    lan_only.parseOptions(["--dir", str(tmp_path)])  # on a LAN, neither is needed
+    assert (lan_only["tracker"], lan_only["peers"], lan_only["no-lan"]) == ([], [], 0)
     with pytest.raises(usage.UsageError, match="not a folder"):
         PeerOptions().parseOptions(["--tracker", "localhost:8000", "--dir", str(tmp_path / "missing")])
     opts = PeerOptions()

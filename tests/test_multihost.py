@@ -96,6 +96,9 @@ def ring_neighbours(k: int) -> tuple[int, int]:
     return (k - 2) % PEERS + 1, k % PEERS + 1
 
 
+ULA = "fd00:213::"  # the IPv6 ring's prefix, inside the namespaces only
+
+
 @dataclass
 class Ring:
     net: TestNetwork
@@ -103,10 +106,17 @@ class Ring:
     tracker: Daemon
     peers: dict[int, Daemon] = field(default_factory=dict)
     ids: dict[int, str] = field(default_factory=dict)
+    ipv6: bool = False  # every host on IPv6 only: a ULA address each, no IPv4 address
+
+    def ip(self, k: int) -> str:
+        return f"{ULA}{10 + k}" if self.ipv6 else self.host(k).ip
+
+    def hostport(self, k: int, port: int) -> str:
+        return f"[{self.ip(k)}]:{port}" if self.ipv6 else f"{self.ip(k)}:{port}"
 
     @property
     def tracker_address(self) -> str:
-        return f"{self.host(0).ip}:{TRACKER_PORT}"
+        return self.hostport(0, TRACKER_PORT)
 
     def host(self, k: int) -> Host:
         return self.net.hosts[k]
@@ -115,7 +125,7 @@ class Ring:
         return self.root / f"p{k}"
 
     def address(self, k: int) -> str:
-        return f"{self.host(k).ip}:{PORT}"
+        return self.hostport(k, PORT)
 
     def daemons(self) -> list[Daemon]:
         return [self.tracker, *self.peers.values()]
@@ -128,7 +138,8 @@ class Ring:
 
     def start_tracker(self) -> Daemon:
         self.tracker = self.host(0).start_daemon(
-            "tracker", ["p2ptracker", "--port", f"tcp:{TRACKER_PORT}", "--interval", str(INTERVAL)], self.root)
+            "tracker", ["p2ptracker", "--port", f"tcp6:{TRACKER_PORT}:interface=\\:\\:" if self.ipv6 else
+                        f"tcp:{TRACKER_PORT}", "--interval", str(INTERVAL)], self.root)
         return self.tracker
 
     def start_peer(self, k: int) -> Daemon:
@@ -136,7 +147,8 @@ class Ring:
         self.peers[k] = self.host(k).start_daemon(
             f"p{k}", ["p2ppeer", "--tracker", self.tracker_address, "--dir", f"p{k}", "--port", str(PORT),
                       "--control", "tcp:0:interface=127.0.0.1", "--refresh", str(REFRESH), "--rescan", "3600",
-                      "--neighbours", "0", "--no-lan", *links], self.root)
+                      "--neighbours", "0", "--no-lan", *(("--interface", "::") if self.ipv6 else ()), *links],
+            self.root)
         return self.peers[k]
 
     # the driver
@@ -164,7 +176,7 @@ class Ring:
         return {k: (s or {}).get("counters", {}) for k, s in self.statuses().items()}
 
     def ring_addresses(self, k: int) -> set[tuple[str, int]]:
-        return {(self.host(n).ip, PORT) for n in ring_neighbours(k)}
+        return {(self.ip(n), PORT) for n in ring_neighbours(k)}
 
     def ready(self, k: int, status: Optional[dict[str, Any]]) -> bool:
         return (status is not None and bool(status["tracker"] and status["tracker"]["connected"])
@@ -225,7 +237,11 @@ def write(path: Path, data: bytes) -> None:
 
 @pytest.fixture(scope="module")
 def ring(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ring]:
-    root = tmp_path_factory.mktemp("multihost")
+    yield from build_ring(tmp_path_factory, ipv6=False)
+
+
+def build_ring(tmp_path_factory: pytest.TempPathFactory, ipv6: bool) -> Iterator[Ring]:
+    root = tmp_path_factory.mktemp("multihost6" if ipv6 else "multihost")
     big = os.urandom(BIG_SIZE)
     for k in range(1, PEERS + 1):
         (root / f"p{k}").mkdir()
@@ -236,7 +252,11 @@ def ring(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ring]:
     for k in BIG_HOLDERS:
         write(root / f"p{k}" / BIG_FILE, big)
     with TestNetwork(PEERS + 1, root) as net:
-        ring = Ring(net, root, tracker=None)  # type: ignore[arg-type]
+        ring = Ring(net, root, tracker=None, ipv6=ipv6)  # type: ignore[arg-type]
+        if ipv6:
+            for k, host in enumerate(net.hosts):
+                host.run("ip", "-6", "addr", "add", f"{ring.ip(k)}/64", "dev", "eth0", "nodad", check=True)
+                host.run("ip", "addr", "del", f"{host.ip}/24", "dev", "eth0", check=True)
         ring.start_tracker()
         # Peers start once the tracker answers, so that they register at once.
         wait_for(lambda: True if ring.host(0).run(P2PSHARE, "peers", "--tracker", ring.tracker_address).returncode

@@ -547,7 +547,7 @@ def test_bad_usage_exits_2(tmp_path: Path, args: list[str]) -> None:
 @pytest.mark.parametrize(("args", "message"), [
     (["--dir", "no-such-folder"], "--dir: no-such-folder is not a folder"),
     (["--dir", ".", "--control", "tcp:7000:interface=0.0.0.0"], "loopback only"),
-    (["--dir", ".", "--control", "unix:/tmp/x"], "only tcp endpoints"),
+    (["--dir", ".", "--control", "unix:/tmp/x"], "only tcp and tcp6 endpoints"),
     (["--dir", ".", "--port", "70000"], "--port"),
 ], ids=["missing dir", "control not on loopback", "control not tcp", "port out of range"])
 def test_peer_with_bad_options_exits_nonzero_with_a_clear_message(tmp_path: Path, args: list[str],
