@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import os
 import re
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -42,6 +43,28 @@ def server_endpoint_string(value: str, what: str) -> str:
         raise usage.UsageError(f"{what}: expected a port number or an endpoint string such as tcp:8000, "
                                f"got {value!r}")
     return value
+
+
+def dual_stack() -> bool:
+    """Does an IPv6 socket bound to ``::`` take IPv4 too on this system (IPv6 present, and
+    ``net.ipv6.bindv6only`` off, as Linux has it by default)?"""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            if s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
+                return False
+            s.bind(("::", 0))
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def listening_port(value: str) -> str:
+    """``--port`` of the tracker: a bare number listens on both families where the system has them
+    (one dual-stack socket), else on IPv4; an endpoint string as it says."""
+    desc = server_endpoint_string(value, "--port")
+    if value.isdigit() and dual_stack():
+        return f"tcp6:{value}:interface=\\:\\:"
+    return desc
 
 
 def control_endpoint_string(value: str) -> Optional[str]:
@@ -239,7 +262,8 @@ class TrackerOptions(ConfigFileOptions):
     synopsis = "[--port 8000] [--max-peers 20] [--interval 10] [--registry memory|URL]"
     longdesc = "Run a p2pshare tracker: peers register with it and ask it for a random subset of the others."
     optParameters = [
-        ["port", "p", "8000", "TCP port or endpoint string to listen on (e.g. tcp:8000:interface=127.0.0.1)."],
+        ["port", "p", "8000", "TCP port (on IPv4 and IPv6 where the system has both) or endpoint string to listen "
+         "on (e.g. tcp:8000:interface=127.0.0.1)."],
         ["max-peers", "m", 20, f"Most peers in one answer (at most {MAX_PEERS_ANSWER}).", int],
         ["interval", "i", 10.0, "Heartbeat interval in seconds; silent peers go after three.", float],
         ["max-per-address", None, 32, "Most registrations, and most open connections, from one address.", int],
@@ -257,7 +281,7 @@ class TrackerOptions(ConfigFileOptions):
         self["registry"] = registry_url(self["registry"])
         if not self["registry-prefix"] or not self["registry-prefix"].isprintable():
             raise usage.UsageError("--registry-prefix must be a non-empty printable string")
-        self["port"] = server_endpoint_string(self["port"], "--port")
+        self["port"] = listening_port(self["port"])
         self["metrics"] = metrics_endpoint_string(self["metrics"])
         self["key"] = network_key(self["key"])
         if not 1 <= self["max-peers"] <= MAX_PEERS_ANSWER:
@@ -385,7 +409,8 @@ class PeerOptions(ConfigFileOptions):
     optParameters = [
         ["dir", "d", "files", "The shared folder; downloads land here too."],
         ["port", "p", 0, "Port for both UDP and TCP (0: any free port).", int],
-        ["interface", None, "0.0.0.0", "Address to listen on."],
+        ["interface", None, None, "Address to listen on (default: :: for IPv4 and IPv6 where the system has "
+         "both, else 0.0.0.0)."],
         ["control", "c", DEFAULT_CONTROL, "Control API port or endpoint (loopback only), or 'none'."],
         ["advertise", None, None, "Host other peers should use, when the tracker's observed one is wrong."],
         ["neighbours", "n", 4, "How many neighbours to keep from the tracker (others link back: about twice as many in all).", int],
@@ -423,6 +448,8 @@ class PeerOptions(ConfigFileOptions):
 
     def postOptions(self) -> None:
         own_pidfile(self, "p2ppeer")
+        if self["interface"] is None:
+            self["interface"] = "::" if dual_stack() else "0.0.0.0"
         if not self["tracker"] and not self["peers"] and (self["no-lan"] or is_loopback(self["interface"])):
             raise usage.UsageError("give --tracker HOST:PORT or at least one --peer HOST:PORT (without them, the "
                                    "peer can only find others on the local link: not with --no-lan, nor on a "

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from twisted.python import usage
 
-from p2pshare.tap import PeerOptions, TrackerOptions
+from p2pshare.tap import PeerOptions, TrackerOptions, listening_port
 from tests.test_system import TWISTD, Daemon, free_port, peer_status, poll
 
 OPERATIONS = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
@@ -37,7 +37,7 @@ def parsed(options: Any, tmp_path: Path, text: str, *argv: str) -> Any:
 
 def test_the_file_sets_options_by_their_long_names_with_their_types(tmp_path: Path) -> None:
     o = parsed(TrackerOptions(), tmp_path, 'port = 8123\nmax_peers = 7\ninterval = 5\nregistry-prefix = "n2"\n')
-    assert (o["port"], o["max-peers"], o["interval"], o["registry-prefix"]) == ("tcp:8123", 7, 5.0, "n2")
+    assert (o["port"], o["max-peers"], o["interval"], o["registry-prefix"]) == (listening_port("8123"), 7, 5.0, "n2")
     (tmp_path / "files").mkdir()
     o = parsed(PeerOptions(), tmp_path, f'tracker = ["a:1", "b:2"]\npeer = "127.0.0.1:9"\ndir = "{tmp_path / "files"}"\n'
                                         'neighbours = 3\nrefresh = 2.5\n')
@@ -46,7 +46,7 @@ def test_the_file_sets_options_by_their_long_names_with_their_types(tmp_path: Pa
 
 def test_the_command_line_wins_over_the_file(tmp_path: Path) -> None:
     o = parsed(TrackerOptions(), tmp_path, "port = 8123\nmax-peers = 7\ninterval = 5\n", "--port", "9000", "-m", "3")
-    assert (o["port"], o["max-peers"], o["interval"]) == ("tcp:9000", 3, 5.0)
+    assert (o["port"], o["max-peers"], o["interval"]) == (listening_port("9000"), 3, 5.0)
     (tmp_path / "files").mkdir()
     o = parsed(PeerOptions(), tmp_path, f'tracker = ["a:1", "b:2"]\ndir = "{tmp_path / "files"}"\n', "-t", "c:3")
     assert o["tracker"] == ["c:3"]  # the command line's list replaces the file's

@@ -545,7 +545,8 @@ def serving_holder(ring: Ring, requester: int, holders: tuple[int, ...]) -> Opti
     best, most, current = None, -1, None
     for line in shown.splitlines():
         if line and not line[0].isspace():
-            current = by_ip.get(line.split()[-1].rsplit(":", 1)[0])
+            peer_host = line.split()[-1].rsplit(":", 1)[0].strip("[]")  # a dual-stack socket: [::ffff:a.b.c.d]
+            current = by_ip.get(peer_host.removeprefix("::ffff:"))
         elif current is not None:
             match = re.search(r"bytes_received:(\d+)", line)
             if match and int(match.group(1)) > most:
