@@ -29,7 +29,7 @@ from p2pshare.errors import InvalidName, NotFound, P2PError
 from p2pshare.fetch import Fetcher, FetchResult
 from p2pshare.metrics import PeerMetrics
 from p2pshare import lan as lan_module
-from p2pshare.lan import LanDiscovery
+from p2pshare.lan import LanDiscovery, LanDiscovery6
 from p2pshare.neighbours import Neighbourhood
 from p2pshare.ratelimit import Backoff, Counters
 from p2pshare.reliable import Retransmitter
@@ -103,11 +103,15 @@ class Peer(MultiService):
                                          "that peer run with the same --key?")
         self.udp_port = self.tcp_port = 0
         self.hood = Neighbourhood(expire_after=refresh * 3)
-        self.lan: Optional[LanDiscovery] = None
-        if lan and not lan_module.is_loopback(interface) and (not is_ipv6(interface) or interface == "::"):
-            self.lan = LanDiscovery(self.peer_id, lambda: self.udp_port, self._found_on_lan, reactor, self.counters,
-                                    seal=seal, group=lan_group, port=lan_port,
-                                    interface="" if interface in ("0.0.0.0", "", "::") else interface)
+        self.lan: Optional[LanDiscovery] = None  # IPv4: on 0.0.0.0, ::, or an IPv4 LAN address
+        self.lan6: Optional[LanDiscovery6] = None  # IPv6: on :: or an IPv6 address
+        if lan and not lan_module.is_loopback(interface) and interface != "::1":
+            announce = (self.peer_id, lambda: self.udp_port, self._found_on_lan, reactor, self.counters)
+            if not is_ipv6(interface) or interface == "::":
+                self.lan = LanDiscovery(*announce, seal=seal, group=lan_group, port=lan_port,
+                                        interface="" if interface in ("0.0.0.0", "", "::") else interface)
+            if is_ipv6(interface) and lan_module.ipv6_multicast():
+                self.lan6 = LanDiscovery6(*announce, seal=seal, port=lan_port)
         self.rng = random.SystemRandom()
         self.core = SearchCore(self.shares.lookup, self.neighbours, self._me, self.counters, max_ttl=ttl,
                                retransmitter=Retransmitter(self.counters, on_give_up=self._unanswered),
@@ -203,9 +207,12 @@ class Peer(MultiService):
             self.search_proto.dual_stack = is_ipv6(self.interface)
             self._ports = [tcp, udp]
             self.tcp_port = self.udp_port = number
+            # Several peers on one machine share the group's port (SO_REUSEADDR / SO_REUSEPORT).
             if self.lan is not None:
-                # Several peers on one machine share the group's port (SO_REUSEADDR / SO_REUSEPORT).
                 self._ports.append(self.reactor.listenMulticast(self.lan.port, self.lan, listenMultiple=True))
+            if self.lan6 is not None:
+                self._ports.append(self.reactor.listenMulticast(self.lan6.port, self.lan6, interface="::",
+                                                                listenMultiple=True))
             return
         raise CannotListenError(self.interface, 0, "no port free for both TCP and UDP")
 

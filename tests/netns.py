@@ -67,12 +67,12 @@ import pytest
 
 PREFIX = "p2pt-"
 SUBNET = "10.213.0"  # 10.213.0.0/24, test-only, never present in the root namespace
+SUBNET2 = "10.213.1"  # the second link of a routed network (second_link_from)
 FIRST_HOST = 10  # host N is 10.213.0.(10 + N)
 BIN = Path(sys.executable).parent
 TWISTD = str(BIN / "twistd")
 LOSS_TABLE = "p2pt_loss"
 THROTTLE_TABLE = "p2pt_throttle"
-MULTICAST_TABLE = "p2pt_multicast"
 PARTITION_TABLE = "p2pt_partition"
 SHAPE_TABLE = "p2pt_shape"  # the nft fallback of Host.rate_limit (one per bridge port in the switch)
 TBF_LATENCY = 0.1  # seconds: the most a packet may wait in a tbf queue before it is dropped
@@ -359,6 +359,10 @@ class TestNetwork:
 
     hosts_wanted: int
     workdir: Path
+    # Hosts from this index on sit on a second link (bridge br1, 10.213.1.0/24); the switch namespace
+    # routes between the two (10.213.0.1 and 10.213.1.1, each host's default route), unicast only:
+    # nothing forwards multicast from one link to the other.
+    second_link_from: Optional[int] = None
     tag: str = field(default_factory=lambda: f"{PREFIX}{os.getpid()}")
     hosts: list[Host] = field(default_factory=list)
     daemons: list[Daemon] = field(default_factory=list)
@@ -393,14 +397,26 @@ class TestNetwork:
         self._add_namespace(self.switch)
         _ip("-n", self.switch, "link", "add", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0")
         _ip("-n", self.switch, "link", "set", "br0", "up")
+        routed = self.second_link_from is not None
+        if routed:
+            _ip("-n", self.switch, "link", "add", "br1", "type", "bridge", "stp_state", "0", "forward_delay", "0")
+            _ip("-n", self.switch, "link", "set", "br1", "up")
+            for bridge, net in (("br0", SUBNET), ("br1", SUBNET2)):
+                _ip("-n", self.switch, "addr", "add", f"{net}.1/24", "dev", bridge)
+            subprocess.run(["ip", "netns", "exec", self.switch, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"],
+                           check=True, capture_output=True)
         for n in range(self.hosts_wanted):
-            namespace, port, ip = f"{self.tag}-{n}", f"p{n}", f"{SUBNET}.{FIRST_HOST + n}"
+            second = routed and n >= self.second_link_from  # type: ignore[operator]
+            net = SUBNET2 if second else SUBNET
+            namespace, port, ip = f"{self.tag}-{n}", f"p{n}", f"{net}.{FIRST_HOST + n}"
             self._add_namespace(namespace)
             _ip("-n", self.switch, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", namespace)
-            _ip("-n", self.switch, "link", "set", port, "master", "br0")
+            _ip("-n", self.switch, "link", "set", port, "master", "br1" if second else "br0")
             _ip("-n", self.switch, "link", "set", port, "up")
             _ip("-n", namespace, "addr", "add", f"{ip}/24", "dev", "eth0")
             _ip("-n", namespace, "link", "set", "eth0", "up")
+            if routed:
+                _ip("-n", namespace, "route", "add", "default", "via", f"{net}.1")
             self.hosts.append(Host(n, namespace, ip, port, self))
         self._wait_for_links()
 
@@ -456,14 +472,3 @@ class TestNetwork:
 
     def heal(self) -> None:
         _nft_script(self.switch, _replace_table("bridge", PARTITION_TABLE, ""))
-
-    def separate_multicast(self, side_a: Iterable[Host], side_b: Iterable[Host]) -> None:
-        """Two links joined by a router, as far as discovery can tell: IPv4 multicast frames (destination
-        MAC 01:00:5e/25) no longer cross between the sides; unicast, ARP included, still does."""
-        a = ", ".join(f'"{h.port}"' for h in side_a)
-        b = ", ".join(f'"{h.port}"' for h in side_b)
-        multicast = "ether daddr & ff:ff:ff:80:00:00 == 01:00:5e:00:00:00"
-        body = ("  chain forward {\n    type filter hook forward priority filter; policy accept;\n"
-                f"    iifname {{ {a} }} oifname {{ {b} }} {multicast} drop\n"
-                f"    iifname {{ {b} }} oifname {{ {a} }} {multicast} drop\n  }}")
-        _nft_script(self.switch, _replace_table("bridge", MULTICAST_TABLE, body))

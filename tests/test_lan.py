@@ -23,7 +23,11 @@ ME, OTHER = "a" * 32, "b" * 32
 # -- pure ---------------------------------------------------------------------------------------
 
 def test_an_announcement_round_trips_and_nothing_else_passes_for_one() -> None:
-    assert decode(encode(OTHER, 7000)) == (OTHER, 7000)
+    assert decode(encode(OTHER, 7000)) == (OTHER, 7000, "")
+    assert decode(encode(OTHER, 7000, "fd00::5")) == (OTHER, 7000, "fd00::5")
+    for host in ("fe80::1", "10.0.0.1", "name"):  # a host, when named, is an IPv6 address others can reach
+        with pytest.raises(ValueError):
+            decode(encode(OTHER, 7000, host))
     assert len(encode(OTHER, 65535)) < MAX_ANNOUNCEMENT
     for bad in (b"", b"[]", b'{"v":1,"t":"lan","peer":"x","udp":7000}', b'{"v":2,"t":"lan","peer":"' + b"b" * 32
                 + b'","udp":7000}', b'{"v":1,"t":"lan","peer":"' + b"b" * 32 + b'","udp":0}',
@@ -91,7 +95,7 @@ def test_a_peer_announces_three_times_at_start_then_every_period_with_jitter() -
     assert transport.ttl == 1 and transport.loop is True and transport.groups == [("239.192.72.69", "")]
     clock.advance(FIRST[-1] + 0.01)
     assert len(transport.sent) == 3 and {a for _, a in transport.sent} == {("239.192.72.69", 7771)}
-    assert decode(transport.sent[0][0]) == (ME, 7000)
+    assert decode(transport.sent[0][0]) == (ME, 7000, "")
     clock.advance(PERIOD * 1.2)
     assert len(transport.sent) == 4
     clock.pump([1.0] * int(PERIOD * 10))
@@ -105,6 +109,49 @@ def test_peers_heard_are_found_and_our_own_echo_is_not() -> None:
     lan.datagramReceived(encode(OTHER, 7001), ("10.0.0.2", 7771))
     lan.datagramReceived(encode(ME, 7000), ("10.0.0.1", 7771))
     assert found == [("10.0.0.2", 7001)] and counters["lan_announcements_received"] == 1
+
+
+def test_an_ipv6_announcement_from_a_link_local_source_is_used_through_the_host_it_names() -> None:
+    lan, _, _, found, counters = discovery()
+    lan.datagramReceived(encode(OTHER, 7001, "fd00::5"), ("fe80::5", 7771))
+    lan.datagramReceived(encode("c" * 32, 7002), ("fe80::6", 7771))  # no host: unreachable, dropped
+    lan.datagramReceived(encode("d" * 32, 7003), ("::ffff:10.0.0.7", 7771))  # IPv4 on a dual-stack socket
+    assert found == [("fd00::5", 7001), ("10.0.0.7", 7003)] and counters["lan_dropped_bad"] == 1
+
+
+class FakeSocket:
+    def __init__(self) -> None:
+        self.options: list[tuple[int, int, Any]] = []
+
+    def setsockopt(self, level: int, name: int, value: Any) -> None:
+        self.options.append((level, name, value))
+
+
+def test_on_ipv6_a_peer_joins_the_link_local_group_per_interface_and_names_its_address(tmp_path: Path) -> None:
+    import socket
+
+    from p2pshare.lan import GROUP6, LanDiscovery6, own_ipv6_addresses
+
+    clock, found, counters = Clock(), [], Counters()
+    lan = LanDiscovery6(ME, lambda: 7000, found.append, clock, counters, addresses=lambda: {4: "fd00::2", 7: "fd01::9"})
+    transport = FakeMulticast()
+    transport.socket = FakeSocket()  # type: ignore[attr-defined]
+    lan.makeConnection(transport)  # type: ignore[arg-type]
+    joins = [v for level, name, v in transport.socket.options if name == socket.IPV6_JOIN_GROUP]  # type: ignore
+    assert [v[16:] for v in joins] == [(4).to_bytes(4, "little"), (7).to_bytes(4, "little")]
+    assert all(v[:16] == socket.inet_pton(socket.AF_INET6, GROUP6) for v in joins)
+    clock.advance(0.01)
+    assert [decode(d) for d, _ in transport.sent] == [(ME, 7000, "fd00::2"), (ME, 7000, "fd01::9")]
+    assert {a for _, a in transport.sent} == {(GROUP6, 7771)}
+    hops = [v for level, name, v in transport.socket.options if name == socket.IPV6_MULTICAST_HOPS]  # type: ignore
+    assert hops == [1]
+    table = tmp_path / "if_inet6"
+    table.write_text("00000000000000000000000000000001 01 80 10 80 lo\n"
+                     "fe8000000000000000fc00fffe000001 04 40 20 80 eth0\n"
+                     "fd000000000000000000000000000002 04 40 00 82 eth0\n"
+                     "fd000000000000000000000000000003 05 40 00 a0 eth1\n")  # eth1's: tentative, deprecated
+    assert own_ipv6_addresses(str(table)) == {4: "fd00::2"}
+    lan.stopProtocol()
 
 
 def test_a_flood_of_forged_announcements_costs_bounded_work_and_memory() -> None:
@@ -187,10 +234,10 @@ def test_five_peers_without_a_tracker_find_a_file_within_5_seconds_of_starting(t
 @pytest.mark.netns
 def test_with_a_tracker_too_nothing_breaks_and_across_a_router_only_the_tracker_links_peers(
         tmp_path: Path) -> None:
-    """Hosts 0-1 and 2-4 on two links joined by a router (multicast does not cross): without a tracker
-    the two sides do not find each other; with one (in host 2), they do, and LAN discovery still runs."""
-    with TestNetwork(HOSTS, tmp_path / "net") as net:
-        net.separate_multicast(net.hosts[:2], net.hosts[2:])
+    """Hosts 0-1 and 2-4 on two links (two bridges, two subnets) joined by a router, which forwards
+    unicast only: without a tracker the two sides do not find each other; with one (in host 2), they
+    do, and LAN discovery still runs beside it."""
+    with TestNetwork(HOSTS, tmp_path / "net", second_link_from=2) as net:
         (tmp_path / f"p{HOSTS - 1}").mkdir()
         (tmp_path / f"p{HOSTS - 1}" / "far.txt").write_text("across the router")
         procs = start_peers(net, tmp_path)
@@ -209,3 +256,23 @@ def test_with_a_tracker_too_nothing_breaks_and_across_a_router_only_the_tracker_
         assert hits == [f"{net.hosts[-1].ip}:{PORT}"], f"not found through the tracker{logs(tmp_path)}"
         status = json.loads(net.hosts[0].run(P2PSHARE, "--dir", "p0", "status", "--json", cwd=tmp_path).stdout)
         assert status["tracker"]["connected"] and status["counters"]["lan_announcements_received"] >= 1
+
+
+@requires_netns
+@pytest.mark.netns
+def test_five_peers_on_an_ipv6_only_link_find_each_other_without_a_tracker(tmp_path: Path) -> None:
+    """The same on a link with IPv6 only (a ULA prefix, no IPv4 address): the link-local group."""
+    with TestNetwork(HOSTS, tmp_path / "net") as net:
+        for k, host in enumerate(net.hosts):
+            host.run("ip", "-6", "addr", "add", f"fd00:213::{10 + k}/64", "dev", "eth0", "nodad", check=True)
+            host.run("ip", "addr", "del", f"{host.ip}/24", "dev", "eth0", check=True)
+        (tmp_path / f"p{HOSTS - 1}").mkdir()
+        (tmp_path / f"p{HOSTS - 1}" / "lan6.txt").write_text("found on an IPv6 link")
+        started = time.monotonic()
+        start_peers(net, tmp_path)
+        hits = None
+        while time.monotonic() - started < 5.0 and not hits:
+            hits = search(net.hosts[0], tmp_path, "lan6.txt")
+        assert hits == [f"fd00:213::{10 + HOSTS - 1}:{PORT}"], f"no hit within 5 s of starting{logs(tmp_path)}"
+        got = net.hosts[0].run(P2PSHARE, "--dir", "p0", "get", "lan6.txt", cwd=tmp_path, timeout=60)
+        assert got.returncode == 0 and (tmp_path / "p0" / "lan6.txt").read_text() == "found on an IPv6 link"
