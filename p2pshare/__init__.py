@@ -12,7 +12,7 @@ Start a tracker and peers inside any reactor::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Sequence, Union
 
 from p2pshare.errors import (AlreadyExists, AmbiguousName, InvalidName, NotFound, P2PError, TrackerError,
                              TransferFailed, VerificationFailed)

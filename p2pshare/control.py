@@ -121,6 +121,16 @@ def _body(request: Request) -> dict[str, Any]:
     return body
 
 
+def _fetch_request(request: Request) -> tuple[str, str, float]:
+    """(name, sha256, timeout) of a ``/v1/get`` or ``/v1/fetches`` body; ValueError or TypeError when bad."""
+    body = _body(request)
+    name, sha256 = body.get("name", ""), body.get("sha256", "")
+    timeout = float(body.get("timeout", 10.0))
+    if not isinstance(name, str) or not isinstance(sha256, str) or not (name or sha256) or not 0.1 <= timeout <= 3600:
+        raise ValueError("need a name or a sha256 (strings), and a timeout within [0.1, 3600]")
+    return name, sha256, timeout
+
+
 def _loopback_only(request: Request) -> Optional[bytes]:
     """A 403 answer for a request addressed to a non-loopback host name (DNS rebinding) or from
     another site; None when it may go on."""
@@ -199,13 +209,8 @@ class GetResource(_Guarded):
 
     def render_POST(self, request: Request) -> Any:
         try:
-            body = _body(request)
-            name, sha256 = body.get("name", ""), body.get("sha256", "")
-            timeout = float(body.get("timeout", 10.0))
-            if not isinstance(name, str) or not isinstance(sha256, str) or not (name or sha256) \
-                    or not 0.1 <= timeout <= 3600:
-                raise ValueError("need a name or a sha256 (strings), and a timeout within [0.1, 3600]")
-        except (ValueError, KeyError, TypeError) as e:
+            name, sha256, timeout = _fetch_request(request)
+        except (ValueError, TypeError) as e:
             return _json(request, {"error": "BadRequest", "message": f"bad request body: {e}"}, 400)
         request.setHeader(b"content-type", b"application/x-ndjson")
         last = [-1]
@@ -265,12 +270,7 @@ class FetchesResource(_Guarded):
 
     def render_POST(self, request: Request) -> bytes:
         try:
-            body = _body(request)
-            name, sha256 = body.get("name", ""), body.get("sha256", "")
-            timeout = float(body.get("timeout", 10.0))
-            if not isinstance(name, str) or not isinstance(sha256, str) or not (name or sha256) \
-                    or not 0.1 <= timeout <= 3600:
-                raise ValueError("need a name or a sha256 (strings), and a timeout within [0.1, 3600]")
+            name, sha256, timeout = _fetch_request(request)
         except (ValueError, TypeError) as e:
             return _json(request, {"error": "BadRequest", "message": f"bad request body: {e}"}, 400)
         try:

@@ -121,6 +121,11 @@ class LanDiscovery(DatagramProtocol):
         self._send_failed = RateLimitedLog(self.log, clock, period=600.0, burst=1)
 
     def startProtocol(self) -> None:
+        self._join_group()
+        for delay in FIRST:
+            self._calls.append(self.clock.callLater(delay, self.announce, delay == FIRST[-1]))
+
+    def _join_group(self) -> None:
         t = self.transport
         t.setTTL(1)  # never past a router
         t.setLoopbackMode(True)  # several peers on one machine find each other too
@@ -129,8 +134,6 @@ class LanDiscovery(DatagramProtocol):
         d = t.joinGroup(self.group, self.interface or "")
         d.addErrback(lambda f: self.log.warn("LAN discovery could not join {group}: {error}", group=self.group,
                                              error=f.getErrorMessage()))
-        for delay in FIRST:
-            self._calls.append(self.clock.callLater(delay, self.announce, delay == FIRST[-1]))
 
     def stopProtocol(self) -> None:
         for call in self._calls:
@@ -139,20 +142,27 @@ class LanDiscovery(DatagramProtocol):
         self._calls = []
 
     def announce(self, keep_going: bool = False) -> None:
-        data = encode(self.peer_id, self.udp())
+        self._announce()
+        if keep_going:
+            delay = self.period * (1 + self.rng.uniform(-JITTER, JITTER))
+            self._calls = [c for c in self._calls if c.active()]
+            self._calls.append(self.clock.callLater(delay, self.announce, True))
+
+    def _announce(self) -> None:
+        self._send(encode(self.peer_id, self.udp()), "send")
+
+    def _send(self, data: bytes, key: Any) -> None:
+        """One announcement to the group, sealed in a private network; a refusal counted and logged
+        (rarely: no route for multicast, say, on a host without a default route)."""
         if self.seal is not None:
             data = self.seal.seal(data)
         try:
             self.transport.write(data, (self.group, self.port))
             self.counters.add("lan_announcements_sent")
-        except OSError as e:  # no route for multicast (a host without a default route, say)
+        except OSError as e:
             self.counters.add("lan_send_errors")
-            self._send_failed.warn("send", "LAN discovery cannot send to {group}: {error}", group=self.group,
+            self._send_failed.warn(key, "LAN discovery cannot send to {group}: {error}", group=self.group,
                                    error=e.strerror or e)
-        if keep_going:
-            delay = self.period * (1 + self.rng.uniform(-JITTER, JITTER))
-            self._calls = [c for c in self._calls if c.active()]
-            self._calls.append(self.clock.callLater(delay, self.announce, True))
 
     def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
         now = self.clock.seconds()
@@ -195,17 +205,15 @@ class LanDiscovery6(LanDiscovery):
         self.addresses = addresses
         self._joined: set[int] = set()
 
-    def startProtocol(self) -> None:
+    def _join_group(self) -> None:
         sock = self.transport.socket
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 1)
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 1)
-        self._join()
-        for delay in FIRST:
-            self._calls.append(self.clock.callLater(delay, self.announce, delay == FIRST[-1]))
+        self._join(self.addresses())
 
-    def _join(self) -> None:
+    def _join(self, addresses: dict[int, str]) -> None:
         group = socket.inet_pton(socket.AF_INET6, self.group)
-        for index in self.addresses():
+        for index in addresses:
             if index in self._joined:
                 continue
             try:
@@ -216,23 +224,13 @@ class LanDiscovery6(LanDiscovery):
                 self._send_failed.warn(("join", index), "LAN discovery could not join {group} on interface "
                                        "{index}: {error}", group=self.group, index=index, error=e.strerror or e)
 
-    def announce(self, keep_going: bool = False) -> None:
+    def _announce(self) -> None:
+        """Once on each interface that has an address others can use, naming that address."""
         addresses = self.addresses()
-        self._join()  # an interface that came up since
-        sock = self.transport.socket
+        self._join(addresses)  # an interface that came up since
         for index, host in addresses.items():
-            data = encode(self.peer_id, self.udp(), host)
-            if self.seal is not None:
-                data = self.seal.seal(data)
             try:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, index)
-                self.transport.write(data, (self.group, self.port))
-                self.counters.add("lan_announcements_sent")
-            except OSError as e:
-                self.counters.add("lan_send_errors")
-                self._send_failed.warn(("send", index), "LAN discovery cannot send to {group}: {error}",
-                                       group=self.group, error=e.strerror or e)
-        if keep_going:
-            delay = self.period * (1 + self.rng.uniform(-JITTER, JITTER))
-            self._calls = [c for c in self._calls if c.active()]
-            self._calls.append(self.clock.callLater(delay, self.announce, True))
+                self.transport.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, index)
+            except OSError:  # the interface went away meanwhile
+                continue
+            self._send(encode(self.peer_id, self.udp(), host), ("send", index))

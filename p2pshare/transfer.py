@@ -44,7 +44,7 @@ from p2pshare.download import Download
 from p2pshare.errors import MalformedMessage, NotFound, TransferFailed
 from p2pshare.pieces import choice_for, window_bytes
 from p2pshare.shares import MAX_PIECES, Entry, piece_size_for
-from p2pshare.wire import MAX_FRAME, MAX_RANGE, Frame, have_bits, pack_have
+from p2pshare.wire import MAX_FRAME, Frame, have_bits, pack_have
 
 MAX_GETS = 64  # ranges a holder accepts waiting behind the one being sent (the offer's "window")
 LEGACY_GETS = 5  # what a holder whose offer names no window accepts
@@ -385,6 +385,8 @@ class Holder:
         if not self.gets or not self.conn.open:
             return
         limiter = self.conn.upload_limiter
+        if limiter is not None and not limiter.limited:
+            limiter = None  # (no clock reading per range without a limit)
         if limiter is not None and limiter.blocked():
             return limiter.wait(self, self._send_next_range)
         frame = self.gets.popleft()

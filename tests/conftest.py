@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, AsyncIterator, Iterator, Optional
 
 import pytest
+import pytest_twisted
 from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
+
+if TYPE_CHECKING:
+    from tests.loopback import Network
 
 _ERROR_LEVELS = (LogLevel.error, LogLevel.critical)
 _DEFERRED_HEADER = "Unhandled error in Deferred:"
@@ -105,3 +109,13 @@ def share(tmp_path: Path) -> Path:
     root = tmp_path / "share"
     root.mkdir()
     return root
+
+
+@pytest_twisted.async_yield_fixture
+async def net(tmp_path: Path) -> AsyncIterator["Network"]:
+    """A tracker and peers over loopback (tests/loopback.py), each stopped at the end of the test."""
+    from tests.loopback import Network
+
+    network = Network(tmp_path)
+    yield network
+    await network.stop()

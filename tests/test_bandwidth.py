@@ -6,8 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -107,13 +106,6 @@ def test_a_connection_that_went_away_is_not_resumed() -> None:
 
 
 # -- real transfers over loopback ----------------------------------------------------------------
-
-@pytest_twisted.async_yield_fixture
-async def net(tmp_path: Path) -> AsyncIterator[Network]:
-    network = Network(tmp_path)
-    yield network
-    await network.stop()
-
 
 def payload(size: int) -> bytes:
     block = hashlib.sha256(b"bandwidth").digest() * 2048  # 64 KiB

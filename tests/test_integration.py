@@ -7,7 +7,7 @@ import os
 import socket
 import subprocess
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, Iterator
 
 import pytest
 import pytest_twisted
@@ -19,13 +19,6 @@ from loopback import Network, eventually, reactor
 from p2pshare import NotFound, start_peer, start_tracker
 from p2pshare.errors import AlreadyExists, AmbiguousName, TransferFailed
 from p2pshare.wire import MAX_DATAGRAM, Query
-
-
-@pytest_twisted.async_yield_fixture
-async def net(tmp_path: Path) -> AsyncIterator[Network]:
-    network = Network(tmp_path)
-    yield network
-    await network.stop()
 
 
 def payload(size: int) -> bytes:

@@ -8,7 +8,7 @@ import json
 import socket
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional
+from typing import Any, Optional
 
 import pytest
 import pytest_twisted
@@ -49,13 +49,6 @@ def test_options_take_bracketed_ipv6_forms() -> None:
 
 
 # -- loopback -------------------------------------------------------------------------------------
-
-@pytest_twisted.async_yield_fixture
-async def net(tmp_path: Path) -> AsyncIterator[Network]:
-    network = Network(tmp_path)
-    yield network
-    await network.stop()
-
 
 @needs_ipv6
 @pytest_twisted.ensureDeferred

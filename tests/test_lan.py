@@ -211,17 +211,23 @@ def logs(root: Path) -> str:
     return "".join(f"\n--- {p.name}\n{p.read_text(errors='replace')[-1500:]}" for p in sorted(root.glob("*.log")))
 
 
+def hits_within_5_seconds_of_starting(net: TestNetwork, root: Path, name: str, text: str) -> Optional[list[str]]:
+    """The last host shares *name*; every host starts a peer; host 0 searches until a hit or 5 s."""
+    (root / f"p{HOSTS - 1}").mkdir()
+    (root / f"p{HOSTS - 1}" / name).write_text(text)
+    started = time.monotonic()
+    start_peers(net, root)
+    hits = None
+    while time.monotonic() - started < 5.0 and not hits:
+        hits = search(net.hosts[0], root, name)
+    return hits
+
+
 @requires_netns
 @pytest.mark.netns
 def test_five_peers_without_a_tracker_find_a_file_within_5_seconds_of_starting(tmp_path: Path) -> None:
     with TestNetwork(HOSTS, tmp_path / "net") as net:
-        (tmp_path / f"p{HOSTS - 1}").mkdir()
-        (tmp_path / f"p{HOSTS - 1}" / "lan.txt").write_text("found on the link")
-        started = time.monotonic()
-        start_peers(net, tmp_path)
-        hits = None
-        while time.monotonic() - started < 5.0 and not hits:
-            hits = search(net.hosts[0], tmp_path, "lan.txt")
+        hits = hits_within_5_seconds_of_starting(net, tmp_path, "lan.txt", "found on the link")
         assert hits == [f"{net.hosts[-1].ip}:{PORT}"], f"no hit within 5 s of starting{logs(tmp_path)}"
         status = json.loads(net.hosts[0].run(P2PSHARE, "--dir", "p0", "status", "--json", cwd=tmp_path).stdout)
         assert status["tracker"] is None and len(status["neighbours"]) == HOSTS - 1
@@ -266,13 +272,7 @@ def test_five_peers_on_an_ipv6_only_link_find_each_other_without_a_tracker(tmp_p
         for k, host in enumerate(net.hosts):
             host.run("ip", "-6", "addr", "add", f"fd00:213::{10 + k}/64", "dev", "eth0", "nodad", check=True)
             host.run("ip", "addr", "del", f"{host.ip}/24", "dev", "eth0", check=True)
-        (tmp_path / f"p{HOSTS - 1}").mkdir()
-        (tmp_path / f"p{HOSTS - 1}" / "lan6.txt").write_text("found on an IPv6 link")
-        started = time.monotonic()
-        start_peers(net, tmp_path)
-        hits = None
-        while time.monotonic() - started < 5.0 and not hits:
-            hits = search(net.hosts[0], tmp_path, "lan6.txt")
+        hits = hits_within_5_seconds_of_starting(net, tmp_path, "lan6.txt", "found on an IPv6 link")
         assert hits == [f"fd00:213::{10 + HOSTS - 1}:{PORT}"], f"no hit within 5 s of starting{logs(tmp_path)}"
         got = net.hosts[0].run(P2PSHARE, "--dir", "p0", "get", "lan6.txt", cwd=tmp_path, timeout=60)
         assert got.returncode == 0 and (tmp_path / "p0" / "lan6.txt").read_text() == "found on an IPv6 link"

@@ -7,7 +7,7 @@ import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -73,13 +73,6 @@ class _Registry:
 
 
 # -- a live network over loopback ---------------------------------------------------------------
-
-@pytest_twisted.async_yield_fixture
-async def net(tmp_path: Path) -> AsyncIterator[Network]:
-    network = Network(tmp_path)
-    yield network
-    await network.stop()
-
 
 async def scrape(control: ControlService) -> dict[Any, float]:
     code, body = await call(control.url + "/metrics")

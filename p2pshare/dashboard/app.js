@@ -146,10 +146,6 @@ async function poll() {
 
 // -- drawing ------------------------------------------------------------------------------------
 
-function replaceChildren(parent, children) {
-  parent.replaceChildren(...children);
-}
-
 function drawStatus(s) {
   $("peer-id").textContent = s.peer;
   $("peer-addr").textContent = `${s.host} (UDP ${s.udp}, TCP ${s.tcp})`;
@@ -157,10 +153,10 @@ function drawStatus(s) {
   $("peer-tracker").textContent = s.tracker === null ? "none (static neighbours only)"
     : s.tracker.connected ? "registered" : "not connected (retrying)";
   $("neighbour-count").textContent = String(s.neighbours.length);
-  replaceChildren($("neighbours"), s.neighbours.map((a) => el("li", {text: `${a[0]}:${a[1]}`})));
+  $("neighbours").replaceChildren(...s.neighbours.map((a) => el("li", {text: `${a[0]}:${a[1]}`})));
   drawFetching(s.fetching);
   drawFetched(s.fetched || []);
-  replaceChildren($("counter-rows"), Object.entries(s.counters).map(([k, v]) =>
+  $("counter-rows").replaceChildren(...Object.entries(s.counters).map(([k, v]) =>
     el("tr", {}, el("td", {text: k}), el("td", {class: "num", text: String(v)}))));
 }
 
@@ -178,7 +174,7 @@ function drawFetching(fetching) {
   const items = Object.values(fetching);
   $("no-downloads").hidden = items.length > 0;
   const seen = new Set();
-  replaceChildren($("fetching"), items.map((f) => {
+  $("fetching").replaceChildren(...items.map((f) => {
     seen.add(f.id);
     const prev = state.rates.get(f.id);
     let rate = prev ? prev.rate : 0;
@@ -205,7 +201,7 @@ function drawFetching(fetching) {
 }
 
 function drawFetched(fetched) {
-  replaceChildren($("fetched"), fetched.map((f) => el("li", {"data-fetch": String(f.id)},
+  $("fetched").replaceChildren(...fetched.map((f) => el("li", {"data-fetch": String(f.id)},
     nameNode(f.name || ("sha256:" + f.sha256)), " ",
     el("span", {class: "outcome outcome-" + f.outcome, text: f.outcome}),
     f.outcome === "completed" ? progressBar(100) : null,
@@ -229,7 +225,7 @@ function drawFiles() {
   $("file-count").textContent = `(${state.files.length})`;
   $("files-shown").textContent = matching.length > MAX_ROWS ? `showing ${MAX_ROWS} of ${matching.length}; filter to see others`
     : `${matching.length} shown`;
-  replaceChildren($("file-rows"), matching.slice(0, MAX_ROWS).map((f) => el("tr", {},
+  $("file-rows").replaceChildren(...matching.slice(0, MAX_ROWS).map((f) => el("tr", {},
     el("td", {}, nameNode(f.name)),
     el("td", {class: "num", text: bytes(f.size)}),
     el("td", {class: "mono", text: f.sha256.slice(0, 16) + "…", title: f.sha256}),
@@ -238,7 +234,7 @@ function drawFiles() {
 }
 
 function drawSearches() {
-  replaceChildren($("searches"), state.searches.map((s) => el("li", {"data-state": s.running ? "running" : "done"},
+  $("searches").replaceChildren(...state.searches.map((s) => el("li", {"data-state": s.running ? "running" : "done"},
     el("div", {}, "“", nameNode(s.query), "” ",
       el("span", {class: "quiet", text: s.running ? "searching…" : s.error ? "" : `${s.hits.length} hit${s.hits.length === 1 ? "" : "s"}`}),
       s.error ? el("span", {class: "error", text: " " + s.error}) : null),
