@@ -45,6 +45,7 @@ from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import CertificateOptions, TLSVersion
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -64,6 +65,9 @@ TAG_BYTES = 16
 SEAL_OVERHEAD = len(SEAL_VERSION) + NONCE_BYTES + _STAMP.size + TAG_BYTES  # 37 bytes
 WINDOW = 60.0  # seconds a datagram's timestamp may differ from the receiver's clock, either way
 NONCES = 65536  # nonces remembered to refuse replays within the window
+TLS_RECORD = 16 * 1024  # the largest TLS record's plaintext: what one SSL_read returns at most
+TLS_BATCH = 1024 * 1024  # decrypted bytes handed to the application at once
+TLS_DRAIN = TLS_BATCH + 64 * 1024  # ciphertext read out of the memory BIO at once (a batch and its records' overhead)
 HANDSHAKE_TIMEOUT = 10.0  # seconds a dialled connection has to prove membership (as long as a TCP connect)
 
 INFO_DATAGRAM = b"p2pshare datagram v1"
@@ -326,7 +330,70 @@ Report = Callable[[str, str], None]  # (host, why)
 
 
 class _WatchedTLS(TLSMemoryBIOFactory.protocol):  # type: ignore[name-defined,misc]
-    """Reports a connection that did not become a private one (TLS refused or never completed)."""
+    """Reports a connection that did not become a private one (TLS refused or never completed).
+
+    It also moves bytes in large batches where Twisted's ``TLSMemoryBIOProtocol`` works one
+    16 KiB record at a time: a write is encrypted record by record without a trip through the
+    transport after each, and the ciphertext leaves in one ``write``; the records decrypted
+    from one read reach the application as one ``dataReceived`` of up to ``TLS_BATCH`` bytes
+    (a 1 MiB write was 64 writes to the socket's transport, and 64 calls into the transfer
+    protocol on the other side).
+    """
+
+    def _write(self, data: bytes) -> None:
+        if self._lostTLSConnection:
+            return
+        view, sent, end = memoryview(data), 0, len(data)
+        try:
+            while sent < end:  # pyOpenSSL sets partial writes: each call takes at least one whole record
+                sent += self._tlsConnection.send(view[sent:])
+        except SSL.WantReadError:  # (renegotiation-like states only; the rest goes with the next read)
+            self._bufferedWrite(bytes(view[sent:]))
+        except SSL.Error:
+            self._tlsShutdownFinished(Failure())
+            return
+        self._flushSendBIO()
+
+    def _flushSendBIO(self) -> None:
+        while True:  # everything the memory BIO holds, in writes of up to TLS_DRAIN bytes
+            try:
+                data = self._tlsConnection.bio_read(TLS_DRAIN)
+            except SSL.WantReadError:
+                return
+            self.transport.write(data)
+            if len(data) < TLS_DRAIN:
+                return
+
+    def _flushReceiveBIO(self) -> None:
+        parts: list[bytes] = []
+        size = 0
+
+        def deliver() -> None:
+            nonlocal parts, size
+            if parts and not self._aborted:
+                ProtocolWrapper.dataReceived(self, parts[0] if len(parts) == 1 else b"".join(parts))
+            parts, size = [], 0
+
+        while not self._lostTLSConnection:
+            try:
+                data = self._tlsConnection.recv(TLS_RECORD)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:  # the other side closed TLS: what came before it first
+                deliver()
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except SSL.Error:
+                failure = Failure()
+                deliver()
+                self._tlsShutdownFinished(failure)
+            else:
+                parts.append(data)
+                size += len(data)
+                if size >= TLS_BATCH:
+                    deliver()
+        deliver()
+        self._flushSendBIO()  # a read may have produced bytes to send (handshake, key update)
 
     def connectionLost(self, reason: Failure) -> None:
         actual = self._reason or reason

@@ -8,17 +8,25 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
-from p2pshare.netkey import (INFO_CA, INFO_DATAGRAM, KEY_HEADER, SEAL_OVERHEAD, DatagramSeal, NetworkKey,
-                             NetworkKeyError, NonceCache, Replayed, Stale, Unauthentic, leaf_certificate, load_key,
-                             network_ca, tls_options, write_key)
+from p2pshare.netkey import (INFO_CA, INFO_DATAGRAM, KEY_HEADER, SEAL_OVERHEAD, TLS_BATCH, DatagramSeal,
+                             NetworkKey, NetworkKeyError, NetworkTLS, NonceCache, Replayed, Stale, Unauthentic,
+                             _TLSFactory, leaf_certificate, load_key, network_ca, tls_options, write_key)
 from p2pshare.search import Reaction, SearchCore, SearchProtocol
 from p2pshare.shares import Entry
 from p2pshare.testing import DatagramNetwork, by_name
@@ -336,3 +344,107 @@ def test_a_sealed_datagram_longer_than_the_limit_is_counted_as_oversized() -> No
     protos[2].datagramReceived(b"\x01" * (DatagramSeal.max_sealed + 1), ("10.0.0.1", 7000))
     assert protos[2].counters["dropped_oversized"] == 1 and protos[2].counters["outsider_datagrams"] == 0
     stop(protos, clock)
+
+
+# -- the TLS layer moves bytes in batches ------------------------------------------------------------
+
+
+class _CountingTransport(StringTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
+
+
+class _Sink(Protocol):
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.lost: list[str] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(bytes(data))
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost.append(f"lost after {sum(map(len, self.chunks))} bytes")
+
+
+def _tls_pair(clock: Clock) -> tuple[Any, _CountingTransport, _Sink, Any, _CountingTransport, _Sink]:
+    """A client and a server TLS layer of a private network on in-memory transports, handshake done."""
+    tls = NetworkTLS(KEY)
+    sides: list[Any] = []
+    for is_client in (True, False):
+        app = _Sink()
+        factory = _TLSFactory(tls.options, is_client, Factory.forProtocol(lambda app=app: app),
+                              lambda host, why: pytest.fail(f"TLS refused: {why}"))
+        factory._clock = clock  # Twisted's TLS layer gathers small writes until the next turn of this clock
+        proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        transport = _CountingTransport()
+        proto.makeConnection(transport)
+        sides += [proto, transport, app]
+    client, client_t, client_app, server, server_t, server_app = sides
+    for _ in range(10):
+        pump(client_t, server)
+        pump(server_t, client)
+    assert client._handshakeDone and server._handshakeDone
+    return client, client_t, client_app, server, server_t, server_app
+
+
+def pump(transport: StringTransport, to: Any) -> None:
+    data = transport.value()
+    transport.clear()
+    if data:
+        to.dataReceived(data)
+
+
+def test_a_large_write_leaves_in_few_transport_writes_and_arrives_in_few_deliveries() -> None:
+    client, client_t, _, server, _, server_app = _tls_pair(Clock())
+    data = os.urandom(4 * TLS_BATCH + 12345)
+    client_t.writes = 0
+    client.write(data)
+    # Twisted's TLS layer writes each 16 KiB record to the transport on its own: 257 writes here.
+    assert client_t.writes <= 8
+    pump(client_t, server)
+    assert b"".join(server_app.chunks) == data
+    # ... and hands each decrypted record to the application on its own: 257 calls.
+    assert len(server_app.chunks) <= 6
+    assert all(len(c) <= TLS_BATCH + 16 * 1024 for c in server_app.chunks)
+
+
+def test_small_writes_and_a_close_arrive_whole_and_in_order() -> None:
+    clock = Clock()
+    client, client_t, _, server, server_t, server_app = _tls_pair(clock)
+    lines = [b"line %d\n" % i for i in range(100)]
+    for line in lines:
+        client.write(line)
+    clock.advance(0)
+    client.loseConnection()
+    for _ in range(5):
+        pump(client_t, server)
+        pump(server_t, client)
+    assert server_t.disconnecting  # the close_notify made the server close the connection under it
+    server.connectionLost(Failure(ConnectionDone()))
+    assert b"".join(server_app.chunks) == b"".join(lines)
+    assert server_app.lost == [f"lost after {len(b''.join(lines))} bytes"]
+
+
+def test_the_process_keeps_freed_heap_memory_for_the_next_megabyte_buffer() -> None:
+    """A 1 MiB buffer filled and freed again and again (socket reads, file reads, TLS batches) is
+    served from memory the process already has, not faulted in afresh every time."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's mallopt: Linux only")
+    script = (
+        "import resource\n"
+        "from p2pshare.tap import return_freed_memory\n"
+        "assert return_freed_memory()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(200):\n"
+        "    data = b'x' * (1024 * 1024)\n"
+        "    del data\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+    )
+    faults = int(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout)
+    # Each fresh megabyte is 256 page faults: 51,200 for the loop if the heap gave it back every time.
+    assert faults < 5_000
