@@ -21,10 +21,12 @@ from attrs import frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from p2pshare.errors import AlreadyExists, InvalidName, NotFound, PlaceFailed
 from p2pshare.wire import STATE_DIR, validate_name
 
+SPARE_FILES = 4  # empty files kept ready for the next downloads
 _RESUMABLE = re.compile(r"[0-9a-f]{64}\.(part|have)")
 HASH_CHUNK = 1024 * 1024
 CACHE_FILE = "index.json"
@@ -194,6 +196,12 @@ class Shares:
         self.state = self.root / STATE_DIR
         self.tmp = self.state / "tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self.spare = self.state / "spare"  # empty files made ahead, renamed into tmp when a download starts
+        self.spare.mkdir(exist_ok=True)
+        for old in self.spare.iterdir():
+            old.unlink(missing_ok=True)
+        self._spares: list[Path] = []
+        self._making_spares = False
         self.downloading: set[str] = set()  # contents whose <sha256>.part a download holds
         for stale in self.tmp.iterdir():  # a previous run's leftovers, but for resumable downloads
             if not _RESUMABLE.fullmatch(stale.name) or not stale.with_suffix(
@@ -350,8 +358,57 @@ class Shares:
 
     def new_temporary(self) -> tuple[Path, IO[bytes]]:
         fd_path = self.tmp / f"{os.urandom(8).hex()}.part"
-        f = open(fd_path, "x+b")
-        return fd_path, f
+        return fd_path, self.temporary(fd_path)
+
+    def temporary(self, path: Path) -> IO[bytes]:
+        """An empty file at *path* in the temporary folder (replacing any there), open for reading and writing.
+
+        Creating a file costs 0.1 to 0.4 ms on some file systems (ext4 on a virtual disk here), which a
+        fetch of a small file would wait for: a few empty files are made ahead in a thread, and one is
+        renamed into place (10 us).
+        """
+        while self._spares:
+            spare = self._spares.pop()
+            try:
+                os.replace(spare, path)
+                f = open(path, "r+b")
+            except OSError:  # gone meanwhile: take the next, or make one
+                continue
+            if os.fstat(f.fileno()).st_size:
+                f.truncate()
+            self._make_spares()
+            return f
+        self._make_spares()
+        return open(path, "w+b")
+
+    def _make_spares(self) -> None:
+        if self._making_spares or len(self._spares) >= SPARE_FILES:
+            return
+        from twisted.internet import reactor as default_reactor
+
+        reactor = self._reactor or default_reactor
+        self._making_spares = True
+
+        def make(count: int) -> list[Path]:
+            made = []
+            for _ in range(count):
+                path = self.spare / os.urandom(8).hex()
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666))  # as open() would
+                made.append(path)
+            return made
+
+        def done(made: list[Path]) -> None:
+            self._making_spares = False
+            self._spares.extend(made)
+
+        def failed(f: Failure) -> None:
+            self._making_spares = False
+            self.log.warn("could not make spare temporary files in {path}: {error}", path=self.spare,
+                          error=f.getErrorMessage())
+
+        made = deferToThreadPool(reactor, self._threadpool or reactor.getThreadPool(), make,
+                                 SPARE_FILES - len(self._spares))
+        made.addCallbacks(done, failed)
 
     def place(self, tmp_path: Path, name: str, sha256: str, piece_size: int = 0, pieces: bytes = b"") -> Path:
         """Move a verified temporary file into place without overwriting anything.

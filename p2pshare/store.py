@@ -125,7 +125,7 @@ class PieceStore:
         except (OSError, ValueError, IndexError):
             pass
         have.unlink(missing_ok=True)
-        return tmp, have, open(tmp, "w+b")
+        return tmp, have, self.shares.temporary(tmp)
 
     def set_manifest(self, pieces: bytes) -> bool:
         """The holder's manifest: accepted only if it hashes to the root and fits the size."""
