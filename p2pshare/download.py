@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from p2pshare.errors import TransferFailed, VerificationFailed
 from p2pshare.pieces import PiecePicker
-from p2pshare.shares import Entry, Shares
+from p2pshare.shares import Entry, Shares, root_kind
 from p2pshare.store import Executor, PieceStore, Segment, in_thread, synchronously
 
 __all__ = ["Download", "Source", "in_thread", "synchronously", "RANGE", "HIGH_WATER", "LOW_WATER"]
@@ -131,6 +131,8 @@ class Download:
     def entry(self) -> Entry:
         """This download as a shared file, to serve its verified pieces (it needs the manifest)."""
         assert self.pieces is not None
+        if root_kind(self.root) == "blake3":
+            return Entry(self.name, self.size, 0, self.sha256, self.piece_size, pieces3=self.pieces)
         return Entry(self.name, self.size, 0, self.sha256, self.piece_size, self.pieces)
 
     def set_manifest(self, pieces: bytes) -> bool:
@@ -253,8 +255,9 @@ class Download:
                 raise VerificationFailed(f"{self.name}: the whole file has SHA-256 {digest[:16]}, "
                                          f"expected {self.sha256[:16]}")
             tmp = self.store.detach_file()
-            path = self.shares.place(tmp, self.name, self.sha256, self.piece_size if self.pieces else 0,
-                                     self.pieces or b"")
+            entry = self.entry() if self.pieces is not None else None  # its manifest, of the kind received
+            path = self.shares.place(tmp, self.name, self.sha256, self.piece_size if entry else 0,
+                                     entry.pieces if entry else b"", entry.pieces3 if entry else b"")
         except Exception as e:
             self._finishing = False
             self.fail(e)

@@ -27,7 +27,7 @@ from p2pshare.errors import (AlreadyExists, AmbiguousName, InvalidName, NotFound
                              VerificationFailed, describe)
 from p2pshare.ratelimit import Counters
 from p2pshare.shares import Entry, Shares
-from p2pshare.transfer import ITransferNode, TransferProtocol, dial
+from p2pshare.transfer import ITransferNode, TransferProtocol, dial, manifest_root
 from p2pshare.wire import Address, Frame, Hit, is_sha256, validate_name
 
 MAX_SOURCES = 8  # holders one download draws on at once
@@ -372,14 +372,15 @@ class Fetcher:
                 or address in f.banned):
             self.host.counters.add("offers_declined")  # one connection per holder and download
             return None
-        if frame.root and frame.root in f.bad_roots:
+        root = manifest_root(frame)
+        if root and root in f.bad_roots:
             f.banned.add(address)  # a manifest that already made a file that is not the content
             self.host.counters.add("offers_declined")
             return None
         if f.download is None:
-            if not self._start_download(f, frame):
+            if not self._start_download(f, frame, root):
                 return None
-        elif (frame.sha256, frame.size) == (f.download.sha256, f.download.size) and frame.root != f.download.root:
+        elif (frame.sha256, frame.size) == (f.download.sha256, f.download.size) and root != f.download.root:
             # The same content under another manifest: one of the two is a lie.  The pieces only
             # prove that the file matches its manifest, so the whole file is checked at the end,
             # and this holder is kept in reserve for the other manifest.
@@ -387,7 +388,7 @@ class Fetcher:
             f.other_roots.add(address)
             self.host.counters.add("offers_other_manifest")
             return None
-        elif (frame.sha256, frame.root, frame.size) != (f.download.sha256, f.download.root, f.download.size):
+        elif (frame.sha256, root, frame.size) != (f.download.sha256, f.download.root, f.download.size):
             self.host.counters.add("offers_declined")  # another content
             return None
         assert f.download is not None
@@ -404,7 +405,7 @@ class Fetcher:
         proto.closed.addBoth(lambda _: self._source_gone(f, proto))
         return f.download
 
-    def _start_download(self, f: _Fetch, frame: Frame) -> bool:
+    def _start_download(self, f: _Fetch, frame: Frame, root: str) -> bool:
         if os.path.lexists(self.host.shares.root / frame.name):  # asked by hash: the name came with the offer
             self._finish(f, Failure(AlreadyExists(f"{frame.name} already exists in {self.host.shares.root}")))
             return False
@@ -414,7 +415,7 @@ class Fetcher:
                                                    f"{self.host.shares.tmp} ({short} bytes short)")))
             return False
         download = Download(self.host.shares, frame.name, frame.size, frame.sha256, f.report,
-                            in_thread(self.host.reactor), frame.piece, frame.root, verify_whole=bool(f.sha256))
+                            in_thread(self.host.reactor), frame.piece, root, verify_whole=bool(f.sha256))
         f.download = download
         if f.requery is not None and f.requery.active():
             f.requery.cancel()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any, Iterable, Optional
 
 from attrs import frozen
+from blake3 import blake3
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -32,6 +33,7 @@ HASH_CHUNK = 1024 * 1024
 CACHE_FILE = "index.json"
 MIN_PIECE = 1024 * 1024
 MAX_PIECES = 2048  # a manifest is at most 64 KiB of digests
+BLAKE3_ROOT = "b3:"  # how a download names the root of a BLAKE3 manifest (a SHA-256 one's is bare hex)
 
 
 def piece_size_for(size: int) -> int:
@@ -44,19 +46,47 @@ def piece_size_for(size: int) -> int:
 
 @frozen
 class Entry:
-    """One shared file as indexed: its SHA-256, and its manifest (a SHA-256 per piece)."""
+    """One shared file as indexed: its SHA-256, and its manifests (a digest per piece, in SHA-256 and
+    in BLAKE3; see docs/protocol.md section 4.4)."""
 
     name: str
     size: int
     mtime_ns: int
     sha256: str
     piece_size: int = 0
-    pieces: bytes = b""  # the digests, 32 bytes a piece; empty when not (yet) computed
+    pieces: bytes = b""  # the SHA-256 digests, 32 bytes a piece; empty when not (yet) computed
+    pieces3: bytes = b""  # the BLAKE3 digests, 32 bytes a piece; only for files of more than one piece
 
     @property
     def root(self) -> str:
-        """The manifest's own hash: what an offer names so a requester can check the manifest."""
+        """The SHA-256 manifest's own hash: what an offer names so a requester can check the manifest."""
         return hashlib.sha256(self.pieces).hexdigest() if self.pieces else ""
+
+    @property
+    def root3(self) -> str:
+        """The BLAKE3 manifest's own (BLAKE3) hash, offered beside ``root``."""
+        return blake3(self.pieces3).hexdigest() if self.pieces3 else ""
+
+    def manifest(self, kind: str) -> bytes:
+        """The manifest of *kind* (``sha256`` or ``blake3``), or b"" without one."""
+        return self.pieces3 if kind == "blake3" else self.pieces
+
+
+def root_kind(root: str) -> str:
+    """Which hash a download's manifest root (``HEX``, or ``b3:HEX`` for a BLAKE3 one) names."""
+    return "blake3" if root.startswith(BLAKE3_ROOT) else "sha256"
+
+
+def piece_hasher(root: str) -> Any:
+    """A new hash object of the kind the manifest named by *root* uses for its pieces."""
+    return blake3() if root.startswith(BLAKE3_ROOT) else hashlib.sha256()
+
+
+def root_matches(pieces: bytes, root: str) -> bool:
+    """Does manifest *pieces* hash to *root* (a download's: ``HEX`` for SHA-256, ``b3:HEX`` for BLAKE3)?"""
+    if root.startswith(BLAKE3_ROOT):
+        return blake3(pieces).hexdigest() == root[len(BLAKE3_ROOT):]
+    return hashlib.sha256(pieces).hexdigest() == root
 
 
 def within(root: Path, candidate: Path) -> bool:
@@ -71,19 +101,20 @@ def sha256_file(path: Path) -> str:
     return hash_file(path)[0]
 
 
-def hash_file(path: Path) -> tuple[str, int, bytes]:
-    """(SHA-256 of the whole, piece size, piece digests), in one read of the file.
+def hash_file(path: Path) -> tuple[str, int, bytes, bytes]:
+    """(SHA-256 of the whole, piece size, SHA-256 piece digests, BLAKE3 piece digests), in one read.
 
-    The file is read HASH_CHUNK at a time into one buffer that feeds both hashes, so memory
-    stays flat whatever the piece size (512 MiB pieces for a 1 TiB file)."""
+    The file is read HASH_CHUNK at a time into one buffer that feeds every hash, so memory
+    stays flat whatever the piece size (512 MiB pieces for a 1 TiB file).  A file of one piece
+    has its SHA-256 as its only piece digest, and no BLAKE3 manifest."""
     whole = hashlib.sha256()
     size = os.stat(path).st_size
     piece = piece_size_for(size)
-    digests = []
+    digests, digests3 = [], []
     # No larger than the file (a buffer is zeroed when it is made: 1 MiB per small file adds up).
     buffer = memoryview(bytearray(max(4096, min(HASH_CHUNK, piece, size))))
     one_piece = size <= piece  # then the piece's digest is the whole's: one hash is enough
-    current, filled = hashlib.sha256(), 0  # the piece being read, and how much of it is in
+    current, current3, filled = hashlib.sha256(), blake3(), 0  # the piece being read, and how much of it is in
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buffer[:min(len(buffer), piece - filled)]):
             chunk = buffer[:n]
@@ -92,14 +123,17 @@ def hash_file(path: Path) -> tuple[str, int, bytes]:
             if one_piece:
                 continue
             current.update(chunk)
+            current3.update(chunk)
             if filled == piece:
                 digests.append(current.digest())
-                current, filled = hashlib.sha256(), 0
+                digests3.append(current3.digest())
+                current, current3, filled = hashlib.sha256(), blake3(), 0
     if one_piece:
-        return whole.hexdigest(), piece, whole.digest() if filled else b""
+        return whole.hexdigest(), piece, whole.digest() if filled else b"", b""
     if filled:
         digests.append(current.digest())
-    return whole.hexdigest(), piece, b"".join(digests)
+        digests3.append(current3.digest())
+    return whole.hexdigest(), piece, b"".join(digests), b"".join(digests3)
 
 
 def scan(root: Path, cache: dict[str, Entry], names: Optional[Iterable[str]] = None) -> dict[str, Entry]:
@@ -223,7 +257,8 @@ class Shares:
         try:
             raw = json.loads((self.state / CACHE_FILE).read_text())
             return {e["name"]: Entry(e["name"], e["size"], e["mtime_ns"], e["sha256"], e.get("piece", 0),
-                                     bytes.fromhex(e.get("pieces", ""))) for e in raw["files"]}
+                                     bytes.fromhex(e.get("pieces", "")), bytes.fromhex(e.get("pieces3", "")))
+                    for e in raw["files"]}
         except (OSError, ValueError, KeyError, TypeError):
             return {}
 
@@ -231,7 +266,7 @@ class Shares:
         """Write the index cache (blocking, megabytes for a large folder: run it in a thread)."""
         tmp = self.state / (CACHE_FILE + ".new")
         files = [{"name": e.name, "size": e.size, "mtime_ns": e.mtime_ns, "sha256": e.sha256,
-                  "piece": e.piece_size, "pieces": e.pieces.hex()} for e in entries]
+                  "piece": e.piece_size, "pieces": e.pieces.hex(), "pieces3": e.pieces3.hex()} for e in entries]
         tmp.write_text(json.dumps({"v": 1, "files": files}))
         os.replace(tmp, self.state / CACHE_FILE)
 
@@ -410,7 +445,8 @@ class Shares:
                                  SPARE_FILES - len(self._spares))
         made.addCallbacks(done, failed)
 
-    def place(self, tmp_path: Path, name: str, sha256: str, piece_size: int = 0, pieces: bytes = b"") -> Path:
+    def place(self, tmp_path: Path, name: str, sha256: str, piece_size: int = 0, pieces: bytes = b"",
+              pieces3: bytes = b"") -> Path:
         """Move a verified temporary file into place without overwriting anything.
 
         The temporary file is gone afterwards, whether or not it was placed; raises
@@ -430,7 +466,7 @@ class Shares:
             tmp_path.unlink(missing_ok=True)
         st = target.stat()
         self._own.add(name)
-        entry = self._entries[name] = Entry(name, st.st_size, st.st_mtime_ns, sha256, piece_size, pieces)
+        entry = self._entries[name] = Entry(name, st.st_size, st.st_mtime_ns, sha256, piece_size, pieces, pieces3)
         self.generation += 1
         self._by_hash.setdefault(sha256, entry)
         if self._scanning is not None:

@@ -3,10 +3,10 @@ whole-file check.
 
 Bytes arrive from the connections as *segments* (a slice of a received buffer,
 never copied): each belongs to one piece, in order within that piece.  The
-reactor thread only queues them; one worker job at a time (hashlib, ``pwritev``
+reactor thread only queues them; one worker job at a time (the hashes, ``pwritev``
 and ``preadv`` release the GIL, so the reactor keeps receiving meanwhile) takes
-everything queued, feeds each piece's SHA-256 and writes the bytes at their
-offset.  A piece's bytes are thus hashed once, as they are written, and the
+everything queued, feeds each piece's hash (BLAKE3 or SHA-256, the manifest's kind)
+and writes the bytes at their offset.  A piece's bytes are thus hashed once, as they are written, and the
 piece is checked against the manifest when its last byte is in.  One copy of a
 piece writes (its *writer*, the first source to start it); an endgame copy from
 another source is hashed and kept in memory, and written only if it is
@@ -36,7 +36,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from p2pshare.shares import Shares
+from p2pshare.shares import Shares, piece_hasher, root_matches
 
 SAVE_EVERY = 1.0  # seconds between updates of the record of verified pieces
 SMALL = 256 * 1024  # files up to this size are written and hashed on the reactor thread
@@ -119,7 +119,7 @@ class PieceStore:
             state = have.read_text().split()
             if self.root and state[:3] == [str(self.size), str(self.piece_size), self.root]:
                 pieces, bits = bytes.fromhex(state[3]), bytes.fromhex(state[4])
-                if hashlib.sha256(pieces).hexdigest() == self.root and len(bits) == self.count:
+                if root_matches(pieces, self.root) and len(bits) == self.count:
                     self.manifest, self.have = pieces, bytearray(bits)
                     return tmp, have, open(tmp, "r+b")
         except (OSError, ValueError, IndexError):
@@ -129,7 +129,7 @@ class PieceStore:
 
     def set_manifest(self, pieces: bytes) -> bool:
         """The holder's manifest: accepted only if it hashes to the root and fits the size."""
-        if len(pieces) != 32 * self.count or hashlib.sha256(pieces).hexdigest() != self.root:
+        if len(pieces) != 32 * self.count or not root_matches(pieces, self.root):
             return False
         self.manifest = pieces
         return True
@@ -184,7 +184,7 @@ class PieceStore:
         for s in batch:
             key = (id(s.source), s.index)
             if s.first:
-                self._hashers[key] = hashlib.sha256()
+                self._hashers[key] = piece_hasher(self.root)
                 if not s.write:
                     self._copies[key] = []
             hasher = self._hashers.get(key)

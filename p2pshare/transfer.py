@@ -43,7 +43,7 @@ from p2pshare.bandwidth import Limiter
 from p2pshare.download import Download
 from p2pshare.errors import MalformedMessage, NotFound, TransferFailed
 from p2pshare.pieces import choice_for, window_bytes
-from p2pshare.shares import MAX_PIECES, Entry, piece_size_for
+from p2pshare.shares import BLAKE3_ROOT, MAX_PIECES, Entry, piece_size_for, root_kind
 from p2pshare.wire import MAX_FRAME, Frame, have_bits, pack_have
 
 MAX_GETS = 64  # ranges a holder accepts waiting behind the one being sent (the offer's "window")
@@ -329,7 +329,7 @@ class Holder:
         """Take part in the super-seeding of this content, when the node does it (at the offer: a
         connection that never opens never counts)."""
         seeds = getattr(self.conn.node, "seeds", None)  # a node that super-seeds keeps them by content
-        count = len(self.entry.pieces) // 32
+        count = len(self.entry.pieces or self.entry.pieces3) // 32
         if self.partial is None and self.seed is None and seeds is not None and count > 1 and self.entry.piece_size:
             self.seed = seeds.setdefault(self.entry.sha256, SuperSeed(count))
             self.advertised = self.seed.join(self)
@@ -427,9 +427,10 @@ class Holder:
         conn = self.conn
         if self.producer is not None or self.gets:
             return conn.refuse("unexpected", "'manifest' while ranges are being sent")
-        pieces = self.entry.pieces
+        kind = frame.hash or "sha256"
+        pieces = self.entry.manifest(kind)
         if not pieces:
-            return conn.refuse("no_manifest", "this file has no manifest")
+            return conn.refuse("no_manifest", f"this file has no {kind} manifest")
         conn.resetTimeout()
         conn.send(Frame("pieces", length=len(pieces)))
         conn.transport.write(pieces)  # at most 64 KiB
@@ -473,7 +474,8 @@ class Requester:
             return self.download_finished()
         if download.needs_manifest:
             self.awaiting_manifest = True
-            self.conn.send(Frame("manifest"))
+            kind = root_kind(download.root)
+            self.conn.send(Frame("manifest", hash="" if kind == "sha256" else kind))
             return
         self.ask()
 
@@ -886,15 +888,23 @@ class TransferProtocol(Protocol, TimeoutMixin):
         self._close()
 
 
+def manifest_root(frame: Frame) -> str:
+    """The manifest a download from this offer checks its pieces against: the BLAKE3 one when the offer
+    names it (``b3:HEX``; files of more than one piece only), else the SHA-256 one (``HEX``), else none."""
+    if frame.root3 and frame.piece and frame.size > frame.piece:
+        return BLAKE3_ROOT + frame.root3
+    return frame.root
+
+
 def offer_problem(frame: Frame) -> Optional[str]:
     """Why an offer cannot be taken as it is (its pieces are not the protocol's), or None."""
-    if not frame.piece or not frame.root:
+    if not frame.piece or not (frame.root or frame.root3):
         return None
     if frame.piece != piece_size_for(frame.size):
         return f"piece size {frame.piece} is not the one for {frame.size} bytes ({piece_size_for(frame.size)})"
     if -(-frame.size // frame.piece) > MAX_PIECES:
         return f"more than {MAX_PIECES} pieces"
-    if frame.size <= frame.piece and hashlib.sha256(bytes.fromhex(frame.sha256)).hexdigest() != frame.root:
+    if frame.size <= frame.piece and frame.root and hashlib.sha256(bytes.fromhex(frame.sha256)).hexdigest() != frame.root:
         return "the root of a one-piece file must be the SHA-256 of its SHA-256"
     return None
 
@@ -903,7 +913,8 @@ def offer_for(entry: Entry, request_id: str, peer_id: str, have: str = "") -> Fr
     """The offer of a shared file, with its manifest's root when it has one, and (from a peer
     still downloading it) the bitmap of the pieces it has."""
     return Frame("offer", id=request_id, name=entry.name, size=entry.size, sha256=entry.sha256, peer=peer_id,
-                 piece=entry.piece_size if entry.pieces else 0, root=entry.root, have=have, window=MAX_GETS)
+                 piece=entry.piece_size if entry.pieces or entry.pieces3 else 0, root=entry.root, root3=entry.root3,
+                 have=have, window=MAX_GETS)
 
 
 class TransferFactory(Factory):

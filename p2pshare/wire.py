@@ -537,6 +537,8 @@ class Frame:
     peer: str = field(default="", validator=lambda _, a, v: v == "" or _peer_id(_, a, v))
     piece: int = field(default=0, validator=_int(0, MAX_SIZE))
     root: str = field(default="", validator=lambda _, a, v: v == "" or _sha256(_, a, v))
+    root3: str = field(default="", validator=lambda _, a, v: v == "" or _sha256(_, a, v))  # 64 hex digits too
+    hash: str = field(default="", validator=_match(re.compile(r"(sha256|blake3)?\Z")))
     code: str = field(default="", validator=_match(re.compile(r"[a-z_]{0,32}\Z")))
     message: str = field(default="", validator=lambda _, a, v: _short_text(a, v))
     have: str = field(default="", validator=_match(_HAVE))
@@ -555,6 +557,9 @@ class Frame:
             obj.pop("have", None)  # a complete holder's offer
         if not self.window:
             obj.pop("window", None)
+        for optional in ("root3", "hash"):  # a holder without a BLAKE3 manifest, a SHA-256 manifest asked for
+            if not obj.get(optional, True):
+                del obj[optional]
         return _dumps(obj)
 
     @classmethod
@@ -581,13 +586,13 @@ FRAME_FIELDS: dict[str, tuple[str, ...]] = {
 }
 FRAME_OPTIONAL: dict[str, tuple[str, ...]] = {
     "open": ("id", "sha256"),
-    "offer": ("id", "piece", "root", "have", "window"),
+    "offer": ("id", "piece", "root", "root3", "have", "window"),
     "get": (),
     "data": (),
     "decline": (),
     "bye": (),
     "error": ("message",),
-    "manifest": (),
+    "manifest": ("hash",),
     "pieces": (),
     "have": (),
 }

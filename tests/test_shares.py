@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from blake3 import blake3
 
 from p2pshare import shares as shares_module
 from p2pshare.errors import AlreadyExists, InvalidName, NotFound, PlaceFailed
@@ -413,11 +414,12 @@ def test_without_hard_links_a_file_that_appeared_meanwhile_is_not_overwritten(
     assert not tmp.exists()
 
 
-def hashed_by_whole_pieces(path: Path, piece: int) -> tuple[str, int, bytes]:
-    """The reference: each piece read whole."""
+def hashed_by_whole_pieces(path: Path, piece: int) -> tuple[str, int, bytes, bytes]:
+    """The reference: each piece read whole; one piece's only digest is its SHA-256, and it has no BLAKE3 one."""
     data = path.read_bytes()
     digests = b"".join(hashlib.sha256(data[i:i + piece]).digest() for i in range(0, len(data), piece))
-    return hashlib.sha256(data).hexdigest(), piece, digests
+    digests3 = b"".join(blake3(data[i:i + piece]).digest() for i in range(0, len(data), piece))
+    return hashlib.sha256(data).hexdigest(), piece, digests, digests3 if len(data) > piece else b""
 
 
 @pytest.mark.parametrize("chunk", [1000, 4096, 10_000])
@@ -449,7 +451,7 @@ def test_hashing_a_file_of_64_mib_pieces_takes_a_few_mib_of_memory(tmp_path: Pat
         f.truncate(piece + MIN_PIECE)  # sparse: zeros, and no disk
     tracemalloc.start()
     try:
-        digest, _, pieces = shares_module.hash_file(path)
+        digest, _, pieces, pieces3 = shares_module.hash_file(path)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -458,4 +460,5 @@ def test_hashing_a_file_of_64_mib_pieces_takes_a_few_mib_of_memory(tmp_path: Pat
         zeros.update(bytes(MIN_PIECE))
     assert digest == zeros.hexdigest()
     assert pieces[32:] == hashlib.sha256(bytes(MIN_PIECE)).digest()
+    assert pieces3[32:] == blake3(bytes(MIN_PIECE)).digest()
     assert peak < 4 * MIN_PIECE

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import IO, Optional
 
 import pytest
+from blake3 import blake3
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -19,7 +20,7 @@ from p2pshare.errors import NotFound, TransferFailed, VerificationFailed
 from p2pshare.shares import Entry, Shares, scan
 from p2pshare.download import RANGE, Download, synchronously
 from p2pshare.pieces import WINDOW_BYTES
-from p2pshare.transfer import MAX_GET, ITransferNode, TransferFactory, TransferProtocol
+from p2pshare.transfer import MAX_GET, ITransferNode, TransferFactory, TransferProtocol, manifest_root
 from p2pshare.wire import MAX_FRAME, Frame
 
 PEER = "b" * 32
@@ -52,7 +53,7 @@ class Node:
         if not self.accept:
             return None
         self.download = Download(self.shares, frame.name, frame.size, frame.sha256, executor=synchronously,
-                                 piece_size=frame.piece, root=frame.root)
+                                 piece_size=frame.piece, root=manifest_root(frame))
         return self.download
 
     def track(self, proto: TransferProtocol, alive: bool) -> None:
@@ -387,6 +388,83 @@ def test_a_one_piece_file_needs_no_manifest_round_trip(share: Path) -> None:
     proto.dataReceived(Frame("offer", id=RID, name="got.bin", size=len(payload), sha256=digest.hex(), peer=PEER,
                              piece=1024 * 1024, root=hashlib.sha256(digest).hexdigest()).encode() + b"\n")
     assert [f["t"] for f in frames(transport)] == ["get"]  # straight to the data
+
+
+# -- BLAKE3 manifests ---------------------------------------------------------------------
+
+
+def _b3(payload: bytes) -> bytes:
+    return b"".join(blake3(payload[i: i + 1024 * 1024]).digest() for i in range(0, len(payload), 1 << 20))
+
+
+def test_a_holder_offers_both_manifests_and_sends_the_blake3_one_when_asked(share: Path) -> None:
+    payload = os.urandom(3 * 1024 * 1024 + 5)
+    node = holder(share, payload)
+    proto, transport = connect(node)
+    proto.dataReceived(Frame("open", id=RID, name="blob.bin").encode() + b"\n")
+    (offer,) = frames(transport)
+    sha_pieces = b"".join(hashlib.sha256(payload[i: i + (1 << 20)]).digest() for i in range(0, len(payload), 1 << 20))
+    assert offer["root"] == hashlib.sha256(sha_pieces).hexdigest()
+    assert offer["root3"] == blake3(_b3(payload)).hexdigest()
+    transport.clear()
+    proto.dataReceived(Frame("manifest", hash="blake3").encode() + b"\n")
+    line, pieces = transport.value().split(b"\n", 1)
+    assert json.loads(line) == {"v": 1, "t": "pieces", "length": 4 * 32} and pieces == _b3(payload)
+    transport.clear()
+    proto.dataReceived(Frame("manifest").encode() + b"\n")  # and the SHA-256 one to a requester without BLAKE3
+    assert transport.value().split(b"\n", 1)[1] == sha_pieces
+
+
+def test_a_one_piece_file_is_offered_without_a_blake3_manifest(share: Path) -> None:
+    proto, transport = connect(holder(share, b"small" * 100))
+    proto.dataReceived(Frame("open", id=RID, name="blob.bin").encode() + b"\n")
+    (offer,) = frames(transport)
+    assert "root3" not in offer and offer["root"]
+
+
+def test_a_requester_verifies_pieces_with_the_blake3_manifest_when_offered(share: Path) -> None:
+    payload = os.urandom(3 * 1024 * 1024 + 5)
+    b3 = _b3(payload)
+    sha_pieces = b"".join(hashlib.sha256(payload[i: i + (1 << 20)]).digest() for i in range(0, len(payload), 1 << 20))
+    node = Node(Shares(share))
+    proto, transport = connect(node)
+    proto.dataReceived(Frame("offer", id=RID, name="got.bin", size=len(payload),
+                             sha256=hashlib.sha256(payload).hexdigest(), peer=PEER, piece=1 << 20,
+                             root=hashlib.sha256(sha_pieces).hexdigest(),
+                             root3=blake3(b3).hexdigest()).encode() + b"\n")
+    assert frames(transport)[-1] == {"v": 1, "t": "manifest", "hash": "blake3"}
+    transport.clear()
+    proto.dataReceived(Frame("pieces", length=len(b3)).encode() + b"\n" + b3)
+    d = node.download
+    assert d is not None and d.pieces == b3
+    sent: set[tuple[int, int]] = set()
+    while not d.done.called and proto.open:
+        for f in frames(transport):
+            if f["t"] == "get" and (f["offset"], f["length"]) not in sent and proto.open:
+                sent.add((f["offset"], f["length"]))
+                body = bytearray(payload[f["offset"]: f["offset"] + f["length"]])
+                if len(sent) == 2:
+                    body[-1] ^= 1  # the second range asked for arrives corrupted, the others whole
+                proto.dataReceived(Frame("data", offset=f["offset"], length=f["length"]).encode() + b"\n" + body)
+    # The corrupted piece is caught by its BLAKE3 digest: that holder is dropped, nothing placed.
+    assert proto.requester.dropped and not (share / "got.bin").exists()
+    abandon(d)
+
+
+def test_a_download_from_a_blake3_manifest_is_shared_with_it(share: Path) -> None:
+    payload = os.urandom(2 * 1024 * 1024 + 7)
+    b3 = _b3(payload)
+    shares = Shares(share)
+    d = Download(shares, "got.bin", len(payload), hashlib.sha256(payload).hexdigest(), executor=synchronously,
+                 piece_size=1 << 20, root="b3:" + blake3(b3).hexdigest())
+    assert not d.set_manifest(b3[:-1] + bytes([b3[-1] ^ 1]))  # a manifest that is not the root's
+    assert d.set_manifest(b3)
+    source = object()
+    while (rng := d.claim(source)) is not None:
+        d.receive(source, rng[0], memoryview(payload[rng[0]: rng[0] + rng[1]]))
+    assert d.done.called and (share / "got.bin").read_bytes() == payload
+    entry = shares.lookup("got.bin")
+    assert entry is not None and entry.pieces3 == b3 and entry.root3 == blake3(b3).hexdigest() and not entry.pieces
 
 
 # -- swarming: serving the verified pieces of a download in progress -----------------------
