@@ -1,12 +1,14 @@
 """The peer table on Redis (or a Redis Cluster), shared by any number of trackers.
 
-Needs the ``redis`` package (``pip install 'p2pshare[redis]'``); nothing else in p2pshare
-imports this module.  The client is redis-py's synchronous one (``Redis`` or
-``RedisCluster``), run in one worker thread of its own, so the reactor never waits on Redis:
-each operation is a generator of command lists, and every operation that arrives while a
-batch is in flight joins the next one, which sends the first commands of all its
-operations in one pipeline, then their second ones in another (docs/architecture.md says
-why this client, and how it was measured).
+Needs the ``redis`` package with hiredis (``pip install 'p2pshare[redis]'``); nothing else in
+p2pshare imports this module.  Each operation is a generator of command lists, and every
+operation that arrives while a batch is in flight joins the next one, which sends the first
+commands of all its operations in one pipeline, then their second ones in another.  A
+standalone Redis (``redis://``, ``unix://``) is spoken to from the reactor thread, over one
+Twisted connection (``RespConnection``: hiredis packs the commands and parses the replies); a
+Redis Cluster, and TLS (``rediss://``), through redis-py's synchronous client (``RedisCluster``,
+``Redis``) in one worker thread of its own.  Either way the reactor never waits on Redis
+(docs/architecture.md says why, and how it was measured).
 
 The keys, under a prefix (``--registry-prefix``, so that several networks share one Redis),
 each of them one of ``BUCKETS`` (the id's first bytes pick a peer's bucket, a hash of the address
@@ -36,8 +38,12 @@ import urllib.parse
 import zlib
 from typing import Any, Callable, Generator, Optional
 
+from collections import deque
+
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -83,6 +89,128 @@ def redis_client(url: str) -> Any:
     return redis.Redis.from_url(url, **options)
 
 
+def native_url(url: str) -> bool:
+    """Is *url* one this module speaks to without redis-py (a standalone Redis, no TLS)?"""
+    return url.split("://", 1)[0] in ("redis", "unix")
+
+
+class RespConnection(Protocol):
+    """One connection to a standalone Redis: batches of commands written at once, their replies
+    parsed by hiredis in order.  A batch that is not answered within *timeout* seconds closes the
+    connection, which fails every batch waiting on it."""
+
+    def __init__(self, reactor: IReactorTime, timeout: float) -> None:
+        import hiredis
+
+        self._pack = hiredis.pack_command
+        self._reader = hiredis.Reader()
+        self._reactor, self._timeout = reactor, timeout
+        self._waiting: deque[tuple[Deferred[list[Any]], int, list[Any], Any]] = deque()
+        self.lost = False
+
+    def batch(self, commands: list[tuple[Any, ...]]) -> Deferred[list[Any]]:
+        if self.lost:
+            return fail(RegistryUnavailable("Redis: the connection is closed"))
+        if not commands:  # (an operation with nothing to ask this round: a sample of an empty table)
+            return succeed([])
+        d: Deferred[list[Any]] = Deferred()
+        timer = self._reactor.callLater(self._timeout, self._too_slow)  # type: ignore[attr-defined]
+        self._waiting.append((d, len(commands), [], timer))
+        self.transport.write(b"".join(self._pack(c) for c in commands))
+        return d
+
+    def _too_slow(self) -> None:
+        self._error = f"no answer within {self._timeout:g}s"
+        self.transport.abortConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._reader.feed(data)
+        while (reply := self._reader.gets()) is not False:
+            if not self._waiting:
+                self._error = "a reply nothing was asked for"
+                return self.transport.abortConnection()
+            d, count, replies, timer = self._waiting[0]
+            replies.append(reply)
+            if len(replies) == count:
+                self._waiting.popleft()
+                timer.cancel()
+                d.callback(replies)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost = True
+        why = getattr(self, "_error", None) or (reason.getErrorMessage() if reason is not None else "closed")
+        waiting, self._waiting = self._waiting, deque()
+        for d, _, _, timer in waiting:
+            if timer.active():
+                timer.cancel()
+            d.errback(RegistryUnavailable(f"Redis: {why}"))
+
+
+class RespClient:
+    """Batches for a standalone Redis at *url* over one ``RespConnection``, made when first needed
+    and again after it was lost (``AUTH`` and ``SELECT`` as the URL says)."""
+
+    def __init__(self, url: str, reactor: IReactorTime, timeout: float = SOCKET_TIMEOUT) -> None:
+        parts = urllib.parse.urlsplit(url)
+        query = urllib.parse.parse_qs(parts.query)
+        self.reactor, self.timeout = reactor, timeout
+        if parts.scheme == "unix":
+            self.endpoint: Any = UNIXClientEndpoint(reactor, parts.path, timeout=timeout)
+            db = query.get("db", ["0"])[0]
+        else:
+            self.endpoint = HostnameEndpoint(reactor, parts.hostname or "127.0.0.1", parts.port or 6379,
+                                             timeout=timeout)
+            db = parts.path.strip("/") or query.get("db", ["0"])[0]
+        self.setup: list[tuple[Any, ...]] = []
+        if parts.password is not None:
+            password = urllib.parse.unquote(parts.password)
+            user = urllib.parse.unquote(parts.username or "")
+            self.setup.append(("AUTH", user, password) if user else ("AUTH", password))
+        if not db.isdigit():
+            raise ValueError(f"the database in {url!r} must be a number")
+        if int(db):
+            self.setup.append(("SELECT", int(db)))
+        self._conn: Optional[RespConnection] = None
+        self._waiters: list[Deferred[RespConnection]] = []  # batches waiting for a connection
+
+    def batch(self, commands: list[tuple[Any, ...]]) -> Deferred[list[Any]]:
+        conn = self._conn
+        if conn is not None and not conn.lost:
+            return conn.batch(commands)
+        return self._connect().addCallback(lambda c: c.batch(commands))
+
+    def _connect(self) -> Deferred[RespConnection]:
+        d: Deferred[RespConnection] = Deferred()
+        self._waiters.append(d)
+        if len(self._waiters) > 1:  # already connecting
+            return d
+
+        def connected(conn: RespConnection) -> Any:
+            if not self.setup:
+                return conn
+            return conn.batch(self.setup).addCallback(lambda replies: (_checked(replies), conn)[1])
+
+        def ready(conn: RespConnection) -> None:
+            self._conn = conn
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                waiter.callback(conn)
+
+        def failed(f: Failure) -> None:
+            error = f.value if f.check(RegistryUnavailable) else RegistryUnavailable(f"Redis: {f.getErrorMessage()}")
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                waiter.errback(error)
+
+        attempt = self.endpoint.connect(Factory.forProtocol(lambda: RespConnection(self.reactor, self.timeout)))
+        attempt.addCallback(connected).addCallbacks(ready, failed)
+        return d
+
+    def close(self) -> None:
+        if self._conn is not None and not self._conn.lost:
+            self._conn.transport.loseConnection()
+
+
 def check_url(url: str) -> str:
     """The scheme of a registry URL; ValueError, saying why, for one that cannot work."""
     scheme = url.split("://", 1)[0] if "://" in url else ""
@@ -118,12 +246,14 @@ class RedisRegistry:
 
     def __init__(self, connect: Callable[[], Any], reactor: IReactorTime, timeout: float = 30.0,
                  max_per_source: int = 32, prefix: str = "p2pshare", buckets: int = BUCKETS,
-                 refresh: float = POOL_EVERY, pool: int = POOL) -> None:
-        """*connect* makes the client (``lambda: redis_client(url)``), in the worker thread when it is
-        first needed and again after it failed: a cluster client connects as it is made, and a
-        tracker must start, answering ``unavailable``, while its Redis is still down."""
+                 refresh: float = POOL_EVERY, pool: int = POOL, resp: Optional[RespClient] = None) -> None:
+        """*connect* makes a redis-py client (``lambda: redis_client(url)``), in the worker thread when it
+        is first needed and again after it failed: a cluster client connects as it is made, and a
+        tracker must start, answering ``unavailable``, while its Redis is still down.  With *resp*,
+        batches go through it on the reactor thread instead (see ``for_url``)."""
         self.client: Any = None
         self._connect = connect
+        self._resp = resp
         self.reactor = reactor
         self.timeout_ms = int(timeout * 1000)
         self.max_per_source = max_per_source
@@ -144,6 +274,14 @@ class RedisRegistry:
         self._refresher = LoopingCall(self._refresh)
         self._refresher.clock = reactor
         self._refresher.start(refresh, now=True)
+
+    @classmethod
+    def for_url(cls, url: str, reactor: IReactorTime, **kw: Any) -> "RedisRegistry":
+        """The registry for *url*: on the reactor thread for a standalone Redis, through redis-py in a
+        worker thread for a cluster or TLS."""
+        if native_url(url):
+            return cls(lambda: redis_client(url), reactor, resp=RespClient(url, reactor), **kw)
+        return cls(lambda: redis_client(url), reactor, **kw)
 
     # -- keys ----------------------------------------------------------------------------------
 
@@ -191,6 +329,8 @@ class RedisRegistry:
         if self._refresher.running:
             self._refresher.stop()
         self._pool.stop()
+        if self._resp is not None:
+            self._resp.close()
         try:
             if self.client is not None:
                 self.client.close()
@@ -331,7 +471,11 @@ class RedisRegistry:
         if not batch:
             self._busy = False
             return
-        d = deferToThreadPool(self.reactor, self._pool, self._run, [op for op, _ in batch])
+        ops = [op for op, _ in batch]
+        if self._resp is not None:
+            d = _run_async(self._resp, ops)
+        else:
+            d = deferToThreadPool(self.reactor, self._pool, self._run, ops)
 
         def done(outcomes: list[tuple[bool, Any]]) -> None:
             for (_, waiting), (ok, value) in zip(batch, outcomes):
@@ -396,6 +540,44 @@ def _run(client: Any, ops: list[Op]) -> list[tuple[bool, Any]]:
         for op in ops:
             op.close()
     return outcomes
+
+
+def _run_async(client: RespClient, ops: list[Op]) -> Deferred[list[tuple[bool, Any]]]:
+    """``_run`` on the reactor thread: one batch of *client* per round of commands."""
+    outcomes: list[tuple[bool, Any]] = [(True, None)] * len(ops)
+    active: list[tuple[int, list[tuple[Any, ...]]]] = []
+
+    def step(i: int, replies: Any) -> None:
+        try:
+            active.append((i, ops[i].send(replies)))
+        except StopIteration as e:
+            outcomes[i] = (True, e.value)
+        except Exception as e:  # a reply it cannot use: this operation fails, the others go on
+            outcomes[i] = (False, e if isinstance(e, RegistryUnavailable) else RegistryUnavailable(str(e)))
+
+    def next_round(_: Any = None) -> Any:
+        if not active:
+            return outcomes
+        current = list(active)
+        active.clear()
+
+        def got(replies: list[Any]) -> Any:
+            at = 0
+            for i, commands in current:
+                step(i, replies[at: at + len(commands)])
+                at += len(commands)
+            return next_round()
+
+        return client.batch([c for _, commands in current for c in commands]).addCallback(got)
+
+    def close(result: Any) -> Any:
+        for op in ops:
+            op.close()
+        return result
+
+    for i in range(len(ops)):
+        step(i, None)
+    return next_round().addBoth(close) if active else succeed(close(outcomes))
 
 
 def _rediscover(client: Any) -> None:

@@ -376,10 +376,16 @@ def registry_url(value: str) -> str:
         check_url(value)
     except ValueError as e:
         raise usage.UsageError(f"--registry {e}") from None
-    try:
-        import redis  # noqa: F401
+    from p2pshare.redis_registry import native_url
+
+    try:  # a standalone Redis is spoken to with hiredis alone (redis-py would cost memory for nothing)
+        if native_url(value):
+            import hiredis  # noqa: F401
+        else:
+            import redis  # noqa: F401
     except ImportError:
-        raise usage.UsageError("--registry redis://... needs the redis package: pip install 'p2pshare[redis]'") from None
+        raise usage.UsageError("--registry redis://... needs the redis and hiredis packages: "
+                               "pip install 'p2pshare[redis]'") from None
     return value
 
 
@@ -390,13 +396,13 @@ def makeTrackerService(options: TrackerOptions, reactor: Any = None) -> IService
         from twisted.internet import reactor
     registry = None
     if options["registry"] != "memory":
-        from p2pshare.redis_registry import RedisRegistry, redis_client
+        from p2pshare.redis_registry import RedisRegistry
         from p2pshare.tracker import EXPIRE_AFTER
 
         url = options["registry"]
-        registry = RedisRegistry(lambda: redis_client(url), reactor,
-                                 timeout=options["interval"] * EXPIRE_AFTER, max_per_source=options["max-per-address"],
-                                 prefix=options["registry-prefix"], refresh=min(1.0, options["interval"] / 2))
+        registry = RedisRegistry.for_url(url, reactor, timeout=options["interval"] * EXPIRE_AFTER,
+                                         max_per_source=options["max-per-address"],
+                                         prefix=options["registry-prefix"], refresh=min(1.0, options["interval"] / 2))
     factory = TrackerFactory(reactor, registry=registry, max_peers=options["max-peers"], interval=options["interval"],
                              max_per_address=options["max-per-address"])
     tracker = TrackerService(serverFromString(reactor, options["port"]), factory, key=options["key"])

@@ -47,7 +47,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
 def registry(url: str, prefix: str = "", **kw: Any) -> Any:
     from p2pshare.redis_registry import RedisRegistry
 
-    return RedisRegistry(lambda: client(url), reactor(), prefix=prefix or f"t{os.urandom(4).hex()}", **kw)
+    return RedisRegistry.for_url(url, reactor(), prefix=prefix or f"t{os.urandom(4).hex()}", **kw)
 
 
 async def sizes_known(reg: Any) -> None:
@@ -75,7 +75,9 @@ async def test_the_table_on_redis_registers_beats_samples_removes_and_expires(se
         await sizes_known(reg)
         assert await reg.sample(5, None, random.Random(2)) == [] and reg.count() == 0
         # nothing is left behind: no records, and the source's count went with its last peer
-        leftovers = [k for k in reg.client.scan_iter(match=reg.prefix + b":*") if reg.client.type(k) != b"none"]
+        store = client(server.url)
+        leftovers = [k for k in store.scan_iter(match=reg.prefix + b":*") if store.type(k) != b"none"]
+        store.close()
         assert leftovers == []
     finally:
         await reg.close()
@@ -408,7 +410,8 @@ def test_a_bad_registry_option_stops_the_tracker_with_one_clear_line(tmp_path: P
     assert cluster.returncode != 0 and "a cluster URL lists HOST:PORT" in cluster.stdout + cluster.stderr
     shim = tmp_path / "shim"
     shim.mkdir()
-    (shim / "redis.py").write_text("raise ImportError('no redis here')\n")
+    for package in ("redis", "hiredis"):
+        (shim / f"{package}.py").write_text(f"raise ImportError('no {package} here')\n")
     missing = subprocess.run([TWISTD, "-n", "--pidfile=", "p2ptracker", "--registry",
                               "redis://127.0.0.1:1/0"], capture_output=True, text=True, timeout=60, cwd=tmp_path,
                              env={**os.environ, "PYTHONPATH": str(shim)})

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from typing import Any
+
+import pytest
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from zope.interface.verify import verifyObject
 
-from p2pshare.registry import IPeerRegistry, MemoryRegistry, PeerTable
+from p2pshare.registry import IPeerRegistry, MemoryRegistry, PeerTable, RegistryUnavailable
 from p2pshare.wire import PeerInfo
 
 
@@ -102,3 +109,76 @@ def test_a_redis_record_packs_both_ports_the_host_and_a_different_source_and_rea
                    ("192.0.2.5", 4000, 4000, "2001:db8::7"), ("10.0.0.2", 5, 6, "fe80::1%eth0")):
         assert _unpack(_pack(*record)) == record
     assert len(_pack("10.0.0.1", 7000, 7000, "10.0.0.1")) == 9  # ports, length, 4 bytes: no source
+
+
+# -- the Redis wire, without a Redis: RespConnection against an in-memory transport ----------------
+
+
+def _resp_connection() -> tuple[Any, StringTransport, Clock]:
+    pytest.importorskip("hiredis", reason="the redis extra (pip install 'p2pshare[redis]') is not installed")
+    from p2pshare.redis_registry import RespConnection
+
+    clock = Clock()
+    conn = RespConnection(clock, timeout=2.0)
+    transport = StringTransport()
+    conn.makeConnection(transport)
+    return conn, transport, clock
+
+
+def test_resp_batches_are_written_at_once_and_answered_in_order_whatever_the_read_sizes() -> None:
+    conn, transport, _ = _resp_connection()
+    first = conn.batch([("ZADD", b"p:i:1", "XX", "CH", 123, b"\x00\x01"), ("HGET", b"p:r:1", b"\x00\x01")])
+    second = conn.batch([("ZCARD", b"p:i:1")])
+    assert transport.value() == (b"*6\r\n$4\r\nZADD\r\n$5\r\np:i:1\r\n$2\r\nXX\r\n$2\r\nCH\r\n$3\r\n123\r\n$2\r\n\x00\x01\r\n"
+                                 b"*3\r\n$4\r\nHGET\r\n$5\r\np:r:1\r\n$2\r\n\x00\x01\r\n"
+                                 b"*2\r\n$5\r\nZCARD\r\n$5\r\np:i:1\r\n")
+    got: list[Any] = []
+    first.addCallback(got.append)
+    second.addCallback(got.append)
+    replies = b":1\r\n$3\r\nrec\r\n:7\r\n"
+    for i in range(len(replies)):  # a byte at a time
+        conn.dataReceived(replies[i: i + 1])
+    assert got == [[1, b"rec"], [7]]
+
+
+def test_a_resp_error_reply_is_handed_over_as_an_exception_for_the_operation_to_refuse() -> None:
+    from p2pshare.redis_registry import _checked
+
+    conn, _, _ = _resp_connection()
+    got: list[Any] = []
+    conn.batch([("ZADD",), ("PING",)]).addCallback(got.append)
+    conn.dataReceived(b"-ERR wrong number of arguments for 'zadd' command\r\n+PONG\r\n")
+    (replies,) = got
+    assert isinstance(replies[0], Exception) and replies[1] == b"PONG"
+    with pytest.raises(RegistryUnavailable, match="wrong number of arguments"):
+        _checked(replies)
+
+
+def test_a_resp_batch_not_answered_in_time_closes_the_connection_and_fails_every_waiting_batch() -> None:
+    conn, transport, clock = _resp_connection()
+    failures: list[Failure] = []
+    for _ in range(3):
+        conn.batch([("PING",)]).addErrback(failures.append)
+    conn.dataReceived(b"+PONG\r\n")  # the first is answered, the others never are
+    clock.advance(2.0)
+    assert transport.disconnecting
+    conn.connectionLost(Failure(ConnectionDone()))
+    assert [f.check(RegistryUnavailable) for f in failures] == [RegistryUnavailable] * 2
+    assert "no answer within 2s" in failures[0].getErrorMessage()
+    assert not clock.getDelayedCalls()  # no timer left behind
+    later: list[Failure] = []
+    conn.batch([("PING",)]).addErrback(later.append)  # on a closed connection: at once
+    assert later and later[0].check(RegistryUnavailable)
+
+
+def test_a_resp_reply_nothing_asked_for_closes_the_connection() -> None:
+    conn, transport, _ = _resp_connection()
+    conn.dataReceived(b"+PONG\r\n")
+    assert transport.disconnecting
+
+
+def test_an_empty_resp_batch_is_answered_at_once_without_a_round_trip() -> None:
+    conn, transport, clock = _resp_connection()
+    got: list[Any] = []
+    conn.batch([]).addCallback(got.append)
+    assert got == [[]] and transport.value() == b"" and not clock.getDelayedCalls()
