@@ -32,7 +32,7 @@ from typing import IO, Any, Callable, Optional
 
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -240,20 +240,26 @@ class SendfileProducer(RangeProducer):
 
 
 SEED_BATCH = 4  # pieces a super-seeding holder offers a later requester at a time
+END_DELAY = 1.0  # seconds a super-seeding holder leaves the last pieces to the requesters' trading
 
 
 class SuperSeed:
     """A complete holder serving one file to several requesters at once (super-seeding, as BitTorrent
     clients call it): the first connection is offered the whole file; each later one is offered, as
     a partial holder's bitmap, a few pieces no connection has been sent or offered yet, and more
-    with ``have`` frames once those have gone out; everything once every piece has.
-    Each piece then leaves the holder about once, and the requesters trade the rest."""
+    with ``have`` frames once those have gone out.  Each piece then leaves the holder about once, and
+    the requesters trade the rest.  Once every piece has gone out, the striped connections are
+    offered nothing more for ``END_DELAY`` seconds, while the requesters trade the last pieces among
+    themselves, then everything (for a requester whose only other source of a piece went away)."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, clock: Optional[IReactorTime] = None) -> None:
         self.count = count
+        self.clock = clock
         self.sent = bytearray(count)  # pieces sent whole on some connection
         self.plain: list["Holder"] = []  # connections offered the whole file
         self.striped: list["Holder"] = []  # connections offered stripes
+        self.opened = False  # the end: every striped connection is offered everything
+        self._end: Optional[IDelayedCall] = None
 
     def join(self, holder: "Holder") -> Optional[bytearray]:
         """What *holder*'s offer advertises: None (the whole file) or a bitmap."""
@@ -269,23 +275,42 @@ class SuperSeed:
             if holder in group:
                 group.remove(holder)
         self.refill()
-        return not self.plain and not self.striped
+        done = not self.plain and not self.striped
+        if done and self._end is not None and self._end.active():
+            self._end.cancel()
+        return done
 
     def _stripe(self, holder: "Holder", advertised: bytearray) -> bytearray:
-        """*advertised* plus the next SEED_BATCH unsent pieces no other connection was offered (or
-        offered, when there are none; everything once every piece has been sent)."""
+        """*advertised* plus the next SEED_BATCH unsent pieces no other connection was offered; nothing
+        more while every unsent piece is offered elsewhere (a piece offered twice would be sent twice);
+        everything at the end."""
+        if self.opened:
+            return bytearray([1]) * self.count
         unsent = [i for i in range(self.count) if not self.sent[i] and not advertised[i]]
         if not unsent:
-            return bytearray([1]) * self.count
+            self._ending()
+            return bytearray(advertised)
         elsewhere = bytearray(self.count)
         for other in self.striped:
             if other is not holder and other.advertised is not None:
                 elsewhere = bytearray(a | b for a, b in zip(elsewhere, other.advertised))
-        fresh = [i for i in unsent if not elsewhere[i]] or unsent
         bits = bytearray(advertised)
-        for i in fresh[:SEED_BATCH]:
+        for i in [i for i in unsent if not elsewhere[i]][:SEED_BATCH]:
             bits[i] = 1
         return bits
+
+    def _ending(self) -> None:
+        """Every piece is sent or offered: offer everything after END_DELAY (at once without a clock)."""
+        if self._end is not None or self.opened:
+            return
+        if self.clock is None:
+            self._open()
+        else:
+            self._end = self.clock.callLater(END_DELAY, self._open)
+
+    def _open(self) -> None:
+        self.opened = True
+        self.refill()
 
     def sent_range(self, offset: int, length: int, piece: int, size: int) -> None:
         """A range went out whole: the pieces it covers entirely are sent."""
@@ -296,10 +321,13 @@ class SuperSeed:
         self.refill()
 
     def refill(self) -> None:
-        """Give more pieces to each striped connection whose advertised pieces have all gone out."""
+        """Give more pieces to each striped connection whose advertised pieces have all gone out
+        (to every one, at the end)."""
         for holder in list(self.striped):
             advertised = holder.advertised
-            if advertised is None or all(advertised) or any(a and not s for a, s in zip(advertised, self.sent)):
+            if advertised is None or all(advertised):
+                continue
+            if not self.opened and any(a and not s for a, s in zip(advertised, self.sent)):
                 continue
             more = self._stripe(holder, advertised)
             for i in range(self.count):
@@ -331,7 +359,7 @@ class Holder:
         seeds = getattr(self.conn.node, "seeds", None)  # a node that super-seeds keeps them by content
         count = len(self.entry.pieces or self.entry.pieces3) // 32
         if self.partial is None and self.seed is None and seeds is not None and count > 1 and self.entry.piece_size:
-            self.seed = seeds.setdefault(self.entry.sha256, SuperSeed(count))
+            self.seed = seeds.setdefault(self.entry.sha256, SuperSeed(count, self.conn.clock))
             self.advertised = self.seed.join(self)
 
     def offer(self, request_id: str) -> Frame:

@@ -856,3 +856,37 @@ def test_a_holder_serving_several_requesters_offers_the_later_ones_stripes_of_un
     for proto, _ in conns:
         proto.connectionLost(None)
     assert node.seeds == {}
+
+
+def test_a_seeding_holder_never_offers_one_unsent_piece_twice_and_waits_before_offering_everything(
+        share: Path) -> None:
+    """Stripes stay disjoint while pieces are unsent (a piece offered twice would be sent twice);
+    once every piece has gone out the requesters trade the last ones among themselves, and only
+    END_DELAY later is every striped connection offered everything."""
+    from p2pshare.transfer import END_DELAY
+
+    payload = os.urandom(3 * MIB)
+    (share / "blob.bin").write_bytes(payload)
+    shares = Shares(share)
+    shares.entries = scan(share, {})
+    node = SeedingNode(shares)
+    clock = Clock()
+    conns = [connect(node, clock=clock) for _ in range(3)]
+    offers = []
+    for proto, transport in conns:
+        proto.dataReceived(Frame("open", id=RID, name="blob.bin").encode() + b"\n")
+        offers.append(frames(transport)[0])
+        transport.clear()
+    assert "have" not in offers[0]
+    assert [o["have"] for o in offers[1:]] == ["e0", "00"]  # pieces 0-2 to the second, none left for the third
+    second, t2 = conns[1]
+    for i in range(3):
+        second.dataReceived(Frame("get", offset=i * MIB, length=MIB).encode() + b"\n")
+        drain(t2)
+    third, t3 = conns[2]
+    assert b'"have"' not in t3.value()  # every piece has left: the third trades with the second first
+    clock.advance(END_DELAY)
+    assert [f["piece"] for f in frames(t3) if f["t"] == "have"] == [0, 1, 2]  # then it may ask the holder
+    for proto, _ in conns:
+        proto.connectionLost(None)
+    assert node.seeds == {} and not clock.getDelayedCalls()
