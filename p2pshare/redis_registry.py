@@ -261,10 +261,12 @@ class RedisRegistry:
         self.buckets = buckets
         self.pool_size = pool
         self.sizes = [0] * buckets
-        self.pool: list[PeerInfo] = []  # a uniform sample of the live table, as of the last refresh
-        self._pool_index: dict[str, int] = {}
+        # A uniform sample of the live table as of the last refresh, as (id, record) pairs: a PeerInfo is
+        # made (and validated) only for a member an answer picks, so that a refresh does not stop the
+        # reactor for the 4,096 of them at once.
+        self.pool: list[tuple[bytes, bytes]] = []
         self._known_sizes = False
-        self._infos: dict[tuple[bytes, bytes], PeerInfo] = {}  # the pool's, by id and record
+        self._infos: dict[tuple[bytes, bytes], Optional[PeerInfo]] = {}  # made so far (None: not ours)
         self._down: Optional[RegistryUnavailable] = None  # why the last refresh failed
         self._rng = random.Random(os.urandom(16))  # the worker thread's own
         self._queue: list[tuple[Op, Deferred[Any]]] = []
@@ -314,13 +316,21 @@ class RedisRegistry:
     def sample(self, k: int, exclude: Optional[str], rng: random.Random) -> Deferred[list[PeerInfo]]:
         if self._down is not None:  # the last refresh failed: no answers from an old picture
             return fail(self._down)
-        pool, skip = self.pool, self._pool_index.get(exclude or "")
-        n = len(pool) - (skip is not None)
-        if k <= 0 or n <= 0:
+        pool = self.pool
+        if k <= 0 or not pool:
             return succeed([])
-        picks = rng.sample(range(n), min(k, n))
-        # Places at or past the excluded one shift by one, so it is never chosen.
-        return succeed([pool[i + (skip is not None and i >= skip)] for i in picks])
+        skip = bytes.fromhex(exclude) if exclude else None
+        picked: list[PeerInfo] = []
+        for i in rng.sample(range(len(pool)), min(k + 1, len(pool))):
+            raw, record = pool[i]
+            if raw == skip:
+                continue
+            info = self._info(raw, record)
+            if info is not None:
+                picked.append(info)
+            if len(picked) == k:
+                break
+        return succeed(picked)
 
     def count(self) -> int:
         return sum(self.sizes) if self._known_sizes else 0
@@ -418,39 +428,46 @@ class RedisRegistry:
                 for (b, _), reply in zip(wanted, replies)]
         live = [(b, ids) for b, ids in live if ids]
         records = _checked((yield [("HMGET", self._record_key(b), *ids) for b, ids in live]))
-        infos = {}
-        for (_, ids), values in zip(live, records):
-            for raw, record in zip(ids, values):
-                if record is None:
-                    continue
-                try:
-                    infos[raw, record] = self._info(raw, record)
-                except (ValueError, UnicodeDecodeError, IndexError):  # not one of ours: not offered
-                    continue
-        return sizes, infos
+        members = [(raw, record) for (_, ids), values in zip(live, records)
+                   for raw, record in zip(ids, values) if record is not None]
+        return sizes, members
 
-    def _info(self, raw: bytes, record: bytes) -> PeerInfo:
-        """A PeerInfo, validated once per record (the pool reads the same peers every second)."""
-        info = self._infos.get((raw, record))
-        if info is None:
+    def _info(self, raw: bytes, record: bytes) -> Optional[PeerInfo]:
+        """The PeerInfo of a pool member, made and validated once (None for a record not of ours)."""
+        key = (raw, record)
+        try:
+            return self._infos[key]
+        except KeyError:
+            pass
+        try:
             host, udp, tcp, _ = _unpack(record)
-            info = PeerInfo(raw.hex(), host, int(udp), int(tcp))
+            info: Optional[PeerInfo] = PeerInfo(raw.hex(), host, int(udp), int(tcp))
+        except (ValueError, UnicodeDecodeError, IndexError):  # not one of ours: not offered
+            info = None
+        self._infos[key] = info
         return info
 
     def _refresh(self) -> Deferred[None]:
-        def got(result: tuple[list[int], dict[tuple[bytes, bytes], PeerInfo]]) -> None:
-            self.sizes, self._infos = result
-            pool = list(self._infos.values())
-            random.shuffle(pool)
-            self.pool, self._pool_index = pool, {info.peer: i for i, info in enumerate(pool)}
+        def got(result: tuple[list[int], list[tuple[bytes, bytes]]]) -> None:
+            self.sizes, self.pool = result
+            if len(self._infos) > 4 * self.pool_size:  # made for members long gone from the pool
+                self._infos = {}
             self._known_sizes, self._down = True, None
 
         def failed(f: Failure) -> None:
             f.trap(RegistryUnavailable)
             self._down = f.value
-            self.pool, self._pool_index = [], {}
+            self.pool = []
 
-        d = self._submit(self._sample_pool(int(self.reactor.seconds() * 1000)))
+        op = self._sample_pool(int(self.reactor.seconds() * 1000))
+        if self._resp is None:
+            d = self._submit(op)
+        else:  # beside the queue, on the same connection: requests never wait behind a refresh's 3 rounds
+            def outcome(outcomes: list[tuple[bool, Any]]) -> Any:
+                ok, value = outcomes[0]
+                return value if ok else Failure(value)
+
+            d = _run_async(self._resp, [op]).addCallback(outcome).addErrback(_unavailable)
         return d.addCallbacks(got, failed)
 
     # -- batching --------------------------------------------------------------------------------
@@ -578,6 +595,12 @@ def _run_async(client: RespClient, ops: list[Op]) -> Deferred[list[tuple[bool, A
     for i in range(len(ops)):
         step(i, None)
     return next_round().addBoth(close) if active else succeed(close(outcomes))
+
+
+def _unavailable(f: Failure) -> Failure:
+    if f.check(RegistryUnavailable):
+        return f
+    return Failure(RegistryUnavailable(f"Redis: {f.getErrorMessage()}"))
 
 
 def _rediscover(client: Any) -> None:

@@ -125,14 +125,14 @@ async def test_sampling_is_uniform_across_the_buckets(where: str, request: pytes
         for _ in range(20):  # a whole table smaller than the pool: answers draw from all of it
             picked = await reg.sample(10, None, rng)
             assert len(picked) == 10 and len({p.peer for p in picked}) == 10
-        assert {p.peer for p in reg.pool} == {p.peer for p in peers}
+        assert {raw.hex() for raw, _ in reg.pool} == {p.peer for p in peers}
         # a pool of 50 of the 200: each refresh a uniform sample, whichever bucket a peer is in
         reg.pool_size = 50
         counts: Counter[str] = Counter()
         for _ in range(100):
             await reg._refresh()
             assert 25 <= len(reg.pool) <= 80  # about 50: each bucket rounds up or down at random
-            counts.update(p.peer for p in reg.pool)
+            counts.update(raw.hex() for raw, _ in reg.pool)
         expected = sum(counts.values()) / 200
         assert len(counts) == 200
         assert min(counts.values()) > 0.3 * expected and max(counts.values()) < 1.9 * expected, counts.most_common(3)
