@@ -36,9 +36,8 @@ import os
 import random
 import urllib.parse
 import zlib
-from typing import Any, Callable, Generator, Optional
-
 from collections import deque
+from typing import Any, Callable, Generator, Optional
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
@@ -106,7 +105,13 @@ class RespConnection(Protocol):
         self._reader = hiredis.Reader()
         self._reactor, self._timeout = reactor, timeout
         self._waiting: deque[tuple[Deferred[list[Any]], int, list[Any], Any]] = deque()
+        self._error: Optional[str] = None  # why we closed the connection, when we did
         self.lost = False
+
+    def connectionMade(self) -> None:
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:  # (TCP, not a unix socket) a batch must not wait for the last one's ACK
+            set_no_delay(True)
 
     def batch(self, commands: list[tuple[Any, ...]]) -> Deferred[list[Any]]:
         if self.lost:
@@ -138,7 +143,7 @@ class RespConnection(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self.lost = True
-        why = getattr(self, "_error", None) or (reason.getErrorMessage() if reason is not None else "closed")
+        why = self._error or (reason.getErrorMessage() if reason is not None else "closed")
         waiting, self._waiting = self._waiting, deque()
         for d, _, _, timer in waiting:
             if timer.active():
@@ -152,24 +157,20 @@ class RespClient:
 
     def __init__(self, url: str, reactor: IReactorTime, timeout: float = SOCKET_TIMEOUT) -> None:
         parts = urllib.parse.urlsplit(url)
-        query = urllib.parse.parse_qs(parts.query)
         self.reactor, self.timeout = reactor, timeout
         if parts.scheme == "unix":
             self.endpoint: Any = UNIXClientEndpoint(reactor, parts.path, timeout=timeout)
-            db = query.get("db", ["0"])[0]
         else:
             self.endpoint = HostnameEndpoint(reactor, parts.hostname or "127.0.0.1", parts.port or 6379,
                                              timeout=timeout)
-            db = parts.path.strip("/") or query.get("db", ["0"])[0]
         self.setup: list[tuple[Any, ...]] = []
         if parts.password is not None:
             password = urllib.parse.unquote(parts.password)
             user = urllib.parse.unquote(parts.username or "")
             self.setup.append(("AUTH", user, password) if user else ("AUTH", password))
-        if not db.isdigit():
-            raise ValueError(f"the database in {url!r} must be a number")
-        if int(db):
-            self.setup.append(("SELECT", int(db)))
+        db = _database(url)
+        if db:
+            self.setup.append(("SELECT", db))
         self._conn: Optional[RespConnection] = None
         self._waiters: list[Deferred[RespConnection]] = []  # batches waiting for a connection
 
@@ -218,7 +219,19 @@ def check_url(url: str) -> str:
         raise ValueError(f"must be memory or a URL starting {', '.join(s + '://' for s in SCHEMES)}; got {url!r}")
     if scheme.endswith("+cluster"):
         _cluster_nodes(url)
+    elif native_url(url):
+        _database(url)
     return scheme
+
+
+def _database(url: str) -> int:
+    """The database number of a standalone Redis URL (``redis://HOST:PORT/N``, ``unix:///PATH?db=N``)."""
+    parts = urllib.parse.urlsplit(url)
+    db = "" if parts.scheme == "unix" else parts.path.strip("/")
+    db = db or urllib.parse.parse_qs(parts.query).get("db", ["0"])[0]
+    if not db.isdigit():
+        raise ValueError(f"the database in {url!r} must be a number")
+    return int(db)
 
 
 def _cluster_nodes(url: str) -> list[tuple[str, int]]:

@@ -182,3 +182,13 @@ def test_an_empty_resp_batch_is_answered_at_once_without_a_round_trip() -> None:
     got: list[Any] = []
     conn.batch([]).addCallback(got.append)
     assert got == [[]] and transport.value() == b"" and not clock.getDelayedCalls()
+
+
+def test_a_redis_url_with_a_database_that_is_not_a_number_is_refused_before_anything_starts() -> None:
+    from p2pshare.redis_registry import _database, check_url
+
+    assert _database("redis://127.0.0.1:6379/3") == 3 and _database("unix:///run/redis.sock?db=2") == 2
+    assert _database("redis://127.0.0.1:6379") == 0
+    for url in ("redis://127.0.0.1:6379/x", "unix:///run/redis.sock?db=one"):
+        with pytest.raises(ValueError, match="must be a number"):
+            check_url(url)
