@@ -535,79 +535,84 @@ class RedisRegistry:
         return _run(self.client, ops)
 
 
+class _Lockstep:
+    """*ops* driven together: the commands of every operation still running make one round, and
+    each operation gets its own replies back."""
+
+    def __init__(self, ops: list[Op]) -> None:
+        self.ops = ops
+        self.outcomes: list[tuple[bool, Any]] = [(True, None)] * len(ops)
+        self.active: list[tuple[int, list[tuple[Any, ...]]]] = []
+        for i in range(len(ops)):
+            self._step(i, None)
+
+    def _step(self, i: int, replies: Any) -> None:
+        try:
+            self.active.append((i, self.ops[i].send(replies)))
+        except StopIteration as e:
+            self.outcomes[i] = (True, e.value)
+        except Exception as e:  # a reply it cannot use: this operation fails, the others go on
+            self.outcomes[i] = (False, e if isinstance(e, RegistryUnavailable) else RegistryUnavailable(str(e)))
+
+    def round(self) -> Optional[list[tuple[Any, ...]]]:
+        """The next round's commands (perhaps none: a sample of an empty table), or None once every
+        operation is done."""
+        if not self.active:
+            return None
+        self._current, self.active = self.active, []
+        return [c for _, commands in self._current for c in commands]
+
+    def replies(self, replies: list[Any]) -> None:
+        at = 0
+        for i, commands in self._current:
+            self._step(i, replies[at: at + len(commands)])
+            at += len(commands)
+
+    def close(self) -> None:
+        for op in self.ops:
+            op.close()
+
+
 def _run(client: Any, ops: list[Op]) -> list[tuple[bool, Any]]:
     """Drive *ops* in lockstep (in the worker thread): one pipeline per round of commands."""
-    outcomes: list[tuple[bool, Any]] = [(True, None)] * len(ops)
-    active: list[tuple[int, list[tuple[Any, ...]]]] = []
-
-    def step(i: int, replies: Any) -> None:
-        try:
-            active.append((i, ops[i].send(replies)))
-        except StopIteration as e:
-            outcomes[i] = (True, e.value)
-        except Exception as e:  # a reply it cannot use: this operation fails, the others go on
-            outcomes[i] = (False, e if isinstance(e, RegistryUnavailable) else RegistryUnavailable(str(e)))
-
+    lockstep = _Lockstep(ops)
     try:
-        for i in range(len(ops)):
-            step(i, None)
-        while active:
+        while (commands := lockstep.round()) is not None:
             pipe = client.pipeline(transaction=False)
-            for _, commands in active:
-                for command in commands:
-                    pipe.execute_command(*command)
+            for command in commands:
+                pipe.execute_command(*command)
             try:
-                replies = pipe.execute(raise_on_error=False)
+                lockstep.replies(pipe.execute(raise_on_error=False))
             except Exception:
                 _rediscover(client)
                 raise
-            current, active[:] = list(active), []
-            at = 0
-            for i, commands in current:
-                step(i, replies[at: at + len(commands)])
-                at += len(commands)
     finally:
-        for op in ops:
-            op.close()
-    return outcomes
+        lockstep.close()
+    return lockstep.outcomes
 
 
 def _run_async(client: RespClient, ops: list[Op]) -> Deferred[list[tuple[bool, Any]]]:
     """``_run`` on the reactor thread: one batch of *client* per round of commands."""
-    outcomes: list[tuple[bool, Any]] = [(True, None)] * len(ops)
-    active: list[tuple[int, list[tuple[Any, ...]]]] = []
+    lockstep = _Lockstep(ops)
 
-    def step(i: int, replies: Any) -> None:
-        try:
-            active.append((i, ops[i].send(replies)))
-        except StopIteration as e:
-            outcomes[i] = (True, e.value)
-        except Exception as e:  # a reply it cannot use: this operation fails, the others go on
-            outcomes[i] = (False, e if isinstance(e, RegistryUnavailable) else RegistryUnavailable(str(e)))
-
-    def next_round(_: Any = None) -> Any:
-        if not active:
-            return outcomes
-        current = list(active)
-        active.clear()
-
-        def got(replies: list[Any]) -> Any:
-            at = 0
-            for i, commands in current:
-                step(i, replies[at: at + len(commands)])
-                at += len(commands)
-            return next_round()
-
-        return client.batch([c for _, commands in current for c in commands]).addCallback(got)
+    def next_round(replies: Optional[list[Any]] = None) -> Any:
+        if replies is not None:
+            lockstep.replies(replies)
+        commands = lockstep.round()
+        if commands is None:
+            return lockstep.outcomes
+        return client.batch(commands).addCallback(next_round)
 
     def close(result: Any) -> Any:
-        for op in ops:
-            op.close()
+        lockstep.close()
         return result
 
-    for i in range(len(ops)):
-        step(i, None)
-    return next_round().addBoth(close) if active else succeed(close(outcomes))
+    try:
+        first = next_round()
+    except Exception:
+        lockstep.close()
+        raise
+    return first.addBoth(close) if isinstance(first, Deferred) else succeed(close(first))
 
 
 def _unavailable(f: Failure) -> Failure:
