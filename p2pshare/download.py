@@ -255,9 +255,9 @@ class Download:
                 raise VerificationFailed(f"{self.name}: the whole file has SHA-256 {digest[:16]}, "
                                          f"expected {self.sha256[:16]}")
             tmp = self.store.detach_file()
-            entry = self.entry() if self.pieces is not None else None  # its manifest, of the kind received
-            path = self.shares.place(tmp, self.name, self.sha256, self.piece_size if entry else 0,
-                                     entry.pieces if entry else b"", entry.pieces3 if entry else b"")
+            # with its manifest, of the kind received (none: a file that came without one)
+            entry = self.entry() if self.pieces is not None else Entry(self.name, self.size, 0, self.sha256)
+            path = self.shares.place(tmp, self.name, self.sha256, entry.piece_size, entry.pieces, entry.pieces3)
         except Exception as e:
             self._finishing = False
             self.fail(e)

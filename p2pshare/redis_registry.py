@@ -198,7 +198,7 @@ class RespClient:
                 waiter.callback(conn)
 
         def failed(f: Failure) -> None:
-            error = f.value if f.check(RegistryUnavailable) else RegistryUnavailable(f"Redis: {f.getErrorMessage()}")
+            error = _as_unavailable(f)
             waiters, self._waiters = self._waiters, []
             for waiter in waiters:
                 waiter.errback(error)
@@ -281,11 +281,13 @@ class RedisRegistry:
         self._known_sizes = False
         self._infos: dict[tuple[bytes, bytes], Optional[PeerInfo]] = {}  # made so far (None: not ours)
         self._down: Optional[RegistryUnavailable] = None  # why the last refresh failed
-        self._rng = random.Random(os.urandom(16))  # the worker thread's own
+        self._rng = random.Random(os.urandom(16))  # the sampling's own (drawn in the worker thread with redis-py)
         self._queue: list[tuple[Op, Deferred[Any]]] = []
         self._busy = False
-        self._pool = ThreadPool(1, 1, name="p2pshare-redis")
-        self._pool.start()
+        self._pool: Optional[ThreadPool] = None  # redis-py's worker thread; none for hiredis on the reactor
+        if resp is None:
+            self._pool = ThreadPool(1, 1, name="p2pshare-redis")
+            self._pool.start()
         self._refresher = LoopingCall(self._refresh)
         self._refresher.clock = reactor
         self._refresher.start(refresh, now=True)
@@ -351,7 +353,8 @@ class RedisRegistry:
     def close(self) -> Deferred[None]:
         if self._refresher.running:
             self._refresher.stop()
-        self._pool.stop()
+        if self._pool is not None:
+            self._pool.stop()
         if self._resp is not None:
             self._resp.close()
         try:
@@ -361,7 +364,7 @@ class RedisRegistry:
             pass
         return succeed(None)
 
-    # -- the operations (run in the worker thread: pure functions of Redis's replies) ----------
+    # -- the operations (pure functions of Redis's replies, run where the client runs) -----------
 
     def _register(self, info: PeerInfo, source: str, now_ms: int) -> Op:
         raw = bytes.fromhex(info.peer)
@@ -472,15 +475,13 @@ class RedisRegistry:
             self._down = f.value
             self.pool = []
 
-        op = self._sample_pool(int(self.reactor.seconds() * 1000))
-        if self._resp is None:
-            d = self._submit(op)
-        else:  # beside the queue, on the same connection: requests never wait behind a refresh's 3 rounds
-            def outcome(outcomes: list[tuple[bool, Any]]) -> Any:
-                ok, value = outcomes[0]
-                return value if ok else Failure(value)
+        def outcome(outcomes: list[tuple[bool, Any]]) -> Any:
+            ok, value = outcomes[0]
+            return value if ok else Failure(value)
 
-            d = _run_async(self._resp, [op]).addCallback(outcome).addErrback(_unavailable)
+        # Beside the queue, not in a batch of requests: none waits behind the refresh's three rounds.
+        d = self._drive([self._sample_pool(int(self.reactor.seconds() * 1000))])
+        d.addCallback(outcome).addErrback(lambda f: Failure(_as_unavailable(f)))
         return d.addCallbacks(got, failed)
 
     # -- batching --------------------------------------------------------------------------------
@@ -501,11 +502,7 @@ class RedisRegistry:
         if not batch:
             self._busy = False
             return
-        ops = [op for op, _ in batch]
-        if self._resp is not None:
-            d = _run_async(self._resp, ops)
-        else:
-            d = deferToThreadPool(self.reactor, self._pool, self._run, ops)
+        d = self._drive([op for op, _ in batch])
 
         def done(outcomes: list[tuple[bool, Any]]) -> None:
             for (_, waiting), (ok, value) in zip(batch, outcomes):
@@ -515,13 +512,19 @@ class RedisRegistry:
                     waiting.errback(value)
 
         def failed(f: Failure) -> None:
-            error = f.value if isinstance(f.value, RegistryUnavailable) else RegistryUnavailable(
-                f"Redis: {f.getErrorMessage()}")
+            error = _as_unavailable(f)
             for _, waiting in batch:
                 waiting.errback(error)
 
         d.addCallbacks(done, failed)
         d.addBoth(lambda _: self._next_batch())
+
+    def _drive(self, ops: list[Op]) -> Deferred[list[tuple[bool, Any]]]:
+        """Run *ops* to their ends: each one's (ok, value or error)."""
+        if self._resp is not None:
+            return _run_async(self._resp, ops)
+        assert self._pool is not None
+        return deferToThreadPool(self.reactor, self._pool, self._run, ops)
 
     def _run(self, ops: list[Op]) -> list[tuple[bool, Any]]:
         """In the worker thread: the client (made now if need be), then the batch."""
@@ -615,10 +618,9 @@ def _run_async(client: RespClient, ops: list[Op]) -> Deferred[list[tuple[bool, A
     return first.addBoth(close) if isinstance(first, Deferred) else succeed(close(first))
 
 
-def _unavailable(f: Failure) -> Failure:
-    if f.check(RegistryUnavailable):
-        return f
-    return Failure(RegistryUnavailable(f"Redis: {f.getErrorMessage()}"))
+def _as_unavailable(f: Failure) -> RegistryUnavailable:
+    """What a failed batch tells the tracker: Redis is unavailable, and why."""
+    return f.value if isinstance(f.value, RegistryUnavailable) else RegistryUnavailable(f"Redis: {f.getErrorMessage()}")
 
 
 def _rediscover(client: Any) -> None:

@@ -77,16 +77,19 @@ def root_kind(root: str) -> str:
     return "blake3" if root.startswith(BLAKE3_ROOT) else "sha256"
 
 
+_HASHES: dict[str, Any] = {"sha256": hashlib.sha256, "blake3": blake3}
+
+
 def piece_hasher(root: str) -> Any:
-    """A new hash object of the kind the manifest named by *root* uses for its pieces."""
-    return blake3() if root.startswith(BLAKE3_ROOT) else hashlib.sha256()
+    """A new hash object of the kind the manifest named by *root* uses for its pieces (and for itself)."""
+    return _HASHES[root_kind(root)]()
 
 
 def root_matches(pieces: bytes, root: str) -> bool:
     """Does manifest *pieces* hash to *root* (a download's: ``HEX`` for SHA-256, ``b3:HEX`` for BLAKE3)?"""
-    if root.startswith(BLAKE3_ROOT):
-        return blake3(pieces).hexdigest() == root[len(BLAKE3_ROOT):]
-    return hashlib.sha256(pieces).hexdigest() == root
+    h = piece_hasher(root)
+    h.update(pieces)
+    return bool(h.hexdigest() == root.removeprefix(BLAKE3_ROOT))
 
 
 def within(root: Path, candidate: Path) -> bool:
@@ -253,6 +256,13 @@ class Shares:
         self._placed: dict[str, Entry] = {}  # downloads placed while a scan runs
         self._suspects: set[str] = set()  # files to hash again whatever their size and mtime say
 
+    def _reactor_and_pool(self) -> tuple[Any, Any]:
+        """The reactor and the thread pool blocking work goes to (the global reactor's unless given)."""
+        from twisted.internet import reactor as default_reactor
+
+        reactor = self._reactor or default_reactor
+        return reactor, self._threadpool or reactor.getThreadPool()
+
     def _load_cache(self) -> dict[str, Entry]:
         try:
             raw = json.loads((self.state / CACHE_FILE).read_text())
@@ -276,10 +286,7 @@ class Shares:
             d: Deferred[dict[str, Entry]] = Deferred()
             self._scanning.addBoth(lambda r: (d.callback(r), r)[1])
             return d
-        from twisted.internet import reactor as default_reactor
-
-        reactor = self._reactor or default_reactor
-        pool = self._threadpool or reactor.getThreadPool()
+        reactor, pool = self._reactor_and_pool()
         suspects = set(self._suspects)
         cache = {name: e for name, e in self.entries.items() if name not in suspects}
         names = sorted(self._own) if self.only_placed else None
@@ -419,9 +426,7 @@ class Shares:
     def _make_spares(self) -> None:
         if self._making_spares or len(self._spares) >= SPARE_FILES:
             return
-        from twisted.internet import reactor as default_reactor
-
-        reactor = self._reactor or default_reactor
+        reactor, pool = self._reactor_and_pool()
         self._making_spares = True
 
         def make(count: int) -> list[Path]:
@@ -441,8 +446,7 @@ class Shares:
             self.log.warn("could not make spare temporary files in {path}: {error}", path=self.spare,
                           error=f.getErrorMessage())
 
-        made = deferToThreadPool(reactor, self._threadpool or reactor.getThreadPool(), make,
-                                 SPARE_FILES - len(self._spares))
+        made = deferToThreadPool(reactor, pool, make, SPARE_FILES - len(self._spares))
         made.addCallbacks(done, failed)
 
     def place(self, tmp_path: Path, name: str, sha256: str, piece_size: int = 0, pieces: bytes = b"",

@@ -287,9 +287,6 @@ class SuperSeed:
         if self.opened:
             return bytearray([1]) * self.count
         unsent = [i for i in range(self.count) if not self.sent[i] and not advertised[i]]
-        if not unsent:
-            self._ending()
-            return bytearray(advertised)
         elsewhere = bytearray(self.count)
         for other in self.striped:
             if other is not holder and other.advertised is not None:
@@ -300,7 +297,7 @@ class SuperSeed:
         return bits
 
     def _ending(self) -> None:
-        """Every piece is sent or offered: offer everything after END_DELAY (at once without a clock)."""
+        """Every piece has been sent: offer everything after END_DELAY (at once without a clock)."""
         if self._end is not None or self.opened:
             return
         if self.clock is None:
@@ -318,6 +315,8 @@ class SuperSeed:
         while i < self.count and min((i + 1) * piece, size) <= end:
             self.sent[i] = 1
             i += 1
+        if all(self.sent):
+            self._ending()
         self.refill()
 
     def refill(self) -> None:

@@ -553,13 +553,9 @@ class Frame:
         obj: dict[str, Any] = {"v": VERSION, "t": self.t}
         for name in FRAME_FIELDS[self.t] + FRAME_OPTIONAL[self.t]:
             obj[name] = getattr(self, name)
-        if not self.have:
-            obj.pop("have", None)  # a complete holder's offer
-        if not self.window:
-            obj.pop("window", None)
-        for optional in ("root3", "hash"):  # a holder without a BLAKE3 manifest, a SHA-256 manifest asked for
-            if not obj.get(optional, True):
-                del obj[optional]
+        for name in _LEFT_OUT_WHEN_EMPTY:
+            if not obj.get(name, True):
+                del obj[name]
         return _dumps(obj)
 
     @classmethod
@@ -570,6 +566,10 @@ class Frame:
             raise MalformedMessage(f"unknown frame type {t!r}")
         return _build(cls, obj, ("t",) + FRAME_FIELDS[t], FRAME_OPTIONAL[t])
 
+
+# Optional fields written only when they have a value: a complete holder's offer has no ``have``, one
+# without a BLAKE3 manifest no ``root3``; ``manifest`` asks for the SHA-256 one without ``hash``.
+_LEFT_OUT_WHEN_EMPTY = ("have", "window", "root3", "hash")
 
 # Required and optional fields of each frame type.
 FRAME_FIELDS: dict[str, tuple[str, ...]] = {

@@ -192,3 +192,64 @@ def test_a_redis_url_with_a_database_that_is_not_a_number_is_refused_before_anyt
     for url in ("redis://127.0.0.1:6379/x", "unix:///run/redis.sock?db=one"):
         with pytest.raises(ValueError, match="must be a number"):
             check_url(url)
+
+
+def test_a_resp_connection_over_tcp_does_not_wait_for_acknowledgements() -> None:
+    pytest.importorskip("hiredis", reason="the redis extra (pip install 'p2pshare[redis]') is not installed")
+    from p2pshare.redis_registry import RespConnection
+
+    class TCPLike(StringTransport):
+        no_delay = False
+
+        def setTcpNoDelay(self, enabled: bool) -> None:
+            self.no_delay = enabled
+
+    transport = TCPLike()
+    RespConnection(Clock(), timeout=2.0).makeConnection(transport)
+    assert transport.no_delay  # Nagle would hold a batch until the previous one's ACK
+    RespConnection(Clock(), timeout=2.0).makeConnection(StringTransport())  # a unix socket has no such option
+
+
+class _HeldBatches:
+    """Stands in for ``RespClient``: every batch waits until the test answers it."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[list[tuple[Any, ...]], Any]] = []
+
+    def batch(self, commands: list[tuple[Any, ...]]) -> Any:
+        from twisted.internet.defer import Deferred
+
+        d: Any = Deferred()
+        self.batches.append((commands, d))
+        return d
+
+    def close(self) -> None:
+        pass
+
+
+def test_requests_do_not_wait_behind_the_pool_refresh_and_a_refresh_makes_no_peer_infos() -> None:
+    from p2pshare.redis_registry import RedisRegistry, _pack
+
+    clock, held = Clock(), _HeldBatches()
+    reg = RedisRegistry(lambda: None, clock, resp=held, buckets=2)  # type: ignore[arg-type]
+    (refresh, answer), = held.batches  # the refresh started at once: two ZCARDs
+    assert [c[0] for c in refresh] == ["ZCARD", "ZCARD"]
+    beat = reg.heartbeat(info(1).peer, 100.0)
+    clock.advance(0)
+    (zadd, answer_beat) = held.batches[1]  # a batch of its own, while the refresh waits for Redis
+    assert [c[0] for c in zadd] == ["ZADD"]
+    answer_beat.callback([1])
+    assert beat.result is True
+    answer.callback([1, 0])  # one member in bucket 0
+    commands, answer = held.batches[2]
+    assert [c[0] for c in commands] == ["ZRANDMEMBER"]
+    raw = bytes.fromhex(info(1).peer)
+    answer.callback([[raw, b"9999999999999"]])
+    commands, answer = held.batches[3]
+    answer.callback([[_pack("10.0.0.1", 4001, 5001, "10.0.0.1")]])
+    assert reg.pool == [(raw, _pack("10.0.0.1", 4001, 5001, "10.0.0.1"))]
+    assert reg._infos == {}  # no PeerInfo made until an answer picks the member
+    picked: list[Any] = []
+    reg.sample(5, None, random.Random(1)).addCallback(picked.extend)
+    assert [(p.peer, p.host, p.udp, p.tcp) for p in picked] == [(info(1).peer, "10.0.0.1", 4001, 5001)]
+    reg.close()
