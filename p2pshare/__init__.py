@@ -11,14 +11,31 @@ Start a tracker and peers inside any reactor::
 
 from __future__ import annotations
 
+from importlib import import_module
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import TYPE_CHECKING, Any, Sequence, Union
 
 from p2pshare.errors import (AlreadyExists, AmbiguousName, InvalidName, NotFound, P2PError, TrackerError,
                              TransferFailed, VerificationFailed)
-from p2pshare.peer import FetchResult, Peer
-from p2pshare.tracker import TrackerFactory, TrackerService
-from p2pshare.wire import Hit
+
+if TYPE_CHECKING:
+    from p2pshare.peer import FetchResult, Peer
+    from p2pshare.tracker import TrackerService
+    from p2pshare.wire import Hit
+
+# Imported when first used: a tracker process never loads the peer's modules (the download, the disk
+# worker, the search), nor a peer the tracker's.
+_LAZY = {"FetchResult": "p2pshare.peer", "Peer": "p2pshare.peer", "TrackerFactory": "p2pshare.tracker",
+         "TrackerService": "p2pshare.tracker", "Hit": "p2pshare.wire"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'p2pshare' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
 
 __version__ = "0.1.0"
 
@@ -37,6 +54,8 @@ async def start_tracker(reactor: Any, endpoint: str = "tcp:0:interface=127.0.0.1
     """
     from twisted.internet.endpoints import serverFromString
 
+    from p2pshare.tracker import TrackerFactory, TrackerService
+
     service = TrackerService(serverFromString(reactor, endpoint),
                              TrackerFactory(reactor, max_peers=max_peers, interval=interval,
                                             max_per_address=max_per_address), key=key)
@@ -53,6 +72,7 @@ async def start_peer(reactor: Any, directory: Union[str, Path], tracker: Union[s
     Other keyword arguments go to :class:`Peer` (``port``, ``interface``, ``peers``, ``want``, ...).
     Returns once its sockets listen and its folder is indexed.
     """
+    from p2pshare.peer import Peer
     from p2pshare.tap import trackers_endpoint
 
     endpoint = trackers_endpoint(reactor, [tracker] if isinstance(tracker, str) else list(tracker)) if tracker else None

@@ -50,12 +50,26 @@ class TrackerServerProtocol(LineReceiver):
 
     delimiter = b"\n"
     MAX_LENGTH = MAX_TRACKER_LINE
+    # A tracker holds a connection per peer: what most connections never need is made on first use.
+    registered: Optional[dict[str, bytes]] = None  # peer id -> its registration (``_packed``), made here
+    _closed_waiters: Optional[list[Deferred[None]]] = None
 
     def __init__(self, factory: "TrackerFactory") -> None:
         self.factory = factory
-        self.peer_ids: set[str] = set()  # registered through this connection
-        self.closed: Deferred[None] = Deferred()
         self.last_heard = factory.clock.seconds()
+
+    def when_closed(self) -> Deferred[None]:
+        """Fires once the connection is gone."""
+        d: Deferred[None] = Deferred()
+        if self._closed_waiters is None:
+            self._closed_waiters = []
+        self._closed_waiters.append(d)
+        return d
+
+    def record(self, peer: str, packed: bytes) -> None:
+        if self.registered is None:
+            self.registered = {}
+        self.registered[peer] = packed
 
     def connectionMade(self) -> None:
         self.factory.open.add(self)
@@ -86,11 +100,12 @@ class TrackerServerProtocol(LineReceiver):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.factory.open.discard(self)
         self.factory.connection_closed(self)
-        for peer in list(self.peer_ids):
+        for peer in list(self.registered or ()):
             if self.factory.connections.get(peer) is self:
                 self.factory.forget(peer)
-        d, self.closed = self.closed, Deferred()
-        d.callback(None)
+        waiters, self._closed_waiters = self._closed_waiters or [], None
+        for d in waiters:
+            d.callback(None)
 
 
 def _packed(info: PeerInfo, source: str) -> bytes:
@@ -119,11 +134,11 @@ class TrackerFactory(Factory):
         self.max_peers = max(0, min(max_peers, MAX_PEERS_ANSWER))
         self.rng = rng or random.Random(os.urandom(32))  # unpredictable seed, fast draws
         self.max_per_address = max_per_address
-        self.connections: dict[str, TrackerServerProtocol] = {}  # by the peer each registered
-        # What each peer registered here said, and from where: a shared table that lost it (a store
-        # restarted empty) gets it again at its next heartbeat.  Packed (``_packed``): with 100,000
-        # peers a PeerInfo, a tuple and their strings each would be some 30 MB of a tracker on Redis.
-        self.registrations: dict[str, bytes] = {}
+        # The connection each peer registered through.  That connection keeps what the peer said,
+        # and from where (``registered``): a shared table that lost it (a store restarted empty) gets
+        # it again at its next heartbeat.  Packed (``_packed``): with 100,000 peers a PeerInfo, a
+        # tuple and their strings each would be some 30 MB of a tracker on Redis.
+        self.connections: dict[str, TrackerServerProtocol] = {}
         self.open: set[TrackerServerProtocol] = set()
         self.counters = Counters()
         self.metrics = TrackerMetrics(self)
@@ -151,9 +166,8 @@ class TrackerFactory(Factory):
     def forget(self, peer: str) -> Deferred[Any]:
         """Remove *peer* from the table, whichever way it goes (leave, expiry, lost connection)."""
         owner = self.connections.pop(peer, None)
-        if owner is not None:
-            owner.peer_ids.discard(peer)
-        self.registrations.pop(peer, None)
+        if owner is not None and owner.registered is not None:
+            owner.registered.pop(peer, None)
         return self.registry.remove(peer).addErrback(self._table_down)
 
     def handle(self, req: TrackerRequest, conn: TrackerServerProtocol) -> Deferred[TrackerReply]:
@@ -187,11 +201,10 @@ class TrackerFactory(Factory):
                 return TrackerReply(req.id, False, "too_many", f"at most {self.max_per_address} peers may "
                                     f"register from one address")
             previous = self.connections.get(peer)
-            if previous is not None and previous is not conn:
-                previous.peer_ids.discard(peer)  # the newer connection owns the registration
-            conn.peer_ids.add(peer)
+            if previous is not None and previous is not conn and previous.registered is not None:
+                previous.registered.pop(peer, None)  # the newer connection owns the registration
+            conn.record(peer, _packed(info, observed))
             self.connections[peer] = conn
-            self.registrations[peer] = _packed(info, observed)
             return TrackerReply(req.id, True, host=info.host, interval=self.interval)
 
         return self.registry.register(info, observed, self.clock.seconds()).addCallback(recorded)
@@ -203,7 +216,7 @@ class TrackerFactory(Factory):
         def known(alive: bool) -> Any:
             if alive:
                 return TrackerReply(req.id, True)
-            mine = self.registrations.get(peer)
+            mine = conn.registered.get(peer) if conn.registered is not None else None
             if mine is None or self.connections.get(peer) is not conn:
                 return TrackerReply(req.id, False, "unknown_peer", "register first")
             # Registered here, still connected, yet not in the table: a shared table that lost it.
@@ -216,7 +229,7 @@ class TrackerFactory(Factory):
         return self.registry.heartbeat(peer, self.clock.seconds()).addCallback(known)
 
     def _peers(self, req: TrackerRequest, conn: TrackerServerProtocol) -> Deferred[TrackerReply]:
-        exclude = req.peer or next(iter(conn.peer_ids), None)
+        exclude = req.peer or next(iter(conn.registered or ()), None)
         want = min(req.max, self.max_peers)
 
         def spread(peers: list[PeerInfo]) -> Any:
@@ -249,7 +262,7 @@ class TrackerFactory(Factory):
         def expired(gone: list[str]) -> None:
             for peer in gone:
                 self.counters.add("tracker_expired")
-                if peer in self.registrations:
+                if peer in self.connections:
                     self.forget(peer)
 
         return self.registry.expire(now).addCallbacks(expired, self._table_down)
@@ -326,7 +339,7 @@ class TrackerService(Service):
             self._expiry.stop()
         closing = []
         for conn in list(self.factory.open):
-            closing.append(conn.closed)
+            closing.append(conn.when_closed())
             conn.transport.abortConnection()
         port, self.port = self.port, None
         if port is not None:
