@@ -50,7 +50,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from p2pshare.registry import IPeerRegistry, RegistryUnavailable
+from p2pshare.registry import IPeerRegistry, RegistryUnavailable, draw
 from p2pshare.wire import PeerInfo
 
 BUCKETS = 256
@@ -328,24 +328,17 @@ class RedisRegistry:
     def expire(self, now: float) -> Deferred[list[str]]:
         return self._submit(self._expire(int(now * 1000)))
 
-    def sample(self, k: int, exclude: Optional[str], rng: random.Random) -> Deferred[list[PeerInfo]]:
+    def sample(self, k: int, exclude: Optional[str], rng: random.Random, per_host: int = 0) -> Deferred[list[PeerInfo]]:
         if self._down is not None:  # the last refresh failed: no answers from an old picture
             return fail(self._down)
         pool = self.pool
-        if k <= 0 or not pool:
-            return succeed([])
         skip = bytes.fromhex(exclude) if exclude else None
-        picked: list[PeerInfo] = []
-        for i in rng.sample(range(len(pool)), min(k + 1, len(pool))):
+
+        def peer_at(i: int) -> Optional[PeerInfo]:
             raw, record = pool[i]
-            if raw == skip:
-                continue
-            info = self._info(raw, record)
-            if info is not None:
-                picked.append(info)
-            if len(picked) == k:
-                break
-        return succeed(picked)
+            return None if raw == skip else self._info(raw, record)
+
+        return succeed(draw(len(pool), k, rng, peer_at, per_host))
 
     def count(self) -> int:
         return sum(self.sizes) if self._known_sizes else 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from typing import Optional
+from typing import Callable, Optional
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
@@ -37,14 +37,55 @@ class IPeerRegistry(Interface):
     def expire(now: float) -> "Deferred[list[str]]":
         """Forget every peer not seen since ``now - timeout``; the ids forgotten."""
 
-    def sample(k: int, exclude: Optional[str], rng: random.Random) -> "Deferred[list[PeerInfo]]":
-        """At most *k* distinct peers chosen uniformly at random, never *exclude*."""
+    def sample(k: int, exclude: Optional[str], rng: random.Random, per_host: int = 0) -> "Deferred[list[PeerInfo]]":
+        """At most *k* distinct peers chosen uniformly at random, never *exclude*.  With *per_host*, as
+        docs/protocol.md section 2.2 says: of ``2k`` peers drawn in turn, those kept in the order
+        drawn, skipping each beyond the *per_host*-th with one host, until there are *k* (``draw``)."""
 
     def count() -> int:
         """How many peers are registered (a shared table: as of its last sweep)."""
 
     def close() -> "Deferred[None]":
         """Release connections and threads."""
+
+
+def draw(n: int, k: int, rng: random.Random, peer_at: Callable[[int], Optional[PeerInfo]],
+         per_host: int = 0) -> list[PeerInfo]:
+    """Up to *k* peers from slots ``0 .. n - 1`` drawn uniformly at random without replacement, in the
+    order drawn; ``peer_at(i)`` is the slot's peer, or None for one never to be picked (the asker).
+    With *per_host*: from at most ``2k`` peers drawn, at most *per_host* with one host.  One pass,
+    stopping as soon as there are *k*, so an answer costs about *k* draws whatever the table's size."""
+    if k <= 0 or n <= 0:
+        return []
+    limit = 2 * k if per_host else k
+    out: list[PeerInfo] = []
+    hosts: dict[str, int] = {}
+    drawn = 0
+    if n <= 4 * limit:  # a small table: one shuffle
+        order: Optional[list[int]] = rng.sample(range(n), n)
+    else:  # a large one: draws, a repeat drawn again (rare: under 1 in 4 even at the end)
+        order, chosen, uniform = None, set(), rng.random
+    taken = 0
+    while len(out) < k and drawn < limit and taken < n:
+        if order is not None:
+            i = order[taken]
+        else:
+            i = int(uniform() * n)
+            if i in chosen:
+                continue
+            chosen.add(i)
+        taken += 1
+        info = peer_at(i)
+        if info is None:
+            continue
+        drawn += 1
+        if per_host:
+            seen = hosts.get(info.host, 0)
+            if seen >= per_host:
+                continue
+            hosts[info.host] = seen + 1
+        out.append(info)
+    return out
 
 
 class RegistryUnavailable(Exception):
@@ -111,15 +152,11 @@ class PeerTable:
             self.remove(peer)
         return gone
 
-    def sample(self, k: int, exclude: Optional[str], rng: random.Random) -> list[PeerInfo]:
-        n = len(self._peers)
-        if k <= 0 or n == 0:
-            return []
+    def sample(self, k: int, exclude: Optional[str], rng: random.Random, per_host: int = 0) -> list[PeerInfo]:
+        peers = self._peers
         skip = self._index.get(exclude) if exclude is not None else None
-        pool = n - (skip is not None)
-        picks = rng.sample(range(pool), min(k, pool))
-        # Indices at or past the excluded slot shift by one, so it is never chosen.
-        return [self._peers[i + (skip is not None and i >= skip)] for i in picks]
+        return draw(len(peers), k, rng, peers.__getitem__ if skip is None else
+                    (lambda i: None if i == skip else peers[i]), per_host)
 
     def get(self, peer: str) -> Optional[PeerInfo]:
         at = self._index.get(peer)
@@ -148,8 +185,8 @@ class MemoryRegistry:
     def expire(self, now: float) -> Deferred[list[str]]:
         return succeed(self.table.expire(now))
 
-    def sample(self, k: int, exclude: Optional[str], rng: random.Random) -> Deferred[list[PeerInfo]]:
-        return succeed(self.table.sample(k, exclude, rng))
+    def sample(self, k: int, exclude: Optional[str], rng: random.Random, per_host: int = 0) -> Deferred[list[PeerInfo]]:
+        return succeed(self.table.sample(k, exclude, rng, per_host))
 
     def count(self) -> int:
         return len(self.table)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import random
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
@@ -182,11 +182,12 @@ class TrackerFactory(Factory):
             d = self.forget(req.peer).addCallback(lambda _: TrackerReply(req.id, True))  # type: ignore[arg-type]
         else:
             d = self._peers(req, conn)
-        d.addErrback(self._unavailable, req)
-        return d.addCallback(self._answered, req.op, started)
+        return d.addBoth(self._answered, req, started)  # (one callback for both: this runs per request)
 
-    def _answered(self, reply: TrackerReply, op: str, started: float) -> TrackerReply:
-        self.metrics.latency.observe(op, self.clock.seconds() - started)
+    def _answered(self, reply: Union[TrackerReply, Failure], req: TrackerRequest, started: float) -> TrackerReply:
+        if isinstance(reply, Failure):
+            reply = self._unavailable(reply, req)
+        self.metrics.latency.observe(req.op, self.clock.seconds() - started)
         return reply
 
     def _register(self, req: TrackerRequest, conn: TrackerServerProtocol) -> Deferred[TrackerReply]:
@@ -230,17 +231,10 @@ class TrackerFactory(Factory):
 
     def _peers(self, req: TrackerRequest, conn: TrackerServerProtocol) -> Deferred[TrackerReply]:
         exclude = req.peer or next(iter(conn.registered or ()), None)
-        want = min(req.max, self.max_peers)
-
-        def spread(peers: list[PeerInfo]) -> Any:
-            if len({info.host for info in peers}) == len(peers):
-                return TrackerReply(req.id, True, peers=tuple(peers))
-            # One host may hold several places, but never more than PER_HOST_IN_ANSWER in one answer,
-            # so a host that registered many ids cannot crowd out the others.
-            return self.registry.sample(2 * want, exclude, self.rng).addCallback(
-                lambda more: TrackerReply(req.id, True, peers=tuple(_per_host(more, want))))
-
-        return self.registry.sample(want, exclude, self.rng).addCallback(spread)
+        # One host may hold several places, but never more than PER_HOST_IN_ANSWER in one answer, so a
+        # host that registered many ids cannot crowd out the others.
+        return self.registry.sample(min(req.max, self.max_peers), exclude, self.rng, PER_HOST_IN_ANSWER).addCallback(
+            lambda peers: TrackerReply(req.id, True, peers=tuple(peers)))
 
     def _unavailable(self, f: Failure, req: TrackerRequest) -> TrackerReply:
         f.trap(RegistryUnavailable)
@@ -266,17 +260,6 @@ class TrackerFactory(Factory):
                     self.forget(peer)
 
         return self.registry.expire(now).addCallbacks(expired, self._table_down)
-
-
-def _per_host(peers: list[PeerInfo], want: int) -> list[PeerInfo]:
-    """At most *want* of *peers*, at most PER_HOST_IN_ANSWER of them with one host."""
-    out: list[PeerInfo] = []
-    per_host: Counter[str] = Counter()
-    for info in peers:
-        if per_host[info.host] < PER_HOST_IN_ANSWER and len(out) < want:
-            per_host[info.host] += 1
-            out.append(info)
-    return out
 
 
 class TrackerService(Service):

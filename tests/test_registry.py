@@ -56,6 +56,46 @@ def test_sample_is_roughly_uniform() -> None:
     assert max(counts.values()) < 1.25 * min(counts.values())
 
 
+def test_sample_from_a_large_table_is_uniform_and_never_the_asker() -> None:
+    """A table much larger than the answer is drawn from one slot at a time (not shuffled): each
+    slot equally likely (Pearson's chi-square over the 199 others: 198 degrees of freedom, mean 198,
+    standard deviation 20; the bound is five of them above), none twice in an answer, the asker never."""
+    reg = filled(200)
+    asker = info(17).peer
+    rng = random.Random(11)
+    counts: Counter[str] = Counter()
+    rounds = 20_000
+    for _ in range(rounds):
+        picked = [p.peer for p in reg.sample(10, asker, rng)]
+        assert len(picked) == len(set(picked)) == 10 and asker not in picked
+        counts.update(picked)
+    assert len(counts) == 199
+    expected = rounds * 10 / 199
+    assert sum((c - expected) ** 2 / expected for c in counts.values()) < 300
+
+
+def test_one_host_holds_at_most_per_host_places_of_2k_drawn() -> None:
+    """docs/protocol.md 2.2: of 2k peers drawn, kept in order, at most 4 with one host, until k.
+    900 of 1,000 peers on one host: 40 draws bring about 4 others, so an answer of 20 has about 8
+    (drawing on until 20 were kept would always give 20); all on one host: exactly 4."""
+    reg = PeerTable(max_per_source=2000)
+    for i in range(1000):
+        reg.register(PeerInfo(f"{i:032x}", "10.9.9.9" if i < 900 else f"10.0.{i // 250}.{i % 250}", 4000, 4000), 0.0)
+    rng = random.Random(5)
+    sizes = []
+    for _ in range(300):
+        picked = reg.sample(20, None, rng, per_host=4)
+        assert sum(p.host == "10.9.9.9" for p in picked) == 4
+        assert len({p.peer for p in picked}) == len(picked)
+        sizes.append(len(picked))
+    assert 6 < sum(sizes) / len(sizes) < 11
+    same = PeerTable(max_per_source=100)
+    for i in range(100):
+        same.register(PeerInfo(f"{i:032x}", "10.9.9.9", 4000, 4000), 0.0)
+    assert len(same.sample(20, None, rng, per_host=4)) == 4
+    assert len(same.sample(20, None, rng)) == 20
+
+
 def test_remove_keeps_sampling_consistent() -> None:
     reg = filled(10)
     for i in (0, 9, 4):
