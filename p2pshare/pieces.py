@@ -34,6 +34,7 @@ from attrs import frozen
 RANDOM_START = 2  # first pieces picked at random even with one holder
 ENDGAME_COPIES = 2  # sources that may fetch one piece at once, at the end
 ENDGAME_MAX_PIECE = 4 * 1024 * 1024  # larger pieces get no second copy (a copy waits in memory)
+_RNG = random.Random()  # the pickers' random first pieces
 RUN = 8 * 1024 * 1024  # bytes of consecutive pieces one claim covers with a single holder
 NO_MANIFEST_RUN = 16 * 1024 * 1024  # the same, for a file offered without a manifest
 WINDOW_BYTES = 16 * 1024 * 1024  # bytes asked for and not yet received, per source
@@ -98,7 +99,7 @@ class PiecePicker:
         self.have = have if have is not None else bytearray(self.count)
         self.claims: dict[int, set[Hashable]] = {}
         self.checking: Counter[int] = Counter()  # received, waiting for verification: copies of each
-        self.rng = rng or random.Random()
+        self.rng = rng or _RNG  # (seeding a generator per download from the OS: 60 us of a small file's fetch)
         self.swarming = False
         self.run = run if manifest else NO_MANIFEST_RUN
         self.claimed = 0  # claims handed out so far

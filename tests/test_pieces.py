@@ -115,3 +115,11 @@ def test_choice_for_a_source(have: list[int], partial: list, missing: int, expec
     assert [int(bool(choice.has(i))) for i in range(4)] == expect_has
     assert [choice.rank(i) for i in range(4)] == expect_rank
     assert choice.one_at_a_time == one_at_a_time
+
+
+def test_pickers_share_one_generator_seeded_once() -> None:
+    """A picker without a generator of its own uses the module's: seeding one from the OS for every
+    download cost a 16 KiB fetch 60 us (2.4 % of the requester's time fetching small files)."""
+    first, second = PiecePicker(4 * MIB, MIB), PiecePicker(8 * MIB, MIB)
+    assert first.rng is second.rng
+    assert PiecePicker(4 * MIB, MIB, rng=random.Random(3)).rng is not first.rng
