@@ -384,7 +384,10 @@ def control_site(peer: Peer, token: str) -> Site:
                       (b"rescan", RescanResource), (b"files", FilesResource), (b"fetches", FetchesResource),
                       (b"cancel", CancelResource), (b"limits", LimitsResource)):
         v1.putChild(name, cls(peer, token))
-    site = Site(root)
+    try:  # bodies are JSON: no MIME form parsing of every POST (Twisted >= 24.7)
+        site = Site(root, parsePOSTFormSubmission=False)
+    except TypeError:
+        site = Site(root)
     site.noisy = False
     site.displayTracebacks = False
     return site

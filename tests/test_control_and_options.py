@@ -122,6 +122,17 @@ async def test_bad_requests_are_answered_400(api: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_body_labelled_as_a_form_is_refused_by_the_api_not_parsed(api: Any) -> None:
+    """The API reads JSON bodies only and says so (415) for any other content type; Twisted does not
+    parse a POST body as a MIME form first (work on every POST, and its own 400 and a closed
+    connection for a body that is not a well-formed form)."""
+    url, _, _ = api
+    code, body = await call(url + "/v1/get", b"POST", json.dumps({"name": "doc.txt", "timeout": 5}).encode(),
+                            content_type=b"multipart/form-data; boundary=xyz")
+    assert code == 415 and b"application/json" in body
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_foreign_host_header_is_refused(api: Any) -> None:
     url, _, _ = api
     code, body = await call(url + "/v1/status", host=b"evil.example:7878")
