@@ -31,8 +31,8 @@ from p2pshare.store import Executor, PieceStore, Segment, in_thread, synchronous
 __all__ = ["Download", "Source", "in_thread", "synchronously", "RANGE", "HIGH_WATER", "LOW_WATER"]
 
 RANGE = 16 * 1024 * 1024  # the piece size of a file offered without a manifest
-HIGH_WATER = 16 * 1024 * 1024  # pause the sources above this backlog
-LOW_WATER = 4 * 1024 * 1024  # and resume them below this
+HIGH_WATER = 12 * 1024 * 1024  # pause the sources above this backlog (requester RSS <= 80 MB: 16 was over)
+LOW_WATER = 3 * 1024 * 1024  # and resume them below this
 
 
 class Source(Protocol):
@@ -72,6 +72,7 @@ class Download:
         self.store = PieceStore(shares, sha256, size, self.piece_size, self.root, executor or in_thread(),
                                 self._checked)
         self.store.on_error = self._disk_failed
+        self.store.on_written = self._written
         self.count = self.store.count
         if self.root and self.count == 1 and self.store.manifest is None:
             # One piece: its digest is the file's SHA-256, so the manifest needs no round trip.
@@ -211,14 +212,18 @@ class Download:
             self.received -= self.picker.length(index)
             if source in self.sources:
                 source.bad_piece(index)
-        if self._paused and self.store.queued < LOW_WATER:
-            self._paused = False
-            for s in list(self.sources):
-                s.resumeProducing()
         if self.complete:
             self._finish()
         else:
             self._kick()
+
+    def _written(self) -> None:
+        """A worker job is done: the sources read again once the backlog is short (whether or not the job
+        completed a piece)."""
+        if self._paused and not self._ended and self.store.queued < LOW_WATER:
+            self._paused = False
+            for s in list(self.sources):
+                s.resumeProducing()
 
     def _disk_failed(self, error: BaseException) -> None:
         reason = getattr(error, "strerror", None) or str(error)

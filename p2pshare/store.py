@@ -6,7 +6,8 @@ never copied): each belongs to one piece, in order within that piece.  The
 reactor thread only queues them; one worker job at a time (the hashes, ``pwritev``
 and ``preadv`` release the GIL, so the reactor keeps receiving meanwhile) takes
 everything queued, feeds each piece's hash (BLAKE3 or SHA-256, the manifest's kind)
-and writes the bytes at their offset.  A piece's bytes are thus hashed once, as they are written, and the
+and writes the bytes at their offset (``FileWriter``: straight to the disk with ``O_DIRECT``, not
+through the page cache, where the file system allows it).  A piece's bytes are thus hashed once, as they are written, and the
 piece is checked against the manifest when its last byte is in.  One copy of a
 piece writes (its *writer*, the first source to start it); an endgame copy from
 another source is hashed and kept in memory, and written only if it is
@@ -24,10 +25,13 @@ hash, or when the file came without a manifest: see docs/protocol.md section
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import mmap
 import os
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, Callable, Hashable, Optional
 
@@ -43,6 +47,9 @@ SMALL = 256 * 1024  # files up to this size are written and hashed on the reacto
 READ_BACK = 1024 * 1024  # bytes read at a time for the whole-file hash
 WRITE_RUN = 2 * 1024 * 1024  # bytes hashed before they are written
 BATCH = 256 * 1024  # bytes queued before a worker job starts, unless a piece is complete
+ALIGN = 4096  # direct writes: file offsets, lengths and memory in multiples of this
+DIRECT_CHUNK = 512 * 1024  # the aligned buffers direct writes go through
+DIRECT_BUFFERS = 3  # of them: while one is filled, the others are written
 
 Executor = Callable[..., "Deferred[Any]"]
 
@@ -91,6 +98,7 @@ class PieceStore:
         self.executor = executor if size > SMALL else synchronously
         self.on_checked = on_checked
         self.on_error: Callable[[BaseException], None] = lambda e: None
+        self.on_written: Callable[[], None] = lambda: None  # after each worker job
         self.manifest: Optional[bytes] = None
         self.have = bytearray(self.count)
         self.settled: Deferred[None] = Deferred()  # fires once no worker job uses the file any more
@@ -105,6 +113,7 @@ class PieceStore:
         self._done: set[int] = set()  # pieces verified (or, without a manifest, written) by the worker
         self.tmp_path, self.have_path, self._file = self._open()
         self._done.update(i for i in range(self.count) if self.have[i])
+        self._writer = FileWriter(self.tmp_path, self._file.fileno(), size, direct=size > SMALL)
 
     # -- the temporary file and its record ------------------------------------------------
 
@@ -170,7 +179,7 @@ class PieceStore:
 
     def _work(self, batch: list[Segment]) -> list[tuple[Hashable, int, bool]]:
         """In the worker: hash and write *batch*, in order; the pieces whose last byte came, checked."""
-        fd, manifest = self._file.fileno(), self.manifest
+        write, manifest = self._writer.write, self.manifest
         results: list[tuple[Hashable, int, bool]] = []
         run: list[memoryview] = []
         run_at = run_end = 0
@@ -178,7 +187,7 @@ class PieceStore:
         def flush() -> None:
             nonlocal run
             if run:
-                _pwritev_all(fd, run, run_at)
+                write(run, run_at)
                 run = []
 
         for s in batch:
@@ -212,10 +221,11 @@ class PieceStore:
                 if good:
                     flush()
                     if copy is not None:  # an endgame copy that came in first: it is the one written
-                        _pwritev_all(fd, copy, s.index * self.piece_size)
+                        write(copy, s.index * self.piece_size)
                     self._done.add(s.index)
                 results.append((s.source, s.index, good))
         flush()
+        self._writer.drain()  # a piece is reported only once its bytes are in the file
         return results
 
     def _worked(self, results: list[tuple[Hashable, int, bool]], batch: list[Segment]) -> None:
@@ -232,6 +242,8 @@ class PieceStore:
                         self.save(now=False)
                 except OSError as e:
                     self.on_error(e)
+            if self._closing is None:
+                self.on_written()
         self._pump()
 
     def _failed(self, f: Failure, batch: list[Segment]) -> None:
@@ -291,12 +303,14 @@ class PieceStore:
         ``release`` once it is placed."""
         assert not self.busy
         self._closing = "placed"
+        self._writer.close()
         self._file.close()
         return self.tmp_path
 
     def _close_now(self) -> None:
         if self.settled.called or self._closing == "placed":
             return
+        self._writer.close()
         if not self._file.closed:
             self._file.close()
         if self._closing == "keep":
@@ -312,6 +326,131 @@ class PieceStore:
             self.shares.downloading.discard(self.sha256)
         if not self.settled.called:
             self.settled.callback(None)
+
+
+class FileWriter:
+    """Writes a download's bytes into its temporary file, with ``O_DIRECT`` when *direct*: from an
+    aligned buffer straight to the disk, not through the page cache.
+
+    A download is written once and read again only when it is served or hashed whole, so its pages
+    in the page cache buy nothing while it arrives; copying into them cost 0.2 CPU-s per GiB at best
+    and, where new memory is expensive to the kernel (a virtual machine whose balloon returns freed
+    pages to the host), over 2 (docs/performance.md, "1 transfer").  Direct writes must start, end
+    and sit in memory on ``ALIGN`` boundaries: the bytes are copied into an aligned buffer (a copy in
+    cache, about 0.1 s per GiB), whole blocks are written, and the few bytes of a run that end in the
+    middle of a block wait (``_heads``, by the offset they end at) for the next run of the same piece,
+    which starts there.  Pieces start and end on block boundaries (their size is a multiple of 1 MiB)
+    except at the end of the file, whose last partial block goes through the page cache.  A file
+    system that refuses ``O_DIRECT`` (tmpfs, some network file systems) or a write it does not take
+    (``EINVAL``: other alignments) gets ordinary writes from then on, the heads waiting included.
+    Only the worker job running calls ``write``.
+    """
+
+    def __init__(self, path: Path, fd: int, size: int, direct: bool) -> None:
+        self.fd, self.size = fd, size  # fd: the file opened as usual (the tail, and the fallback)
+        self.direct_fd: Optional[int] = None
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self.direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+            except OSError:
+                pass
+        self._heads: dict[int, tuple[int, bytes]] = {}  # end offset -> (offset, bytes) not written yet
+        # The disk works while the worker hashes and copies the next bytes: each aligned buffer is
+        # written by a thread of its own, and is filled again once its write is done.
+        self._buffers: list[memoryview] = []
+        self._writes: list[Optional[Future[None]]] = []
+        self._next = 0
+        self._thread: Optional[ThreadPoolExecutor] = None
+        self._refused = False  # a direct write was refused (EINVAL): ordinary writes from now on
+
+    @property
+    def direct(self) -> bool:
+        return self.direct_fd is not None and not self._refused
+
+    def write(self, views: list[memoryview], offset: int) -> None:
+        """Write the contiguous *views* at *offset* (with direct writes, maybe still under way: ``drain``)."""
+        if self._refused:
+            self._stop_direct()
+        head = self._heads.pop(offset, None)
+        if head is not None:
+            offset, data = head[0], head[1]
+            views = [memoryview(data), *views]
+        if self.direct_fd is None:
+            return _pwritev_all(self.fd, views, offset)
+        buffer, fill = self._buffer(), 0
+        for view in views:
+            while view:
+                n = min(len(view), DIRECT_CHUNK - fill)
+                buffer[fill:fill + n] = view[:n]
+                fill, view = fill + n, view[n:]
+                if fill == DIRECT_CHUNK:
+                    self._submit(buffer, offset)
+                    buffer, offset, fill = self._buffer(), offset + fill, 0
+        whole = fill - fill % ALIGN
+        if fill > whole:  # part of a block: the file's end, or bytes the next run of this piece follows
+            if offset + fill == self.size:
+                _pwritev_all(self.fd, [buffer[whole:fill]], offset + whole)
+            else:
+                self._heads[offset + fill] = (offset + whole, bytes(buffer[whole:fill]))
+        if whole:
+            self._submit(buffer[:whole], offset)
+
+    def drain(self) -> None:
+        """Wait until every write has reached the file; raises what a write raised."""
+        for i, done in enumerate(self._writes):
+            if done is not None:
+                self._writes[i] = None
+                done.result()
+
+    def _buffer(self) -> memoryview:
+        """The next aligned buffer, once its last write is done (two of them: one written, one filled)."""
+        if not self._buffers:
+            self._buffers = [memoryview(mmap.mmap(-1, DIRECT_CHUNK)) for _ in range(DIRECT_BUFFERS)]  # page aligned
+            self._writes = [None] * DIRECT_BUFFERS
+            self._thread = ThreadPoolExecutor(DIRECT_BUFFERS - 1, thread_name_prefix="p2pshare-direct")
+        i = self._next
+        done = self._writes[i]
+        if done is not None:
+            self._writes[i] = None
+            done.result()
+        return self._buffers[i]
+
+    def _submit(self, data: memoryview, offset: int) -> None:
+        assert self._thread is not None
+        self._writes[self._next] = self._thread.submit(self._direct, data, offset)
+        self._next = (self._next + 1) % len(self._buffers)
+
+    def _direct(self, data: memoryview, offset: int) -> None:
+        n = 0
+        if not self._refused:
+            assert self.direct_fd is not None
+            try:
+                n = os.pwritev(self.direct_fd, [data], offset)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._refused = True  # the file system wants other alignments, or no direct writes
+        if n < len(data):
+            _pwritev_all(self.fd, [data[n:]], offset + n)
+
+    def _stop_direct(self) -> None:
+        self.close()
+        for at, (start, head) in list(self._heads.items()):
+            del self._heads[at]
+            _pwritev_all(self.fd, [memoryview(head)], start)
+
+    def close(self) -> None:
+        """Wait for the writes under way, then let go of the direct descriptor and the thread."""
+        try:
+            self.drain()
+        finally:
+            if self._thread is not None:
+                self._thread.shutdown()
+                self._thread = None
+            self._buffers, self._writes = [], []
+            if self.direct_fd is not None:
+                os.close(self.direct_fd)
+                self.direct_fd = None
 
 
 def _pwritev_all(fd: int, buffers: list[memoryview], offset: int) -> None:

@@ -163,6 +163,27 @@ def test_the_last_pieces_may_be_asked_of_a_second_source(share: Path) -> None:
     assert placed and (share / "f.bin").read_bytes() == data
 
 
+def test_sources_read_again_after_a_job_that_completes_no_piece(share: Path) -> None:
+    """The backlog that paused the sources is made of pieces begun and not finished: the worker jobs
+    that write it verify nothing, and the sources must still read again once it is written (they
+    waited forever when only a verified piece resumed them)."""
+    data = os.urandom(40 * PIECE)
+    executor = ManualExecutor()
+    dl = download(Shares(share), data, executor)
+    a = Source()
+    dl.attach(a)
+    index = 0
+    while not a.paused:
+        deliver(dl, a, index * PIECE, [data[index * PIECE: index * PIECE + PIECE // 2]])
+        index += 1
+    assert dl.store.queued > HIGH_WATER and dl.verified == 0
+    while executor.calls:
+        executor.release_one()
+    assert dl.verified == 0 and dl.store.queued == 0
+    assert not a.paused
+    abandon(dl)
+
+
 def test_a_slow_disk_pauses_every_source_and_a_drained_one_resumes_them(share: Path) -> None:
     data = os.urandom(60 * PIECE)
     executor = ManualExecutor()
