@@ -396,14 +396,17 @@ class FileWriter:
             self._submit(buffer[:whole], offset)
 
     def drain(self) -> None:
-        """Wait until every write has reached the file; raises what a write raised."""
+        """Wait until every write has reached the file; raises the first error a write raised."""
+        error: Optional[BaseException] = None
         for i, done in enumerate(self._writes):
             if done is not None:
                 self._writes[i] = None
-                done.result()
+                error = error or done.exception()
+        if error is not None:
+            raise error
 
     def _buffer(self) -> memoryview:
-        """The next aligned buffer, once its last write is done (two of them: one written, one filled)."""
+        """The next aligned buffer, once its last write is done (one is filled while the others are written)."""
         if not self._buffers:
             self._buffers = [memoryview(mmap.mmap(-1, DIRECT_CHUNK)) for _ in range(DIRECT_BUFFERS)]  # page aligned
             self._writes = [None] * DIRECT_BUFFERS
@@ -440,9 +443,12 @@ class FileWriter:
             _pwritev_all(self.fd, [memoryview(head)], start)
 
     def close(self) -> None:
-        """Wait for the writes under way, then let go of the direct descriptor and the thread."""
+        """Wait for the writes under way, then let go of the direct descriptor and the thread.  A write
+        that failed here concerned no piece reported (the job that made it failed): nothing to raise."""
         try:
             self.drain()
+        except OSError:
+            pass
         finally:
             if self._thread is not None:
                 self._thread.shutdown()

@@ -130,3 +130,27 @@ def test_without_direct_writes_the_same_bytes_land(tmp_path: Path, counted: dict
         writer.write(views, offset)
     f.close()
     assert (tmp_path / "file.part").read_bytes() == data and counted == {fd: len(data)}
+
+
+def test_a_failed_write_fails_the_job_that_waits_for_it_and_not_the_close(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk error in a writer thread reaches the worker job when it waits for its writes (the job
+    fails, and with it the download, which reports no piece of it); closing afterwards raises nothing."""
+    data = random.Random(5).randbytes(3 * MIB)
+    writer, f = _writer(tmp_path, len(data))
+    failing = writer.direct_fd
+    pwritev = os.pwritev
+
+    def broken(fd: int, buffers: Any, offset: int) -> int:
+        if fd == failing:
+            raise OSError(errno.EIO, "Input/output error")
+        return pwritev(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", broken)
+    with pytest.raises(OSError) as raised:  # when a buffer is needed again, or at the latest when drained
+        writer.write([memoryview(data)], 0)
+        writer.drain()
+    assert raised.value.errno == errno.EIO
+    writer.close()  # the other writes under way failed too: nothing raised
+    assert writer.direct_fd is None
+    f.close()
