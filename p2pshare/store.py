@@ -355,8 +355,8 @@ class FileWriter:
             except OSError:
                 pass
         self._heads: dict[int, tuple[int, bytes]] = {}  # end offset -> (offset, bytes) not written yet
-        # The disk works while the worker hashes and copies the next bytes: each aligned buffer is
-        # written by a thread of its own, and is filled again once its write is done.
+        # The disk works while the worker hashes and copies the next bytes: DIRECT_BUFFERS aligned
+        # buffers in turn, written by DIRECT_BUFFERS - 1 threads, each filled again once its write is done.
         self._buffers: list[memoryview] = []
         self._writes: list[Optional[Future[None]]] = []
         self._next = 0

@@ -51,6 +51,18 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> dict[int, int]:
     return written
 
 
+def _fail_writes_to(monkeypatch: pytest.MonkeyPatch, fd: Any, code: int) -> None:
+    """From now on every write to *fd* raises OSError(*code*); other descriptors are written."""
+    pwritev = os.pwritev
+
+    def failing(to: int, buffers: Any, offset: int) -> int:
+        if to == fd:
+            raise OSError(code, os.strerror(code))
+        return pwritev(to, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", failing)
+
+
 def _writer(tmp_path: Path, size: int, direct: bool = True) -> tuple[FileWriter, Any]:
     f = open(tmp_path / "file.part", "w+b")
     writer = FileWriter(tmp_path / "file.part", f.fileno(), size, direct=direct)
@@ -100,17 +112,9 @@ def test_a_refused_direct_write_falls_back_to_ordinary_ones(tmp_path: Path, monk
     rng = random.Random(3)
     data = rng.randbytes(2 * MIB + 10)
     writer, f = _writer(tmp_path, len(data))
-    refused = writer.direct_fd
-    pwritev = os.pwritev
-
-    def refusing(fd: int, buffers: Any, offset: int) -> int:
-        if fd == refused:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return pwritev(fd, buffers, offset)
-
     view = memoryview(data)
     writer.write([view[:3000]], 0)  # a head of 3,000 bytes waits for its block
-    monkeypatch.setattr(os, "pwritev", refusing)
+    _fail_writes_to(monkeypatch, writer.direct_fd, errno.EINVAL)
     writer.write([view[3000:MIB + 5]], 3000)
     writer.drain()  # the writes are under way in the writer's thread until then
     assert not writer.direct
@@ -138,15 +142,7 @@ def test_a_failed_write_fails_the_job_that_waits_for_it_and_not_the_close(tmp_pa
     fails, and with it the download, which reports no piece of it); closing afterwards raises nothing."""
     data = random.Random(5).randbytes(3 * MIB)
     writer, f = _writer(tmp_path, len(data))
-    failing = writer.direct_fd
-    pwritev = os.pwritev
-
-    def broken(fd: int, buffers: Any, offset: int) -> int:
-        if fd == failing:
-            raise OSError(errno.EIO, "Input/output error")
-        return pwritev(fd, buffers, offset)
-
-    monkeypatch.setattr(os, "pwritev", broken)
+    _fail_writes_to(monkeypatch, writer.direct_fd, errno.EIO)
     with pytest.raises(OSError) as raised:  # when a buffer is needed again, or at the latest when drained
         writer.write([memoryview(data)], 0)
         writer.drain()
