@@ -18,7 +18,6 @@ from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.internet.endpoints import HostnameEndpoint, clientFromString, serverFromString
 from twisted.python import usage
 
 from p2pshare.bandwidth import parse_rate
@@ -97,6 +96,8 @@ def with_metrics(reactor: Any, options: usage.Options, registry: Any, services: 
     """Add the ``--metrics`` listener, when asked for, to *services* (and its start to *ready*)."""
     if options["metrics"] is None:
         return
+    from twisted.internet.endpoints import serverFromString
+
     from p2pshare.metrics import MetricsService
 
     service = MetricsService(serverFromString(reactor, options["metrics"]), registry)
@@ -135,6 +136,8 @@ def trackers_endpoint(reactor: Any, values: list[str]) -> Any:
 
 def tracker_endpoint(reactor: Any, value: str) -> Any:
     """``HOST:PORT`` or a client endpoint string (``tcp:host=...:port=...``)."""
+    from twisted.internet.endpoints import HostnameEndpoint, clientFromString
+
     if value.startswith(("tcp:", "unix:", "tls:")):
         try:
             return clientFromString(reactor, value)
@@ -277,6 +280,8 @@ class TrackerOptions(ConfigFileOptions):
     ]
 
     def postOptions(self) -> None:
+        if self["key"] is None:  # under twistd this comes first, before anything imports the reactor
+            without_pyopenssl()
         own_pidfile(self, "p2ptracker")
         self["registry"] = registry_url(self["registry"])
         if not self["registry-prefix"] or not self["registry-prefix"].isprintable():
@@ -389,7 +394,24 @@ def registry_url(value: str) -> str:
     return value
 
 
+def without_pyopenssl() -> bool:
+    """Keep pyOpenSSL (and cryptography under it) out of this process; True when it could be.
+
+    A tracker of an open network does no TLS, yet Twisted's ``tcp`` and ``endpoints`` modules
+    import pyOpenSSL to offer it, and go without it when that import fails: 13 MB of a 53 MB idle
+    tracker.  Possible only before anything imports Twisted's ``tcp``, as twistd parses the
+    plugin's options before it imports the reactor; a process that has it already (a test run,
+    an application) is left alone.
+    """
+    if "OpenSSL" in sys.modules or "twisted.internet.tcp" in sys.modules:
+        return "OpenSSL" not in sys.modules or sys.modules["OpenSSL"] is None
+    sys.modules["OpenSSL"] = None  # type: ignore[assignment]  # imports of it fail with ImportError
+    return True
+
+
 def makeTrackerService(options: TrackerOptions, reactor: Any = None) -> IService:
+    from twisted.internet.endpoints import serverFromString
+
     from p2pshare.tracker import TrackerFactory, TrackerService
 
     if reactor is None:
@@ -493,6 +515,8 @@ class PeerOptions(ConfigFileOptions):
 
 def makePeerService(options: PeerOptions, reactor: Any = None) -> IService:
     return_freed_memory()
+    from twisted.internet.endpoints import serverFromString
+
     from p2pshare.control import ControlService
     from p2pshare.peer import Peer
 

@@ -106,3 +106,43 @@ def test_a_tracker_process_loads_none_of_the_peers_modules() -> None:
                          cwd=Path(__file__).parent.parent)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["[]", "p2pshare.peer p2pshare.tracker"]
+
+
+_TLS_MODULES = ("import sys\n"
+                "print(sorted({m.split('.')[0] for m in sys.modules if m.split('.')[0] in ('OpenSSL', 'cryptography')"
+                " and sys.modules[m] is not None}))\n")
+
+
+@pytest.mark.parametrize("private", [False, True], ids=["open", "private"])
+def test_a_tracker_of_an_open_network_loads_no_tls_library(private: bool, tmp_path: Path) -> None:
+    """As twistd runs it (options parsed before the reactor is imported), a tracker without --key
+    never loads pyOpenSSL or cryptography (13 MB it would never use), and still listens and
+    answers; with --key it loads them, as its TLS needs them."""
+    args = ["--port", "tcp:0:interface=127.0.0.1"]
+    if private:
+        from p2pshare.cli import main as cli_main
+
+        assert cli_main(["keygen", "--out", str(tmp_path / "net.key")]) == 0
+        args += ["--key", str(tmp_path / "net.key")]
+    code = (
+        "import json, socket, p2pshare.tap\n"
+        "options = p2pshare.tap.TrackerOptions()\n"
+        f"options.parseOptions({args!r})\n"
+        "service = p2pshare.tap.makeTrackerService(options)\n"
+        "from twisted.internet import reactor\n"
+        "service.startService()\n"
+        "tracker = service.services[0]\n"
+        "def ask():\n"
+        "    port = tracker.port.getHost().port\n"
+        "    s = socket.create_connection(('127.0.0.1', port)); s.close()\n"
+        "    reactor.stop()\n"
+        "reactor.callLater(0.2, ask)\n"
+        "reactor.run()\n"
+        "print('listened on', type(tracker.port).__module__)\n"
+        + _TLS_MODULES
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0, out.stderr
+    expected = "['OpenSSL', 'cryptography']" if private else "[]"
+    assert out.stdout.splitlines() == ["listened on twisted.internet.tcp", expected]
