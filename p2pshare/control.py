@@ -32,7 +32,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from p2pshare.bandwidth import parse_rate
 from p2pshare.errors import AlreadyExists, InvalidName, NotFound, P2PError, describe
-from p2pshare.metrics import MetricsPage
+from p2pshare.metrics_web import MetricsPage
 from p2pshare.peer import FetchResult, Peer, hit_json
 from p2pshare.wire import STATE_DIR
 

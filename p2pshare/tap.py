@@ -98,7 +98,7 @@ def with_metrics(reactor: Any, options: usage.Options, registry: Any, services: 
         return
     from twisted.internet.endpoints import serverFromString
 
-    from p2pshare.metrics import MetricsService
+    from p2pshare.metrics_web import MetricsService
 
     service = MetricsService(serverFromString(reactor, options["metrics"]), registry)
     services.append(service)

@@ -90,15 +90,16 @@ def test_the_venv_imports_the_installed_copy(built: tuple[Path, Path, dict[str, 
 
 def test_a_tracker_process_loads_none_of_the_peers_modules() -> None:
     """``twistd p2ptracker`` builds its service without importing the peer's side (the download, the
-    disk worker, the search: memory a tracker holding a connection per peer does not spend), while
-    ``from p2pshare import Peer`` still works."""
+    disk worker, the search: memory a tracker holding a connection per peer does not spend), nor,
+    without ``--metrics``, ``twisted.web``; while ``from p2pshare import Peer`` still works."""
     code = (
         "import sys, p2pshare.tap\n"
         "options = p2pshare.tap.TrackerOptions()\n"
         "options.parseOptions(['--port', 'tcp:0:interface=127.0.0.1'])\n"
         "p2pshare.tap.makeTrackerService(options)\n"
         "print(sorted(m for m in sys.modules if m in ('p2pshare.peer', 'p2pshare.transfer', 'p2pshare.store',\n"
-        "                                            'p2pshare.search', 'p2pshare.download', 'blake3')))\n"
+        "                                            'p2pshare.search', 'p2pshare.download', 'blake3',\n"
+        "                                            'twisted.web.server')))\n"
         "from p2pshare import Peer, TrackerService\n"
         "print(Peer.__module__, TrackerService.__module__)\n"
     )
