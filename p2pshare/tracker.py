@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamClientEndpoint, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
@@ -72,6 +73,13 @@ class TrackerServerProtocol(LineReceiver):
         self.registered[peer] = packed
 
     def connectionMade(self) -> None:
+        if isinstance(self.transport, FileDescriptor):
+            # Twisted sets a connection's write offset at its first write, once the connection's other
+            # attributes are set.  Set here, before any write, it is one attribute earlier: measured on
+            # CPython 3.11 with 300 to 100,000 connections, every transport then keeps its attributes in
+            # the layout its class shares, where otherwise each ends up with a dictionary of its own
+            # (870 bytes more a connection; tests/test_integration.py).  The value is Twisted's own.
+            self.transport.offset = 0
         self.factory.open.add(self)
 
     def lineReceived(self, line: bytes) -> None:
