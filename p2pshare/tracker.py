@@ -52,12 +52,13 @@ class TrackerServerProtocol(LineReceiver):
     delimiter = b"\n"
     MAX_LENGTH = MAX_TRACKER_LINE
     # A tracker holds a connection per peer: what most connections never need is made on first use.
-    registered: Optional[dict[str, bytes]] = None  # peer id -> its registration (``_packed``), made here
+    registered: Optional[dict[str, "Packed"]] = None  # peer id -> its registration (``_packed``), made here
     _closed_waiters: Optional[list[Deferred[None]]] = None
 
     def __init__(self, factory: "TrackerFactory") -> None:
         self.factory = factory
         self.last_heard = factory.clock.seconds()
+        self._buffer, self._busyReceiving = b"", False  # LineReceiver's starting values: see connectionMade
 
     def when_closed(self) -> Deferred[None]:
         """Fires once the connection is gone."""
@@ -67,18 +68,19 @@ class TrackerServerProtocol(LineReceiver):
         self._closed_waiters.append(d)
         return d
 
-    def record(self, peer: str, packed: bytes) -> None:
+    def record(self, peer: str, packed: "Packed") -> None:
         if self.registered is None:
             self.registered = {}
         self.registered[peer] = packed
 
     def connectionMade(self) -> None:
         if isinstance(self.transport, FileDescriptor):
-            # Twisted sets a connection's write offset at its first write, once the connection's other
-            # attributes are set.  Set here, before any write, it is one attribute earlier: measured on
-            # CPython 3.11 with 300 to 100,000 connections, every transport then keeps its attributes in
-            # the layout its class shares, where otherwise each ends up with a dictionary of its own
-            # (870 bytes more a connection; tests/test_integration.py).  The value is Twisted's own.
+            # A tracker holds a connection per peer.  Twisted sets a transport's write offset at its
+            # first write, and LineReceiver its buffer at the first line; given their starting values
+            # here and in __init__ instead, before any I/O, each transport and each protocol keeps its
+            # attributes in the compact layout its class shares (measured on CPython 3.11 with 300 to
+            # 100,000 connections): otherwise each gets a dictionary of its own, 870 and 200 bytes more
+            # a connection (tests/test_integration.py).
             self.transport.offset = 0
         self.factory.open.add(self)
 
@@ -116,14 +118,23 @@ class TrackerServerProtocol(LineReceiver):
             d.callback(None)
 
 
-def _packed(info: PeerInfo, source: str) -> bytes:
-    """A registration as this tracker keeps it: ``host udp tcp source`` (the host is an IP literal)."""
-    return b"%s %d %d %s" % (info.host.encode(), info.udp, info.tcp, source.encode())
+Packed = Union[int, bytes]
 
 
-def _unpacked(peer: str, packed: bytes) -> tuple[PeerInfo, str]:
-    host, udp, tcp, source = packed.decode().split(" ")
-    return PeerInfo(peer, host, int(udp), int(tcp)), source
+def _packed(info: PeerInfo, source: str) -> Packed:
+    """A registration as its connection keeps it (whose address is *source*): the two ports in one
+    int when the peer's host is that address, as it almost always is (32 bytes), else
+    ``host udp tcp`` (the host is an IP literal)."""
+    if info.host == source:
+        return info.udp << 16 | info.tcp
+    return b"%s %d %d" % (info.host.encode(), info.udp, info.tcp)
+
+
+def _unpacked(peer: str, packed: Packed, source: str) -> PeerInfo:
+    if isinstance(packed, int):
+        return PeerInfo(peer, source, packed >> 16, packed & 0xFFFF)
+    host, udp, tcp = packed.decode().split(" ")
+    return PeerInfo(peer, host, int(udp), int(tcp))
 
 
 class TrackerFactory(Factory):
@@ -142,10 +153,11 @@ class TrackerFactory(Factory):
         self.max_peers = max(0, min(max_peers, MAX_PEERS_ANSWER))
         self.rng = rng or random.Random(os.urandom(32))  # unpredictable seed, fast draws
         self.max_per_address = max_per_address
-        # The connection each peer registered through.  That connection keeps what the peer said,
-        # and from where (``registered``): a shared table that lost it (a store restarted empty) gets
-        # it again at its next heartbeat.  Packed (``_packed``): with 100,000 peers a PeerInfo, a
-        # tuple and their strings each would be some 30 MB of a tracker on Redis.
+        # The connection each peer registered through.  That connection keeps what the peer said
+        # (``registered``; from where is the connection's own address): a shared table that lost it
+        # (a store restarted empty) gets it again at its next heartbeat.  Packed (``_packed``): with
+        # 100,000 peers a PeerInfo, a tuple and their strings each would be some 30 MB of a tracker
+        # on Redis; the packed form is 32 bytes a peer.
         self.connections: dict[str, TrackerServerProtocol] = {}
         self.open: set[TrackerServerProtocol] = set()
         self.counters = Counters()
@@ -230,8 +242,8 @@ class TrackerFactory(Factory):
                 return TrackerReply(req.id, False, "unknown_peer", "register first")
             # Registered here, still connected, yet not in the table: a shared table that lost it.
             self.counters.add("tracker_reregistered")
-            info, source = _unpacked(peer, mine)
-            return self.registry.register(info, source, self.clock.seconds()).addCallback(
+            source = plain_host(conn.transport.getPeer().host)  # as _register saw it
+            return self.registry.register(_unpacked(peer, mine, source), source, self.clock.seconds()).addCallback(
                 lambda ok: TrackerReply(req.id, True) if ok else
                 TrackerReply(req.id, False, "unknown_peer", "register first"))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 
 import pytest_twisted
 from twisted.internet.address import IPv4Address
@@ -150,6 +151,27 @@ def test_a_full_answer_of_ipv6_peers_fits_in_one_line() -> None:
     line = TrackerReply(2**31 - 1, True, peers=peers).encode()
     assert len(line) <= MAX_TRACKER_LINE
     assert TrackerReply.decode(line).peers == peers
+
+
+def test_a_table_that_lost_its_peers_gets_them_again_as_registered_at_their_next_heartbeat() -> None:
+    """A shared table that comes back empty: each peer's connection kept what it registered, host
+    given or not, and the next heartbeat puts exactly that back (from the same source address)."""
+    f = factory()
+    own, advertised = Conn(f, "192.0.2.44"), Conn(f, "192.0.2.45")
+    assert own.ask("register", peer=peer_id(1), udp=65535, tcp=1)["ok"]
+    assert advertised.ask("register", peer=peer_id(2), udp=4001, tcp=65535, host="2001:db8::7")["ok"]
+    # what the connection keeps: a tracker on Redis holds this for every peer it serves
+    assert own.proto.registered is not None and sys.getsizeof(own.proto.registered[peer_id(1)]) <= 32
+    for n in (1, 2):
+        f.registry.remove(peer_id(n))  # the table lost them
+    assert own.ask("heartbeat", peer=peer_id(1))["ok"] and advertised.ask("heartbeat", peer=peer_id(2))["ok"]
+    assert f.counters["tracker_reregistered"] == 2
+    assert f.registry.get(peer_id(1)) == PeerInfo(peer_id(1), "192.0.2.44", 65535, 1)  # type: ignore[attr-defined]
+    assert f.registry.get(peer_id(2)) == PeerInfo(peer_id(2), "2001:db8::7", 4001, 65535)  # type: ignore[attr-defined]
+    assert f.registry.table._source == {peer_id(1): "192.0.2.44", peer_id(2): "192.0.2.45"}  # type: ignore[attr-defined]
+    other = Conn(f, "192.0.2.46")  # a connection that did not register it cannot bring it back
+    f.registry.remove(peer_id(1))
+    assert other.ask("heartbeat", peer=peer_id(1))["error"] == "unknown_peer"
 
 
 def test_heartbeat_from_an_unknown_peer_is_an_error() -> None:
