@@ -52,16 +52,17 @@ class TrackerServerProtocol(LineReceiver):
     delimiter = b"\n"
     MAX_LENGTH = MAX_TRACKER_LINE
     # A tracker holds a connection per peer: what most connections never need is made on first use.
-    # What this connection registered (peer key -> ``_packed``): a peer's own connection holds one,
-    # kept in two attributes; a dictionary only for a connection that registers more.
-    _more: Optional[dict[bytes, "Packed"]] = None
+    # What this connection registered (peer id -> ``_packed``): a peer's own connection holds one,
+    # kept in two attributes; a dictionary only for a connection that registers more.  The ids are
+    # the request's strings, the same objects an in-memory table keys its peers by.
+    _more: Optional[dict[str, "Packed"]] = None
     _closed_waiters: Optional[list[Deferred[None]]] = None
 
     def __init__(self, factory: "TrackerFactory") -> None:
         self.factory = factory
         self.last_heard = factory.clock.seconds()
         self._buffer, self._busyReceiving = b"", False  # LineReceiver's starting values: see connectionMade
-        self._one: Optional[bytes] = None
+        self._one: Optional[str] = None
         self._one_packed: Optional["Packed"] = None
 
     def when_closed(self) -> Deferred[None]:
@@ -72,8 +73,8 @@ class TrackerServerProtocol(LineReceiver):
         self._closed_waiters.append(d)
         return d
 
-    def record(self, key: bytes, packed: "Packed") -> None:
-        """*key* (``peer_key``) registered through this connection, as *packed*."""
+    def record(self, key: str, packed: "Packed") -> None:
+        """Peer *key* registered through this connection, as *packed*."""
         if self._more is not None:
             self._more[key] = packed
         elif self._one is None or self._one == key:
@@ -82,20 +83,20 @@ class TrackerServerProtocol(LineReceiver):
             self._more = {self._one: self._one_packed, key: packed}  # type: ignore[dict-item]
             self._one = self._one_packed = None
 
-    def registration(self, key: bytes) -> Optional["Packed"]:
+    def registration(self, key: str) -> Optional["Packed"]:
         """What *key* registered through this connection, or None."""
         if self._more is not None:
             return self._more.get(key)
         return self._one_packed if self._one == key else None
 
-    def drop(self, key: bytes) -> None:
+    def drop(self, key: str) -> None:
         if self._more is not None:
             self._more.pop(key, None)
         elif self._one == key:
             self._one = self._one_packed = None
 
-    def registered(self) -> list[bytes]:
-        """The keys registered through this connection."""
+    def registered(self) -> list[str]:
+        """The peers registered through this connection."""
         if self._more is not None:
             return list(self._more)
         return [] if self._one is None else [self._one]
@@ -139,23 +140,13 @@ class TrackerServerProtocol(LineReceiver):
         self.factory.connection_closed(self)
         for key in self.registered():
             if self.factory.connections.get(key) is self:
-                self.factory.forget(key.hex())
+                self.factory.forget(key)
         waiters, self._closed_waiters = self._closed_waiters or [], None
         for d in waiters:
             d.callback(None)
 
 
 Packed = Union[int, bytes]
-
-
-def peer_key(peer: str) -> bytes:
-    """A peer id (32 hex digits, checked by ``wire``) as the tracker keys it: 16 bytes, a 49-byte
-    object where the id's string is 81 (100,000 peers: 3 MB less).  An id that is not one (a shared
-    table's stray entry) keys nothing the tracker holds."""
-    try:
-        return bytes.fromhex(peer)
-    except ValueError:
-        return b""
 
 
 def _packed(info: PeerInfo, source: str) -> Packed:
@@ -195,7 +186,7 @@ class TrackerFactory(Factory):
         # (a store restarted empty) gets it again at its next heartbeat.  Packed (``_packed``): with
         # 100,000 peers a PeerInfo, a tuple and their strings each would be some 30 MB of a tracker
         # on Redis; the packed form is 32 bytes a peer.
-        self.connections: dict[bytes, TrackerServerProtocol] = {}  # by ``peer_key``
+        self.connections: dict[str, TrackerServerProtocol] = {}
         self.open: set[TrackerServerProtocol] = set()
         self.counters = Counters()
         self.metrics = TrackerMetrics(self)
@@ -222,10 +213,9 @@ class TrackerFactory(Factory):
 
     def forget(self, peer: str) -> Deferred[Any]:
         """Remove *peer* from the table, whichever way it goes (leave, expiry, lost connection)."""
-        key = peer_key(peer)
-        owner = self.connections.pop(key, None)
+        owner = self.connections.pop(peer, None)
         if owner is not None:
-            owner.drop(key)
+            owner.drop(peer)
         return self.registry.remove(peer).addErrback(self._table_down)
 
     def handle(self, req: TrackerRequest, conn: TrackerServerProtocol) -> Deferred[TrackerReply]:
@@ -259,12 +249,11 @@ class TrackerFactory(Factory):
                 self.counters.add("tracker_registrations_refused")
                 return TrackerReply(req.id, False, "too_many", f"at most {self.max_per_address} peers may "
                                     f"register from one address")
-            key = peer_key(peer)
-            previous = self.connections.get(key)
+            previous = self.connections.get(peer)
             if previous is not None and previous is not conn:
-                previous.drop(key)  # the newer connection owns the registration
-            conn.record(key, _packed(info, observed))
-            self.connections[key] = conn
+                previous.drop(peer)  # the newer connection owns the registration
+            conn.record(peer, _packed(info, observed))
+            self.connections[peer] = conn
             return TrackerReply(req.id, True, host=info.host, interval=self.interval)
 
         return self.registry.register(info, observed, self.clock.seconds()).addCallback(recorded)
@@ -276,9 +265,8 @@ class TrackerFactory(Factory):
         def known(alive: bool) -> Any:
             if alive:
                 return TrackerReply(req.id, True)
-            key = peer_key(peer)
-            mine = conn.registration(key)
-            if mine is None or self.connections.get(key) is not conn:
+            mine = conn.registration(peer)
+            if mine is None or self.connections.get(peer) is not conn:
                 return TrackerReply(req.id, False, "unknown_peer", "register first")
             # Registered here, still connected, yet not in the table: a shared table that lost it.
             self.counters.add("tracker_reregistered")
@@ -291,7 +279,7 @@ class TrackerFactory(Factory):
 
     def _peers(self, req: TrackerRequest, conn: TrackerServerProtocol) -> Deferred[TrackerReply]:
         mine = conn.registered()
-        exclude = req.peer or (mine[0].hex() if mine else None)
+        exclude = req.peer or (mine[0] if mine else None)
         # One host may hold several places, but never more than PER_HOST_IN_ANSWER in one answer, so a
         # host that registered many ids cannot crowd out the others.
         return self.registry.sample(min(req.max, self.max_peers), exclude, self.rng, PER_HOST_IN_ANSWER).addCallback(
@@ -317,7 +305,7 @@ class TrackerFactory(Factory):
         def expired(gone: list[str]) -> None:
             for peer in gone:
                 self.counters.add("tracker_expired")
-                if peer_key(peer) in self.connections:
+                if peer in self.connections:
                     self.forget(peer)
 
         return self.registry.expire(now).addCallbacks(expired, self._table_down)

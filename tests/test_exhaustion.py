@@ -370,7 +370,7 @@ def test_a_registered_peer_costs_the_tracker_little_memory(memory: Callable[[], 
     own, about 1.5 KB over TCP), is under 1,000 bytes: the protocol, the registry's record, the
     connection's record of what the peer said.  A set of peer ids and a ``Deferred`` made for every
     connection, whether or not anything waits for it, took 1,330; a dictionary for the one
-    registration and the id as a string, 1,046 (about 930 now).
+    registration, 1,046 (about 870 now).
     """
     clock = Clock()
     factory = TrackerFactory(clock, max_per_address=10_000)

@@ -161,7 +161,7 @@ def test_a_table_that_lost_its_peers_gets_them_again_as_registered_at_their_next
     assert own.ask("register", peer=peer_id(1), udp=65535, tcp=1)["ok"]
     assert advertised.ask("register", peer=peer_id(2), udp=4001, tcp=65535, host="2001:db8::7")["ok"]
     # what the connection keeps: a tracker on Redis holds this for every peer it serves
-    assert sys.getsizeof(own.proto.registration(bytes.fromhex(peer_id(1)))) <= 32
+    assert sys.getsizeof(own.proto.registration(peer_id(1))) <= 32
     for n in (1, 2):
         f.registry.remove(peer_id(n))  # the table lost them
     assert own.ask("heartbeat", peer=peer_id(1))["ok"] and advertised.ask("heartbeat", peer=peer_id(2))["ok"]
@@ -336,13 +336,3 @@ def test_several_trackers_are_tried_in_turn_from_the_one_that_last_worked() -> N
     endpoint.connect(None).addErrback(failures.append)
     assert len(failures) == 1 and attempts[3:] == ["b", "c", "a"]
 
-
-def test_peer_keys_are_the_ids_16_bytes_and_a_stray_id_keys_nothing() -> None:
-    from p2pshare.tracker import peer_key
-
-    assert peer_key(peer_id(0xABC)) == bytes.fromhex(peer_id(0xABC)) and len(peer_key(peer_id(1))) == 16
-    assert peer_key("not an id") == b""  # a shared table's stray entry: forgetting it touches no connection
-    f = factory()
-    c = register(f, 1)
-    f.forget("not an id")
-    assert c.proto.registered() == [peer_key(peer_id(1))] and f.connections[peer_key(peer_id(1))] is c.proto
