@@ -641,13 +641,25 @@ def test_the_readmes_two_lines_run_side_by_side_in_one_folder(tmp_path: Path) ->
     assert "Another twistd server is running" not in output
 
 
+def _answers(port: int) -> Optional[bool]:
+    """True once a tracker on *port* answers a request: its event loop runs (and with it twistd's
+    signal handlers, installed once the services have started)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(b'{"v":1,"id":1,"op":"peers","max":1}\n')
+            return True if s.makefile("rb").readline().startswith(b'{"v":1') else None
+    except OSError:
+        return None
+
+
 def test_daemonized_plugins_take_a_pid_file_each_unless_one_is_given(tmp_path: Path) -> None:
-    port = free_port()
+    port, other = free_port(), free_port()
+    control = free_port()
     (tmp_path / "files").mkdir()
     for args in (["p2ptracker", "--port", f"tcp:{port}:interface=127.0.0.1"],
                  ["p2ppeer", "--tracker", f"127.0.0.1:{port}", "--dir", "files", "--interface", "127.0.0.1",
-                  "--control", f"tcp:{free_port()}:interface=127.0.0.1"],
-                 ["--pidfile", "mine.pid", "p2ptracker", "--port", f"tcp:{free_port()}:interface=127.0.0.1"]):
+                  "--control", f"tcp:{control}:interface=127.0.0.1"],
+                 ["--pidfile", "mine.pid", "p2ptracker", "--port", f"tcp:{other}:interface=127.0.0.1"]):
         done = subprocess.run([TWISTD, "--logfile", f"{args[0]}.log", *args], cwd=tmp_path, capture_output=True,
                               text=True, timeout=30)
         assert done.returncode == 0, done.stdout + done.stderr
@@ -655,6 +667,11 @@ def test_daemonized_plugins_take_a_pid_file_each_unless_one_is_given(tmp_path: P
     try:
         poll(lambda: True if all(p.exists() for p in pidfiles.values()) else None, "three pid files")
         assert not (tmp_path / "twistd.pid").exists()
+        # A pid file is written before the reactor runs; a SIGTERM before twistd installs its handlers
+        # would end a daemon without removing it.  Each answering a request means each is running.
+        poll(lambda: _answers(port) and _answers(other), "both trackers to answer")
+        poll(lambda: True if "registered with the tracker" in (tmp_path / "p2ppeer.log").read_text() else None,
+             "the peer to register")
     finally:
         for path in pidfiles.values():
             if path.exists():
