@@ -394,8 +394,8 @@ def registry_url(value: str) -> str:
     return value
 
 
-def without_pyopenssl() -> bool:
-    """Keep pyOpenSSL (and cryptography under it) out of this process; True when it could be.
+def without_pyopenssl() -> None:
+    """Keep pyOpenSSL (and cryptography under it) out of this process.
 
     A tracker of an open network does no TLS, yet Twisted's ``tcp`` and ``endpoints`` modules
     import pyOpenSSL to offer it, and go without it when that import fails: 13 MB of a 53 MB idle
@@ -403,10 +403,8 @@ def without_pyopenssl() -> bool:
     plugin's options before it imports the reactor; a process that has it already (a test run,
     an application) is left alone.
     """
-    if "OpenSSL" in sys.modules or "twisted.internet.tcp" in sys.modules:
-        return "OpenSSL" not in sys.modules or sys.modules["OpenSSL"] is None
-    sys.modules["OpenSSL"] = None  # type: ignore[assignment]  # imports of it fail with ImportError
-    return True
+    if "OpenSSL" not in sys.modules and "twisted.internet.tcp" not in sys.modules:
+        sys.modules["OpenSSL"] = None  # type: ignore[assignment]  # imports of it fail with ImportError
 
 
 def makeTrackerService(options: TrackerOptions, reactor: Any = None) -> IService:

@@ -278,8 +278,7 @@ class TrackerFactory(Factory):
         return self.registry.heartbeat(peer, self.clock.seconds()).addCallback(known)
 
     def _peers(self, req: TrackerRequest, conn: TrackerServerProtocol) -> Deferred[TrackerReply]:
-        mine = conn.registered()
-        exclude = req.peer or (mine[0] if mine else None)
+        exclude = req.peer or next(iter(conn.registered()), None)  # (a list made only without a peer)
         # One host may hold several places, but never more than PER_HOST_IN_ANSWER in one answer, so a
         # host that registered many ids cannot crowd out the others.
         return self.registry.sample(min(req.max, self.max_peers), exclude, self.rng, PER_HOST_IN_ANSWER).addCallback(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import socket
 import subprocess
+import sys
+import tracemalloc
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -14,6 +17,7 @@ import pytest_twisted
 from twisted.internet import defer, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.threads import deferToThread
 
 from loopback import Network, eventually, reactor
 from p2pshare import NotFound, start_peer, start_tracker
@@ -508,12 +512,6 @@ async def test_a_tracker_holds_a_real_connection_per_peer_in_under_1850_bytes() 
     process under 1,850 bytes each, Twisted's transport included (about 1,700; 1,920 when each
     protocol's attributes end up in a dictionary of its own, 2,600 when each transport's do too,
     which TrackerServerProtocol avoids by giving them their starting values before any I/O)."""
-    import gc
-    import sys
-    import tracemalloc
-
-    from twisted.internet.threads import deferToThread
-
     count = 300
     tracker = await start_tracker(reactor(), "tcp:0:interface=127.0.0.1", max_per_address=10_000)
     client = None
