@@ -31,7 +31,7 @@ from p2pshare.store import Executor, PieceStore, Segment, in_thread, synchronous
 __all__ = ["Download", "Source", "in_thread", "synchronously", "RANGE", "HIGH_WATER", "LOW_WATER"]
 
 RANGE = 16 * 1024 * 1024  # the piece size of a file offered without a manifest
-HIGH_WATER = 12 * 1024 * 1024  # pause the sources above this backlog (requester RSS <= 80 MB: 16 was over)
+HIGH_WATER = 10 * 1024 * 1024  # pause the sources above this backlog (requester RSS <= 80 MB: 16 was over)
 LOW_WATER = 3 * 1024 * 1024  # and resume them below this
 
 
@@ -243,6 +243,12 @@ class Download:
         for s in list(self.sources):
             s.download_finished()
         self.store.drop_queued()  # late endgame copies: nothing of them is needed now
+        self.store.when_quiet().addCallback(self._finish_quiet)
+
+    def _finish_quiet(self, _: None) -> None:
+        """Every piece is in and the worker is done with the file: check it whole where needed, place it."""
+        if self._ended:
+            return
         if self.verify_whole:
             self.store.whole_sha256().addCallbacks(self._place, self._whole_failed)
         else:

@@ -48,7 +48,7 @@ READ_BACK = 1024 * 1024  # bytes read at a time for the whole-file hash
 WRITE_RUN = 2 * 1024 * 1024  # bytes hashed before they are written
 BATCH = 256 * 1024  # bytes queued before a worker job starts, unless a piece is complete
 ALIGN = 4096  # direct writes: file offsets, lengths and memory in multiples of this
-DIRECT_CHUNK = 512 * 1024  # the aligned buffers direct writes go through
+DIRECT_CHUNK = 1024 * 1024  # the aligned buffers direct writes go through
 DIRECT_BUFFERS = 3  # of them: while one is filled, the others are written
 
 Executor = Callable[..., "Deferred[Any]"]
@@ -105,12 +105,16 @@ class PieceStore:
         self.queued = 0  # bytes queued for the worker and not yet written
         self._queue: deque[Segment] = deque()
         self._busy = False
+        self._quiet: list[Deferred[None]] = []  # fired once no job runs or waits to run
         self._closing: Optional[str] = None  # set at the end: "keep" (the verified pieces), "discard" or "placed"
         self._saved_at = 0.0
         # Worker-side state: only touched by the job running (one at a time).
         self._hashers: dict[tuple[int, int], Any] = {}
         self._copies: dict[tuple[int, int], list[memoryview]] = {}
         self._done: set[int] = set()  # pieces verified (or, without a manifest, written) by the worker
+        # The checks of the last job, held until its writes are done: the next job reports them (or a
+        # job of its own once nothing else is queued), so that no job waits for its own writes.
+        self._held: Optional[tuple[list[tuple[Hashable, int, bool]], list[Future[None]]]] = None
         self.tmp_path, self.have_path, self._file = self._open()
         self._done.update(i for i in range(self.count) if self.have[i])
         self._writer = FileWriter(self.tmp_path, self._file.fileno(), size, direct=size > SMALL)
@@ -168,17 +172,22 @@ class PieceStore:
     def _pump(self) -> None:
         if self._busy:
             return
-        if self._closing is not None:
-            self._close_now()
-            return
-        if not self._queue:
+        if not self._queue and self._held is None:
+            if self._closing is not None:
+                self._close_now()
+            else:
+                quiet, self._quiet = self._quiet, []
+                for d in quiet:
+                    d.callback(None)
             return
         batch, self._queue = list(self._queue), deque()
         self._busy = True
         self.executor(self._work, batch).addCallbacks(self._worked, self._failed, (batch,), errbackArgs=(batch,))
 
     def _work(self, batch: list[Segment]) -> list[tuple[Hashable, int, bool]]:
-        """In the worker: hash and write *batch*, in order; the pieces whose last byte came, checked."""
+        """In the worker: hash and write *batch*, in order; the pieces whose last byte came, checked, as
+        soon as their bytes are in the file (those of the job before included)."""
+        held, self._held = self._held, None
         write, manifest = self._writer.write, self.manifest
         results: list[tuple[Hashable, int, bool]] = []
         run: list[memoryview] = []
@@ -225,8 +234,18 @@ class PieceStore:
                     self._done.add(s.index)
                 results.append((s.source, s.index, good))
         flush()
-        self._writer.drain()  # a piece is reported only once its bytes are in the file
-        return results
+        # A piece is reported only once its bytes are in the file.  This job's writes are left under
+        # way when there are more bytes to come: the next job hashes while the disk finishes them.
+        writes = self._writer.under_way()
+        done = [] if held is None else held[0]
+        if held is not None:
+            wait_for_writes(held[1])
+        if batch and not all(w.done() for w in writes):
+            self._held = (results, writes)
+        else:
+            wait_for_writes(writes)
+            done += results
+        return done
 
     def _worked(self, results: list[tuple[Hashable, int, bool]], batch: list[Segment]) -> None:
         self._busy = False
@@ -281,7 +300,16 @@ class PieceStore:
 
     @property
     def busy(self) -> bool:
-        return self._busy or bool(self._queue)
+        return self._busy or bool(self._queue) or self._held is not None
+
+    def when_quiet(self) -> Deferred[None]:
+        """Fires once no worker job runs or waits to run, and every check made is reported."""
+        d: Deferred[None] = Deferred()
+        if self.busy:
+            self._quiet.append(d)
+        else:
+            d.callback(None)
+        return d
 
     def drop_queued(self) -> None:
         """Forget the bytes waiting for the worker (late copies of pieces already verified)."""
@@ -294,8 +322,7 @@ class PieceStore:
         if self._closing is None:
             self._closing = "keep" if keep and self.manifest is not None and any(self.have) else "discard"
             self.drop_queued()
-            if not self._busy:
-                self._close_now()
+            self._pump()  # closes once no job runs and the last one's writes are done
         return self.settled
 
     def detach_file(self) -> Path:
@@ -395,6 +422,10 @@ class FileWriter:
         if whole:
             self._submit(buffer[:whole], offset)
 
+    def under_way(self) -> list[Future[None]]:
+        """The writes submitted since their buffers were last reused, done or not."""
+        return [w for w in self._writes if w is not None]
+
     def drain(self) -> None:
         """Wait until every write has reached the file; raises the first error a write raised."""
         error: Optional[BaseException] = None
@@ -457,6 +488,12 @@ class FileWriter:
             if self.direct_fd is not None:
                 os.close(self.direct_fd)
                 self.direct_fd = None
+
+
+def wait_for_writes(writes: list[Future[None]]) -> None:
+    """Block until *writes* are done; raises the first error one of them raised."""
+    for w in writes:
+        w.result()
 
 
 def _pwritev_all(fd: int, buffers: list[memoryview], offset: int) -> None:

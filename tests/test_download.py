@@ -435,3 +435,50 @@ def test_failing_while_the_worker_holds_a_piece_waits_for_it_before_settling(sha
     assert failures and settled == [] and dl.tmp_path.exists()  # the worker still writes to it
     executor.release_all()
     assert settled == [None] and not dl.tmp_path.exists()
+
+
+def test_a_job_leaves_its_writes_under_way_and_its_pieces_wait_for_them(share: Path,
+                                                                         monkeypatch: Any) -> None:
+    """A worker job hashes, copies and hands its direct writes to the disk's threads, and returns
+    without waiting for them: the next job hashes meanwhile.  Its pieces are reported (verified,
+    served, counted) only once their bytes are in the file: by the next job, or by a job of their own
+    once nothing else is queued."""
+    import threading
+    import time
+
+    from p2pshare.store import FileWriter
+
+    disk = threading.Event()  # the disk holds every write until the test lets it go
+    direct = FileWriter._direct
+
+    def slow(self: FileWriter, data: memoryview, offset: int) -> None:
+        disk.wait(10.0)
+        direct(self, data, offset)
+
+    monkeypatch.setattr(FileWriter, "_direct", slow)
+    data = os.urandom(3 * PIECE)
+    executor = ManualExecutor()
+    dl = download(Shares(share), data, executor)
+    if not dl.store._writer.direct:
+        abandon(dl)
+        import pytest
+        pytest.skip(f"the file system of {share} refuses O_DIRECT")
+    placed: list[Path] = []
+    dl.done.addCallback(placed.append)
+    source = Source()
+    dl.attach(source)
+    deliver(dl, source, 0, [data[:PIECE]])
+    started = time.monotonic()
+    executor.release_one()  # piece 0: hashed, copied, written... not yet
+    assert time.monotonic() - started < 5.0, "the job waited for its own writes"
+    assert dl.verified == 0 and not dl.have[0]
+    # nothing else is queued: a job of their own (no new bytes) waits for the disk
+    assert [args for _, args, _ in executor.calls] == [([],)]
+    disk.set()
+    executor.release_one()
+    assert dl.have[0] and dl.verified == PIECE
+    deliver(dl, source, PIECE, [data[PIECE:]])
+    while executor.calls:
+        executor.release_one()
+    assert dl.have[0] and dl.verified == 3 * PIECE
+    assert placed and placed[0].read_bytes() == data
