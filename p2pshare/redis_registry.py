@@ -459,8 +459,13 @@ class RedisRegistry:
     def _refresh(self) -> Deferred[None]:
         def got(result: tuple[list[int], list[tuple[bytes, bytes]]]) -> None:
             self.sizes, self.pool = result
-            if len(self._infos) > 4 * self.pool_size:  # made for members long gone from the pool
-                self._infos = {}
+            # Only the new pool's members keep their PeerInfo: a pool is a fresh sample each time, and
+            # infos kept for members gone from it were megabytes of a tracker's memory.
+            made, self._infos = self._infos, {}
+            for key in self.pool:
+                info = made.get(key, made)
+                if info is not made:
+                    self._infos[key] = info  # type: ignore[assignment]
             self._known_sizes, self._down = True, None
 
         def failed(f: Failure) -> None:

@@ -293,3 +293,38 @@ def test_requests_do_not_wait_behind_the_pool_refresh_and_a_refresh_makes_no_pee
     reg.sample(5, None, random.Random(1)).addCallback(picked.extend)
     assert [(p.peer, p.host, p.udp, p.tcp) for p in picked] == [(info(1).peer, "10.0.0.1", 4001, 5001)]
     reg.close()
+
+
+def test_peer_infos_are_kept_only_for_the_members_of_the_current_pool() -> None:
+    """Each refresh draws a new sample; the PeerInfos made for members no longer in it are let go (a
+    tracker answering thousands of requests a second made one for every member of every pool, and kept
+    up to four pools' worth: megabytes).  A member still in the pool keeps the one already made."""
+    from p2pshare.redis_registry import RedisRegistry, _pack
+
+    clock, held = Clock(), _HeldBatches()
+    reg = RedisRegistry(lambda: None, clock, resp=held, buckets=1, refresh=1.0)  # type: ignore[arg-type]
+    record = _pack("10.0.0.1", 4001, 5001, "10.0.0.1")
+
+    def refresh_with(members: list[int]) -> None:
+        """Answer the refresh under way with *members* (peer numbers) as the new pool."""
+        commands, answer = held.batches.pop()
+        assert [c[0] for c in commands] == ["ZCARD"]
+        answer.callback([len(members)])
+        _, answer = held.batches.pop()
+        answer.callback([[x for m in members for x in (bytes.fromhex(info(m).peer), b"9999999999999")]])
+        _, answer = held.batches.pop()
+        answer.callback([[record] * len(members)])
+        assert [raw for raw, _ in reg.pool] == [bytes.fromhex(info(m).peer) for m in members]
+
+    kept = None
+    for round_ in range(5):
+        members = list(range(10 * round_, 10 * round_ + 10)) + [1000]  # ten new ones, and one that stays
+        refresh_with(members)
+        for _ in range(20):  # answers pick every member of the pool
+            reg.sample(5, None, random.Random(round_))
+        assert set(reg._infos) <= set(reg.pool)
+        stays = reg._infos[(bytes.fromhex(info(1000).peer), record)]
+        assert kept is None or stays is kept  # made once while it stays in the pool
+        kept = stays
+        clock.advance(1.0)  # the next refresh
+    reg.close()
