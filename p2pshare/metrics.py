@@ -9,17 +9,18 @@ gauges from the live objects.  Histograms are plain bucket counts, observed on t
 second) and exported by the same collector.
 
 Serving them over HTTP is ``metrics_web``'s: a tracker without ``--metrics`` never loads
-``twisted.web``.
+``twisted.web``, nor ``prometheus_client`` (a registry is made when something first reads it).
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Any, Callable, Iterable, Iterator, Optional
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
-                                    InfoMetricFamily, Metric)
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
 
 PREFIX = "p2pshare_"
@@ -114,6 +115,8 @@ class Histograms:
         h.observe(seconds)
 
     def family(self) -> HistogramMetricFamily:
+        from prometheus_client.core import HistogramMetricFamily
+
         fam = HistogramMetricFamily(PREFIX + self.name, self.doc, labels=[self.label])
         for value, h in sorted(self.by.items()):
             fam.add_metric([value], h.buckets(), h.sum)
@@ -124,6 +127,8 @@ def counter_families(counters: dict[str, int], known: Iterable[str] = ()) -> Ite
     """*counters* (name -> count) as counter families: labelled where a prefix says so, else one each."""
     values = dict.fromkeys(known, 0)
     values.update(counters)
+    from prometheus_client.core import CounterMetricFamily
+
     families: dict[str, CounterMetricFamily] = {}
     for name, value in sorted(values.items()):
         if name in _EXACT:
@@ -148,6 +153,8 @@ def counter_families(counters: dict[str, int], known: Iterable[str] = ()) -> Ite
 
 
 def gauge(name: str, doc: str, value: float, labels: Optional[dict[str, str]] = None) -> GaugeMetricFamily:
+    from prometheus_client.core import GaugeMetricFamily
+
     fam = GaugeMetricFamily(PREFIX + name, doc, labels=list(labels or ()))
     fam.add_metric(list((labels or {}).values()), value)
     return fam
@@ -156,6 +163,15 @@ def gauge(name: str, doc: str, value: float, labels: Optional[dict[str, str]] = 
 class _Collector:
     def __init__(self, collect: Callable[[], Iterator[Metric]]) -> None:
         self.collect = collect
+
+
+def _registry(collect: Callable[[], Iterator[Metric]]) -> CollectorRegistry:
+    """A registry of its own that asks *collect* at each scrape."""
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(collect))  # type: ignore[arg-type]
+    return registry
 
 
 class PeerMetrics:
@@ -167,10 +183,14 @@ class PeerMetrics:
                                     "its first hit.", "kind", SEARCH_BUCKETS, ("search", "fetch"))
         self.fetch = Histograms("fetch_duration_seconds", "Seconds from asking for a file to its end, by "
                                 "outcome.", "outcome", FETCH_BUCKETS, ("completed", "failed", "cancelled"))
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(self.collect))  # type: ignore[arg-type]
+
+    @cached_property
+    def registry(self) -> CollectorRegistry:
+        return _registry(self.collect)
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, InfoMetricFamily
+
         peer = self.peer
         network = "private" if peer.key is not None else "public"
         from p2pshare import __version__
@@ -208,10 +228,14 @@ class TrackerMetrics:
         self.factory = factory
         self.latency = Histograms("tracker_request_duration_seconds", "Seconds from a request's line to its "
                                   "answer, by operation.", "op", TRACKER_BUCKETS, TRACKER_OPS)
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(self.collect))  # type: ignore[arg-type]
+
+    @cached_property
+    def registry(self) -> CollectorRegistry:
+        return _registry(self.collect)
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily
+
         f = self.factory
         counters = dict(f.counters)
         ops = CounterMetricFamily(PREFIX + "tracker_requests", "Requests answered, by operation.", labels=["op"])

@@ -256,6 +256,7 @@ class RedisRegistry:
     """
 
     log = Logger()
+    local = False  # nothing of the table is kept here
 
     def __init__(self, connect: Callable[[], Any], reactor: IReactorTime, timeout: float = 30.0,
                  max_per_source: int = 32, prefix: str = "p2pshare", buckets: int = BUCKETS,

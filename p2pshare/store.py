@@ -172,13 +172,14 @@ class PieceStore:
     def _pump(self) -> None:
         if self._busy:
             return
+        if self._closing is not None:
+            self._held = None  # nothing is reported any more; closing the writer waits for its writes
+            self._close_now()
+            return
         if not self._queue and self._held is None:
-            if self._closing is not None:
-                self._close_now()
-            else:
-                quiet, self._quiet = self._quiet, []
-                for d in quiet:
-                    d.callback(None)
+            quiet, self._quiet = self._quiet, []
+            for d in quiet:
+                d.callback(None)
             return
         batch, self._queue = list(self._queue), deque()
         self._busy = True
@@ -322,7 +323,7 @@ class PieceStore:
         if self._closing is None:
             self._closing = "keep" if keep and self.manifest is not None and any(self.have) else "discard"
             self.drop_queued()
-            self._pump()  # closes once no job runs and the last one's writes are done
+            self._pump()  # closes now, or once the job running is done
         return self.settled
 
     def detach_file(self) -> Path:

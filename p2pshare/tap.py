@@ -91,16 +91,17 @@ def metrics_endpoint_string(value: Optional[str]) -> Optional[str]:
     return None if value is None or value.lower() == "none" else server_endpoint_string(value, "--metrics")
 
 
-def with_metrics(reactor: Any, options: usage.Options, registry: Any, services: list[IService],
+def with_metrics(reactor: Any, options: usage.Options, metrics: Any, services: list[IService],
                  ready: list[Callable[[], Deferred[Any]]]) -> None:
-    """Add the ``--metrics`` listener, when asked for, to *services* (and its start to *ready*)."""
+    """Add the ``--metrics`` listener, when asked for, to *services* (and its start to *ready*); *metrics*
+    is a ``PeerMetrics`` or ``TrackerMetrics``, whose registry is made only then."""
     if options["metrics"] is None:
         return
     from twisted.internet.endpoints import serverFromString
 
     from p2pshare.metrics_web import MetricsService
 
-    service = MetricsService(serverFromString(reactor, options["metrics"]), registry)
+    service = MetricsService(serverFromString(reactor, options["metrics"]), metrics.registry)
     services.append(service)
     ready.append(service.when_listening)
 
@@ -428,7 +429,7 @@ def makeTrackerService(options: TrackerOptions, reactor: Any = None) -> IService
     tracker = TrackerService(serverFromString(reactor, options["port"]), factory, key=options["key"])
     services: list[IService] = [tracker]
     ready: list[Callable[[], Deferred[Any]]] = [tracker.when_listening]
-    with_metrics(reactor, options, factory.metrics.registry, services, ready)
+    with_metrics(reactor, options, factory.metrics, services, ready)
     top = _StopOnFailure(reactor, *ready)
     for service in services:
         service.setServiceParent(top)
@@ -528,7 +529,7 @@ def makePeerService(options: PeerOptions, reactor: Any = None) -> IService:
                 max_download_rate=options["max-download-rate"], lan=not options["no-lan"])
     ready: list[Callable[[], Deferred[Any]]] = [peer.when_ready]
     services: list[IService] = [peer]
-    with_metrics(reactor, options, peer.metrics.registry, services, ready)
+    with_metrics(reactor, options, peer.metrics, services, ready)
     if options["control"] is not None:
         control = ControlService(serverFromString(reactor, options["control"]), peer)
         ready.append(control.when_listening)

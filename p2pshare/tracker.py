@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Optional, Union
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
@@ -40,6 +41,7 @@ EXPIRE_AFTER = 3  # heartbeat intervals without news before a peer is dropped
 PER_HOST_IN_ANSWER = 4  # entries with one host in one answer to "peers"
 MAX_PER_ADDRESS = 32  # registrations, and open connections, from one address
 _OP_COUNTER = {op: f"tracker_{op}" for op in ("register", "heartbeat", "leave", "peers")}
+_LOG_PREFIX, _REPR = "TrackerServerProtocol", "<TrackerServerProtocol>"  # every connection's (connectionMade)
 
 
 class TrackerServerProtocol(LineReceiver):
@@ -52,17 +54,18 @@ class TrackerServerProtocol(LineReceiver):
     delimiter = b"\n"
     MAX_LENGTH = MAX_TRACKER_LINE
     # A tracker holds a connection per peer: what most connections never need is made on first use.
-    # What this connection registered (peer id -> ``_packed``): a peer's own connection holds one,
-    # kept in two attributes; a dictionary only for a connection that registers more.  The ids are
-    # the request's strings, the same objects an in-memory table keys its peers by.
-    _more: Optional[dict[str, "Packed"]] = None
+    # What this connection registered (peer key -> ``_packed``): a peer's own connection holds one,
+    # kept in two attributes; a dictionary only for a connection that registers more.  The keys are
+    # the factory's (``TrackerFactory.key``): with an in-memory table the request's id strings, the
+    # same objects the table keys its peers by; with a shared table the ids as integers.
+    _more: Optional[dict[Hashable, "Packed"]] = None
     _closed_waiters: Optional[list[Deferred[None]]] = None
 
     def __init__(self, factory: "TrackerFactory") -> None:
         self.factory = factory
         self.last_heard = factory.clock.seconds()
         self._buffer, self._busyReceiving = b"", False  # LineReceiver's starting values: see connectionMade
-        self._one: Optional[str] = None
+        self._one: Optional[Hashable] = None
         self._one_packed: Optional["Packed"] = None
 
     def when_closed(self) -> Deferred[None]:
@@ -73,7 +76,7 @@ class TrackerServerProtocol(LineReceiver):
         self._closed_waiters.append(d)
         return d
 
-    def record(self, key: str, packed: "Packed") -> None:
+    def record(self, key: Hashable, packed: "Packed") -> None:
         """Peer *key* registered through this connection, as *packed*."""
         if self._more is not None:
             self._more[key] = packed
@@ -83,20 +86,20 @@ class TrackerServerProtocol(LineReceiver):
             self._more = {self._one: self._one_packed, key: packed}  # type: ignore[dict-item]
             self._one = self._one_packed = None
 
-    def registration(self, key: str) -> Optional["Packed"]:
+    def registration(self, key: Hashable) -> Optional["Packed"]:
         """What *key* registered through this connection, or None."""
         if self._more is not None:
             return self._more.get(key)
         return self._one_packed if self._one == key else None
 
-    def drop(self, key: str) -> None:
+    def drop(self, key: Hashable) -> None:
         if self._more is not None:
             self._more.pop(key, None)
         elif self._one == key:
             self._one = self._one_packed = None
 
-    def registered(self) -> list[str]:
-        """The peers registered through this connection."""
+    def registered(self) -> list[Hashable]:
+        """The keys of the peers registered through this connection."""
         if self._more is not None:
             return list(self._more)
         return [] if self._one is None else [self._one]
@@ -108,8 +111,11 @@ class TrackerServerProtocol(LineReceiver):
             # here and in __init__ instead, before any I/O, each transport and each protocol keeps its
             # attributes in the compact layout its class shares (measured on CPython 3.11 with 300 to
             # 100,000 connections): otherwise each gets a dictionary of its own, 870 and 200 bytes more
-            # a connection (tests/test_integration.py).
+            # a connection (tests/test_integration.py).  Twisted also makes two strings per connection
+            # for its log prefix and repr (170 bytes); tracker connections share theirs, and what the
+            # tracker logs names the peer's address itself.
             self.transport.offset = 0
+            self.transport.logstr, self.transport.repstr = _LOG_PREFIX, _REPR
         self.factory.open.add(self)
 
     def lineReceived(self, line: bytes) -> None:
@@ -140,29 +146,50 @@ class TrackerServerProtocol(LineReceiver):
         self.factory.connection_closed(self)
         for key in self.registered():
             if self.factory.connections.get(key) is self:
-                self.factory.forget(key)
+                self.factory.forget(self.factory.peer_of(key))
         waiters, self._closed_waiters = self._closed_waiters or [], None
         for d in waiters:
             d.callback(None)
 
 
 Packed = Union[int, bytes]
+_HOST_GIVEN = 1 << 64  # in a packed int: an IPv4 host in bits 32 to 63 (else the connection's address)
 
 
 def _packed(info: PeerInfo, source: str) -> Packed:
     """A registration as its connection keeps it (whose address is *source*): the two ports in one
-    int when the peer's host is that address, as it almost always is (32 bytes), else
-    ``host udp tcp`` (the host is an IP literal)."""
+    int when the peer's host is that address, as it almost always is (32 bytes); an IPv4 host given
+    in the same int (36 bytes); else ``host udp tcp`` (an IPv6 literal)."""
+    ports = info.udp << 16 | info.tcp
     if info.host == source:
-        return info.udp << 16 | info.tcp
+        return ports
+    try:
+        ip = socket.inet_aton(info.host)
+    except OSError:
+        ip = b""
+    if ip and socket.inet_ntoa(ip) == info.host:  # (inet_aton also takes forms such as "10.1")
+        return _HOST_GIVEN | int.from_bytes(ip, "big") << 32 | ports
     return b"%s %d %d" % (info.host.encode(), info.udp, info.tcp)
 
 
 def _unpacked(peer: str, packed: Packed, source: str) -> PeerInfo:
     if isinstance(packed, int):
-        return PeerInfo(peer, source, packed >> 16, packed & 0xFFFF)
+        host = source if packed < _HOST_GIVEN else socket.inet_ntoa(((packed >> 32) & 0xFFFFFFFF).to_bytes(4, "big"))
+        return PeerInfo(peer, host, (packed >> 16) & 0xFFFF, packed & 0xFFFF)
     host, udp, tcp = packed.decode().split(" ")
     return PeerInfo(peer, host, int(udp), int(tcp))
+
+
+def _int_key(peer: str) -> int:
+    return int(peer, 16)
+
+
+def _peer_of_int(key: Hashable) -> str:
+    return f"{key:032x}"
+
+
+def _same(peer: Any) -> Any:
+    return peer
 
 
 class TrackerFactory(Factory):
@@ -186,7 +213,12 @@ class TrackerFactory(Factory):
         # (a store restarted empty) gets it again at its next heartbeat.  Packed (``_packed``): with
         # 100,000 peers a PeerInfo, a tuple and their strings each would be some 30 MB of a tracker
         # on Redis; the packed form is 32 bytes a peer.
-        self.connections: dict[str, TrackerServerProtocol] = {}
+        self.connections: dict[Hashable, TrackerServerProtocol] = {}
+        # The key of a peer in those two maps, and back: a table in this process holds the id strings
+        # already, and the same objects serve; a shared one holds none here, and an int is smaller.
+        local = getattr(self.registry, "local", True)
+        self.key: Callable[[str], Hashable] = _same if local else _int_key
+        self.peer_of: Callable[[Hashable], str] = _same if local else _peer_of_int
         self.open: set[TrackerServerProtocol] = set()
         self.counters = Counters()
         self.metrics = TrackerMetrics(self)
@@ -213,9 +245,10 @@ class TrackerFactory(Factory):
 
     def forget(self, peer: str) -> Deferred[Any]:
         """Remove *peer* from the table, whichever way it goes (leave, expiry, lost connection)."""
-        owner = self.connections.pop(peer, None)
+        key = self.key(peer)
+        owner = self.connections.pop(key, None)
         if owner is not None:
-            owner.drop(peer)
+            owner.drop(key)
         return self.registry.remove(peer).addErrback(self._table_down)
 
     def handle(self, req: TrackerRequest, conn: TrackerServerProtocol) -> Deferred[TrackerReply]:
@@ -249,11 +282,12 @@ class TrackerFactory(Factory):
                 self.counters.add("tracker_registrations_refused")
                 return TrackerReply(req.id, False, "too_many", f"at most {self.max_per_address} peers may "
                                     f"register from one address")
-            previous = self.connections.get(peer)
+            key = self.key(peer)
+            previous = self.connections.get(key)
             if previous is not None and previous is not conn:
-                previous.drop(peer)  # the newer connection owns the registration
-            conn.record(peer, _packed(info, observed))
-            self.connections[peer] = conn
+                previous.drop(key)  # the newer connection owns the registration
+            conn.record(key, _packed(info, observed))
+            self.connections[key] = conn
             return TrackerReply(req.id, True, host=info.host, interval=self.interval)
 
         return self.registry.register(info, observed, self.clock.seconds()).addCallback(recorded)
@@ -265,8 +299,9 @@ class TrackerFactory(Factory):
         def known(alive: bool) -> Any:
             if alive:
                 return TrackerReply(req.id, True)
-            mine = conn.registration(peer)
-            if mine is None or self.connections.get(peer) is not conn:
+            key = self.key(peer)
+            mine = conn.registration(key)
+            if mine is None or self.connections.get(key) is not conn:
                 return TrackerReply(req.id, False, "unknown_peer", "register first")
             # Registered here, still connected, yet not in the table: a shared table that lost it.
             self.counters.add("tracker_reregistered")
@@ -278,7 +313,10 @@ class TrackerFactory(Factory):
         return self.registry.heartbeat(peer, self.clock.seconds()).addCallback(known)
 
     def _peers(self, req: TrackerRequest, conn: TrackerServerProtocol) -> Deferred[TrackerReply]:
-        exclude = req.peer or next(iter(conn.registered()), None)  # (a list made only without a peer)
+        exclude = req.peer
+        if not exclude:  # (the connection's list made only without a peer)
+            first = next(iter(conn.registered()), None)
+            exclude = None if first is None else self.peer_of(first)
         # One host may hold several places, but never more than PER_HOST_IN_ANSWER in one answer, so a
         # host that registered many ids cannot crowd out the others.
         return self.registry.sample(min(req.max, self.max_peers), exclude, self.rng, PER_HOST_IN_ANSWER).addCallback(
@@ -304,7 +342,7 @@ class TrackerFactory(Factory):
         def expired(gone: list[str]) -> None:
             for peer in gone:
                 self.counters.add("tracker_expired")
-                if peer in self.connections:
+                if self.key(peer) in self.connections:
                     self.forget(peer)
 
         return self.registry.expire(now).addCallbacks(expired, self._table_down)

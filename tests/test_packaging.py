@@ -91,7 +91,8 @@ def test_the_venv_imports_the_installed_copy(built: tuple[Path, Path, dict[str, 
 def test_a_tracker_process_loads_none_of_the_peers_modules() -> None:
     """``twistd p2ptracker`` builds its service without importing the peer's side (the download, the
     disk worker, the search: memory a tracker holding a connection per peer does not spend), nor,
-    without ``--metrics``, ``twisted.web``; while ``from p2pshare import Peer`` still works."""
+    without ``--metrics``, ``twisted.web`` or ``prometheus_client``; while ``from p2pshare import Peer``
+    still works, and with ``--metrics`` the registry is there."""
     code = (
         "import sys, p2pshare.tap\n"
         "options = p2pshare.tap.TrackerOptions()\n"
@@ -99,14 +100,18 @@ def test_a_tracker_process_loads_none_of_the_peers_modules() -> None:
         "p2pshare.tap.makeTrackerService(options)\n"
         "print(sorted(m for m in sys.modules if m in ('p2pshare.peer', 'p2pshare.transfer', 'p2pshare.store',\n"
         "                                            'p2pshare.search', 'p2pshare.download', 'blake3',\n"
-        "                                            'twisted.web.server')))\n"
+        "                                            'twisted.web.server', 'prometheus_client')))\n"
         "from p2pshare import Peer, TrackerService\n"
         "print(Peer.__module__, TrackerService.__module__)\n"
+        "options = p2pshare.tap.TrackerOptions()\n"
+        "options.parseOptions(['--port', 'tcp:0:interface=127.0.0.1', '--metrics', 'tcp:0:interface=127.0.0.1'])\n"
+        "p2pshare.tap.makeTrackerService(options)\n"
+        "print('prometheus_client' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=Path(__file__).parent.parent)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == ["[]", "p2pshare.peer p2pshare.tracker"]
+    assert out.stdout.splitlines() == ["[]", "p2pshare.peer p2pshare.tracker", "True"]
 
 
 _TLS_MODULES = ("import sys\n"

@@ -6,11 +6,13 @@ import json
 import random
 import sys
 
+import pytest
 import pytest_twisted
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
+from p2pshare.registry import MemoryRegistry
 from p2pshare.tap import TrackerOptions, makeTrackerService
 from p2pshare.tracker import EXPIRE_AFTER, TrackerClientProtocol, TrackerFactory, TrackerServerProtocol
 from p2pshare.wire import MAX_PEERS_ANSWER, MAX_TRACKER_LINE, PeerInfo, TrackerReply, TrackerRequest
@@ -153,25 +155,43 @@ def test_a_full_answer_of_ipv6_peers_fits_in_one_line() -> None:
     assert TrackerReply.decode(line).peers == peers
 
 
-def test_a_table_that_lost_its_peers_gets_them_again_as_registered_at_their_next_heartbeat() -> None:
+class _SharedLike(MemoryRegistry):
+    """An in-memory table the tracker treats as a shared one (``local`` False): it keys its own
+    records by integers instead of the id strings the table holds."""
+
+    local = False
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["in-memory", "shared"])
+def test_a_table_that_lost_its_peers_gets_them_again_as_registered_at_their_next_heartbeat(shared: bool) -> None:
     """A shared table that comes back empty: each peer's connection kept what it registered, host
     given or not, and the next heartbeat puts exactly that back (from the same source address)."""
-    f = factory()
-    own, advertised = Conn(f, "192.0.2.44"), Conn(f, "192.0.2.45")
+    f = factory(registry=_SharedLike(timeout=30.0)) if shared else factory()
+    own, advertised, ipv4 = Conn(f, "192.0.2.44"), Conn(f, "192.0.2.45"), Conn(f, "192.0.2.47")
     assert own.ask("register", peer=peer_id(1), udp=65535, tcp=1)["ok"]
     assert advertised.ask("register", peer=peer_id(2), udp=4001, tcp=65535, host="2001:db8::7")["ok"]
-    # what the connection keeps: a tracker on Redis holds this for every peer it serves
-    assert sys.getsizeof(own.proto.registration(peer_id(1))) <= 32
-    for n in (1, 2):
+    assert ipv4.ask("register", peer=peer_id(3), udp=1, tcp=65535, host="198.51.100.255")["ok"]
+    # what each connection keeps: a tracker on Redis holds this for every peer it serves
+    key = f.key(peer_id(1))
+    assert f.peer_of(key) == peer_id(1) and sys.getsizeof(key) <= (44 if shared else 81)
+    assert sys.getsizeof(own.proto.registration(key)) <= 32
+    assert sys.getsizeof(ipv4.proto.registration(f.key(peer_id(3)))) <= 36  # an IPv4 host in the same int
+    for n in (1, 2, 3):
         f.registry.remove(peer_id(n))  # the table lost them
-    assert own.ask("heartbeat", peer=peer_id(1))["ok"] and advertised.ask("heartbeat", peer=peer_id(2))["ok"]
-    assert f.counters["tracker_reregistered"] == 2
+    assert all(c.ask("heartbeat", peer=peer_id(n))["ok"] for n, c in ((1, own), (2, advertised), (3, ipv4)))
+    assert f.counters["tracker_reregistered"] == 3
     assert f.registry.get(peer_id(1)) == PeerInfo(peer_id(1), "192.0.2.44", 65535, 1)  # type: ignore[attr-defined]
     assert f.registry.get(peer_id(2)) == PeerInfo(peer_id(2), "2001:db8::7", 4001, 65535)  # type: ignore[attr-defined]
-    assert f.registry.table._source == {peer_id(1): "192.0.2.44", peer_id(2): "192.0.2.45"}  # type: ignore[attr-defined]
+    assert f.registry.get(peer_id(3)) == PeerInfo(peer_id(3), "198.51.100.255", 1, 65535)  # type: ignore[attr-defined]
+    assert f.registry.table._source == {peer_id(1): "192.0.2.44", peer_id(2): "192.0.2.45",  # type: ignore[attr-defined]
+                                        peer_id(3): "192.0.2.47"}
     other = Conn(f, "192.0.2.46")  # a connection that did not register it cannot bring it back
     f.registry.remove(peer_id(1))
     assert other.ask("heartbeat", peer=peer_id(1))["error"] == "unknown_peer"
+    answer = ipv4.ask("peers", max=10)["peers"]  # without naming its peer: never its own
+    assert sorted(p["peer"] for p in answer) == [peer_id(2)]
+    ipv4.lose()  # its peers leave with it
+    assert f.registry.get(peer_id(3)) is None and f.key(peer_id(3)) not in f.connections  # type: ignore[attr-defined]
 
 
 def test_heartbeat_from_an_unknown_peer_is_an_error() -> None:
