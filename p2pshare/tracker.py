@@ -54,11 +54,13 @@ class TrackerServerProtocol(LineReceiver):
     delimiter = b"\n"
     MAX_LENGTH = MAX_TRACKER_LINE
     # A tracker holds a connection per peer: what most connections never need is made on first use.
-    # What this connection registered (peer key -> ``_packed``): a peer's own connection holds one,
-    # kept in two attributes; a dictionary only for a connection that registers more.  The keys are
-    # the factory's (``TrackerFactory.key``): with an in-memory table the request's id strings, the
-    # same objects the table keys its peers by; with a shared table the ids as integers.
-    _more: Optional[dict[Hashable, "Packed"]] = None
+    # The keys (``TrackerFactory.key``) of the peers registered through this connection; what they
+    # registered is the factory's (``TrackerFactory.held``, with this connection as their owner).  A
+    # peer's own connection has one, in an attribute; a list only for a connection that registers
+    # more, which may still name peers that left or moved to another connection: those are skipped,
+    # and pruned as the list grows.
+    _keys: Optional[list[Hashable]] = None
+    _pruned = 0  # the list's length when it was last pruned
     _closed_waiters: Optional[list[Deferred[None]]] = None
 
     def __init__(self, factory: "TrackerFactory") -> None:
@@ -66,7 +68,6 @@ class TrackerServerProtocol(LineReceiver):
         self.last_heard = factory.clock.seconds()
         self._buffer, self._busyReceiving = b"", False  # LineReceiver's starting values: see connectionMade
         self._one: Optional[Hashable] = None
-        self._one_packed: Optional["Packed"] = None
 
     def when_closed(self) -> Deferred[None]:
         """Fires once the connection is gone."""
@@ -76,33 +77,29 @@ class TrackerServerProtocol(LineReceiver):
         self._closed_waiters.append(d)
         return d
 
-    def record(self, key: Hashable, packed: "Packed") -> None:
-        """Peer *key* registered through this connection, as *packed*."""
-        if self._more is not None:
-            self._more[key] = packed
-        elif self._one is None or self._one == key:
-            self._one, self._one_packed = key, packed
+    def note(self, key: Hashable) -> None:
+        """Peer *key* is registered through this connection now (it was not)."""
+        if self._keys is not None:
+            self._keys.append(key)
+            if len(self._keys) > 2 * self._pruned + 16:
+                self._keys = self.registered()
+                self._pruned = len(self._keys)
+        elif self._one is None or not self.factory.owns(self, self._one):
+            self._one = key
         else:
-            self._more = {self._one: self._one_packed, key: packed}  # type: ignore[dict-item]
-            self._one = self._one_packed = None
+            self._keys = [self._one, key]
+            self._one = None
 
     def registration(self, key: Hashable) -> Optional["Packed"]:
         """What *key* registered through this connection, or None."""
-        if self._more is not None:
-            return self._more.get(key)
-        return self._one_packed if self._one == key else None
-
-    def drop(self, key: Hashable) -> None:
-        if self._more is not None:
-            self._more.pop(key, None)
-        elif self._one == key:
-            self._one = self._one_packed = None
+        return self.factory.registration(self, key)
 
     def registered(self) -> list[Hashable]:
         """The keys of the peers registered through this connection."""
-        if self._more is not None:
-            return list(self._more)
-        return [] if self._one is None else [self._one]
+        if self._keys is None:
+            return [] if self._one is None or not self.factory.owns(self, self._one) else [self._one]
+        owns = self.factory.owns
+        return [key for key in dict.fromkeys(self._keys) if owns(self, key)]
 
     def connectionMade(self) -> None:
         if isinstance(self.transport, FileDescriptor):
@@ -145,8 +142,7 @@ class TrackerServerProtocol(LineReceiver):
         self.factory.open.discard(self)
         self.factory.connection_closed(self)
         for key in self.registered():
-            if self.factory.connections.get(key) is self:
-                self.factory.forget(self.factory.peer_of(key))
+            self.factory.forget(self.factory.peer_of(key))
         waiters, self._closed_waiters = self._closed_waiters or [], None
         for d in waiters:
             d.callback(None)
@@ -154,6 +150,22 @@ class TrackerServerProtocol(LineReceiver):
 
 Packed = Union[int, bytes]
 _HOST_GIVEN = 1 << 64  # in a packed int: an IPv4 host in bits 32 to 63 (else the connection's address)
+_OWNER = 65  # in a held registration: the owning connection's id() from this bit up
+Held = Union[int, tuple[int, bytes]]
+
+
+def _held(conn: "TrackerServerProtocol", packed: Packed) -> Held:
+    """*packed* as the factory holds it, with the connection it came through: one int (40 bytes), or a
+    pair for the rare bytes form."""
+    return id(conn) << _OWNER | packed if isinstance(packed, int) else (id(conn), packed)
+
+
+def _owner(held: Held) -> int:
+    return held >> _OWNER if isinstance(held, int) else held[0]
+
+
+def _registration(held: Held) -> Packed:
+    return held & ((1 << _OWNER) - 1) if isinstance(held, int) else held[1]
 
 
 def _packed(info: PeerInfo, source: str) -> Packed:
@@ -208,12 +220,13 @@ class TrackerFactory(Factory):
         self.max_peers = max(0, min(max_peers, MAX_PEERS_ANSWER))
         self.rng = rng or random.Random(os.urandom(32))  # unpredictable seed, fast draws
         self.max_per_address = max_per_address
-        # The connection each peer registered through.  That connection keeps what the peer said
-        # (``record``; from where is the connection's own address): a shared table that lost it
-        # (a store restarted empty) gets it again at its next heartbeat.  Packed (``_packed``): with
+        # What each peer registered, and the connection it came through (its owner, the only one that
+        # may bring the registration back, from its own address): a shared table that lost it (a store
+        # restarted empty) gets it again at its next heartbeat.  Packed (``_packed``, ``_held``): with
         # 100,000 peers a PeerInfo, a tuple and their strings each would be some 30 MB of a tracker
-        # on Redis; the packed form is 32 bytes a peer.
-        self.connections: dict[Hashable, TrackerServerProtocol] = {}
+        # on Redis; the packed form, owner included, is 40 bytes a peer.  The owner is known by its
+        # id(): an open connection is alive, and a closing one forgets its peers.
+        self.held: dict[Hashable, Held] = {}
         # The key of a peer in those two maps, and back: a table in this process holds the id strings
         # already, and the same objects serve; a shared one holds none here, and an int is smaller.
         local = getattr(self.registry, "local", True)
@@ -243,12 +256,19 @@ class TrackerFactory(Factory):
         if self._connections_from[host] <= 0:
             del self._connections_from[host]
 
+    def owns(self, conn: TrackerServerProtocol, key: Hashable) -> bool:
+        """Is *conn* the connection peer *key* registered through?"""
+        held = self.held.get(key)
+        return held is not None and _owner(held) == id(conn)
+
+    def registration(self, conn: TrackerServerProtocol, key: Hashable) -> Optional[Packed]:
+        """What peer *key* registered through *conn*, or None (not registered, or through another)."""
+        held = self.held.get(key)
+        return None if held is None or _owner(held) != id(conn) else _registration(held)
+
     def forget(self, peer: str) -> Deferred[Any]:
         """Remove *peer* from the table, whichever way it goes (leave, expiry, lost connection)."""
-        key = self.key(peer)
-        owner = self.connections.pop(key, None)
-        if owner is not None:
-            owner.drop(key)
+        self.held.pop(self.key(peer), None)
         return self.registry.remove(peer).addErrback(self._table_down)
 
     def handle(self, req: TrackerRequest, conn: TrackerServerProtocol) -> Deferred[TrackerReply]:
@@ -282,12 +302,12 @@ class TrackerFactory(Factory):
                 self.counters.add("tracker_registrations_refused")
                 return TrackerReply(req.id, False, "too_many", f"at most {self.max_per_address} peers may "
                                     f"register from one address")
-            key = self.key(peer)
-            previous = self.connections.get(key)
-            if previous is not None and previous is not conn:
-                previous.drop(key)  # the newer connection owns the registration
-            conn.record(key, _packed(info, observed))
-            self.connections[key] = conn
+            if conn.connected:  # (a connection gone meanwhile holds nothing: its peer expires)
+                key = self.key(peer)
+                new = not self.owns(conn, key)
+                self.held[key] = _held(conn, _packed(info, observed))  # the newer connection owns it
+                if new:
+                    conn.note(key)
             return TrackerReply(req.id, True, host=info.host, interval=self.interval)
 
         return self.registry.register(info, observed, self.clock.seconds()).addCallback(recorded)
@@ -299,9 +319,8 @@ class TrackerFactory(Factory):
         def known(alive: bool) -> Any:
             if alive:
                 return TrackerReply(req.id, True)
-            key = self.key(peer)
-            mine = conn.registration(key)
-            if mine is None or self.connections.get(key) is not conn:
+            mine = conn.registration(self.key(peer))
+            if mine is None:
                 return TrackerReply(req.id, False, "unknown_peer", "register first")
             # Registered here, still connected, yet not in the table: a shared table that lost it.
             self.counters.add("tracker_reregistered")
@@ -342,7 +361,7 @@ class TrackerFactory(Factory):
         def expired(gone: list[str]) -> None:
             for peer in gone:
                 self.counters.add("tracker_expired")
-                if self.key(peer) in self.connections:
+                if self.key(peer) in self.held:
                     self.forget(peer)
 
         return self.registry.expire(now).addCallbacks(expired, self._table_down)

@@ -290,7 +290,7 @@ def test_many_registrations_from_one_address_are_capped_at_constant_memory(memor
         proto.dataReceived(TrackerRequest("register", i + 1, peer=f"{i:032x}", udp=4000, tcp=4000).encode() + b"\n")
         if i % 100 == 0:
             clock.advance(1)
-            largest = max(largest, len(factory.connections), len(factory.registry.table._source))  # type: ignore[attr-defined]
+            largest = max(largest, len(factory.held), len(factory.registry.table._source))  # type: ignore[attr-defined]
     grown = memory() - base
     refused = factory.counters["tracker_registrations_refused"]
     report(f"[{total:,} registrations from one address] accepted {factory.counters['tracker_register'] - refused}, "
@@ -387,5 +387,5 @@ def test_a_registered_peer_costs_the_tracker_little_memory(memory: Callable[[], 
         proto.dataReceived(line)
     per = (memory() - base) / count
     report(f"[{count:,} peers, each on its own connection] {per:.0f} bytes each in the tracker")
-    assert len(factory.connections) == count and len(factory.open) == count
+    assert len(factory.held) == count and len(factory.open) == count
     assert per < bound

@@ -191,7 +191,7 @@ def test_a_table_that_lost_its_peers_gets_them_again_as_registered_at_their_next
     answer = ipv4.ask("peers", max=10)["peers"]  # without naming its peer: never its own
     assert sorted(p["peer"] for p in answer) == [peer_id(2)]
     ipv4.lose()  # its peers leave with it
-    assert f.registry.get(peer_id(3)) is None and f.key(peer_id(3)) not in f.connections  # type: ignore[attr-defined]
+    assert f.registry.get(peer_id(3)) is None and f.key(peer_id(3)) not in f.held  # type: ignore[attr-defined]
 
 
 def test_heartbeat_from_an_unknown_peer_is_an_error() -> None:
@@ -356,3 +356,23 @@ def test_several_trackers_are_tried_in_turn_from_the_one_that_last_worked() -> N
     endpoint.connect(None).addErrback(failures.append)
     assert len(failures) == 1 and attempts[3:] == ["b", "c", "a"]
 
+
+
+def test_a_connection_that_registers_and_drops_many_peers_keeps_a_short_record() -> None:
+    """A connection's list of its peers may still name peers that left or moved to another connection
+    (what each registered is the factory's); it is pruned as it grows, so a gateway registering and
+    dropping peers all day holds no more than about twice what it has registered now."""
+    f = factory(max_per_address=10_000)
+    gateway, other = Conn(f, "10.0.0.1"), Conn(f, "10.0.0.2")
+    for n in range(1000):
+        assert gateway.ask("register", peer=peer_id(n), udp=1, tcp=1)["ok"]
+        if n % 2:
+            assert gateway.ask("leave", peer=peer_id(n))["ok"]
+        elif n >= 20:
+            assert other.ask("register", peer=peer_id(n), udp=1, tcp=1)["ok"]  # moved: the newer owns it
+    kept = [f.key(peer_id(n)) for n in range(0, 20, 2)]
+    assert gateway.proto.registered() == kept
+    assert len(gateway.proto._keys or ()) <= 2 * len(kept) + 16 + 1
+    gateway.lose()  # its own peers leave with it; those that moved stay
+    assert all(f.registry.get(peer_id(n)) is None for n in range(0, 20))  # type: ignore[attr-defined]
+    assert all(f.registry.get(peer_id(n)) is not None for n in range(20, 1000, 2))  # type: ignore[attr-defined]
