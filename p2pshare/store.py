@@ -128,6 +128,8 @@ class PieceStore:
             tmp, f = self.shares.new_temporary()
             return tmp, tmp.with_suffix(".have"), f
         self.shares.downloading.add(self.sha256)
+        if self.count <= 1:  # one piece: no record of pieces is ever kept, nothing to resume
+            return tmp, have, self.shares.temporary(tmp)
         try:
             state = have.read_text().split()
             if self.root and state[:3] == [str(self.size), str(self.piece_size), self.root]:
@@ -149,8 +151,8 @@ class PieceStore:
 
     def save(self, now: bool = True) -> None:
         """Record the verified pieces (at most once a SAVE_EVERY unless *now*): a resume trusts only these."""
-        if self.manifest is None or (not now and time.monotonic() - self._saved_at < SAVE_EVERY):
-            return
+        if self.manifest is None or self.count <= 1 or (not now and time.monotonic() - self._saved_at < SAVE_EVERY):
+            return  # (a file of one piece is verified whole or not at all: nothing to resume)
         self._saved_at = time.monotonic()
         self.have_path.write_text(f"{self.size} {self.piece_size} {self.root} {self.manifest.hex()} "
                                   f"{bytes(self.have).hex()}\n")

@@ -85,6 +85,30 @@ async def test_status_reports_identity_addresses_and_counters(api: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_api_calls_leave_no_access_log_line(api: Any) -> None:
+    """Twisted's ``Site`` logs a line per request; a local API that a script may call thousands of
+    times (a fetch of each small file is one call) logs only what goes wrong."""
+    from twisted.logger import globalLogPublisher
+
+    url, _, _ = api
+    seen: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        from twisted.logger import formatEvent
+
+        seen.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        for _ in range(3):
+            code, _body = await call(url + "/v1/status")
+            assert code == 200
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert not [line for line in seen if "/v1/status" in line], seen
+
+
+@pytest_twisted.ensureDeferred
 async def test_search_lists_the_holders(api: Any) -> None:
     url, _, holder = api
     code, body = await call(url + "/v1/search?name=doc.txt&timeout=0.5")

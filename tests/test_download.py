@@ -482,3 +482,36 @@ def test_a_job_leaves_its_writes_under_way_and_its_pieces_wait_for_them(share: P
         executor.release_one()
     assert dl.have[0] and dl.verified == 3 * PIECE
     assert placed and placed[0].read_bytes() == data
+
+
+def test_a_file_of_one_piece_reads_and_writes_no_record_of_pieces(share: Path, monkeypatch: Any) -> None:
+    """A file of one piece is verified whole or not at all: there is nothing to resume, so its
+    download neither looks for a ``.have`` record nor writes one (a small file's fetch costs a few
+    hundred microseconds of the requester's CPU, and those were a tenth of it)."""
+    touched: list[tuple[str, str]] = []
+    for method in ("read_text", "write_text"):
+        real = getattr(Path, method)
+
+        def spying(self: Path, *args: Any, _real: Any = real, _method: str = method, **kw: Any) -> Any:
+            if self.suffix == ".have":
+                touched.append((_method, self.name))
+            return _real(self, *args, **kw)
+
+        monkeypatch.setattr(Path, method, spying)
+    for size in (100, PIECE):  # written on the reactor thread, and through the worker
+        data = os.urandom(size)
+        dl = download(shares_in(share, str(size)), data)
+        placed: list[Path] = []
+        dl.done.addCallback(placed.append)
+        source = Source()
+        dl.attach(source)
+        while feed(dl, source, data):
+            pass
+        assert placed and placed[0].read_bytes() == data
+    assert touched == []
+    data = os.urandom(2 * PIECE)  # two pieces: the record is kept as they are verified
+    dl = download(shares_in(share, "two"), data)
+    dl.attach(Source())
+    while feed(dl, Source(), data):
+        pass
+    assert ("write_text", f"{dl.sha256}.have") in touched
