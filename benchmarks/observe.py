@@ -16,7 +16,6 @@ import os
 import shutil
 import statistics
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 from benchmarks.daemons import ControlClient, cpu_seconds, free_ports, start_peer, wait_ready
@@ -85,7 +84,7 @@ def run(ctx: Context) -> list[Figure]:
             Figure(BENCH, "GET /v1/status baseline, median", "ms", status),
             Figure(BENCH, "scrape / status", "x", [a / b for a, b in zip(scrape, status)]),
         ]
-        figures += dashboard_cpu(ctx, peer.pid, control, idle, ctx.folder("logs") / "observe-peer.log")
+        figures += dashboard_cpu(ctx, peer.pid, control, idle)
         return figures
     finally:
         if control is not None:
@@ -93,12 +92,7 @@ def run(ctx: Context) -> list[Figure]:
         ctx.procs.stop(peer.proc)
 
 
-def polls(log: Path) -> int:
-    """Status requests in the peer's access log so far."""
-    return log.read_text(errors="replace").count('"GET /v1/status ')
-
-
-def dashboard_cpu(ctx: Context, pid: int, control: ControlClient, idle: float, log: Path) -> list[Figure]:
+def dashboard_cpu(ctx: Context, pid: int, control: ControlClient, idle: float) -> list[Figure]:
     """The peer's share of a core over *idle* seconds without, then with, the dashboard open."""
     label = f"peer CPU over {idle:g} s idle"
     playwright = browser()
@@ -113,13 +107,17 @@ def dashboard_cpu(ctx: Context, pid: int, control: ControlClient, idle: float, l
         chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = chromium.new_page()
+            polls: list[str] = []  # the page's status requests, as the browser saw them leave
+            page.on("request", lambda request: polls.append(request.url) if "/v1/status" in request.url else None)
             page.goto(url)
             page.wait_for_selector("#conn[data-state=connected]", timeout=30_000)
             page.wait_for_selector("#file-rows tr", timeout=60_000)  # the file list drawn: the page is idle now
             ctx.say(f"the peer idle for {idle:g} s, the dashboard open")
-            before = polls(log)
+            page.wait_for_timeout(1)  # (events reach the handler when the page is next called)
+            before = len(polls)
             opened = cpu_share(pid, idle) * 100
-            polled = polls(log) - before
+            page.wait_for_timeout(1)
+            polled = len(polls) - before
             if not page.is_visible("#main") or polled == 0:
                 raise AssertionError(f"the dashboard stopped polling the peer ({polled} requests)")
         finally:

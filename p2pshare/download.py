@@ -31,7 +31,7 @@ from p2pshare.store import Executor, PieceStore, Segment, in_thread, synchronous
 __all__ = ["Download", "Source", "in_thread", "synchronously", "RANGE", "HIGH_WATER", "LOW_WATER"]
 
 RANGE = 16 * 1024 * 1024  # the piece size of a file offered without a manifest
-HIGH_WATER = 10 * 1024 * 1024  # pause the sources above this backlog (requester RSS <= 80 MB: 16 was over)
+HIGH_WATER = 8 * 1024 * 1024  # pause the sources above this backlog (requester RSS <= 80 MB: 16 was over)
 LOW_WATER = 3 * 1024 * 1024  # and resume them below this
 
 

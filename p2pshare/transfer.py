@@ -409,7 +409,10 @@ class Holder:
             self._send_next_range()
 
     def _send_next_range(self) -> None:
-        if not self.gets or not self.conn.open:
+        # One range at a time: a range waiting for the upload limit may be started by a get that came
+        # meanwhile, and its wait then ends while that range is still streaming (its data line and
+        # bytes would land inside the other's).  The range streaming starts the next when it ends.
+        if not self.gets or not self.conn.open or self.producer is not None:
             return
         limiter = self.conn.upload_limiter
         if limiter is not None and not limiter.limited:

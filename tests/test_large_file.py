@@ -21,7 +21,7 @@ its own daemons:
    grow with the size of the file.  The bound is the interpreter, Twisted and
    the control API (about 50 MiB: the tracker, which holds nothing, peaks at
    50 MiB) plus what a download holds by design, independent of the file's
-   size: up to ``download.HIGH_WATER`` (10 MiB) of pieces waiting for the
+   size: up to ``download.HIGH_WATER`` (8 MiB) of pieces waiting for the
    disk, a piece being assembled per source, the pieces kept for the
    whole-file hash, the ranges in flight and the socket buffers, with room to
    spare.  The margin allows for pieces of 4 MiB instead of 1 MiB (the
