@@ -125,10 +125,10 @@ class Histograms:
 
 def counter_families(counters: dict[str, int], known: Iterable[str] = ()) -> Iterator[Metric]:
     """*counters* (name -> count) as counter families: labelled where a prefix says so, else one each."""
-    values = dict.fromkeys(known, 0)
-    values.update(counters)
     from prometheus_client.core import CounterMetricFamily
 
+    values = dict.fromkeys(known, 0)
+    values.update(counters)
     families: dict[str, CounterMetricFamily] = {}
     for name, value in sorted(values.items()):
         if name in _EXACT:

@@ -462,11 +462,8 @@ class RedisRegistry:
             self.sizes, self.pool = result
             # Only the new pool's members keep their PeerInfo: a pool is a fresh sample each time, and
             # infos kept for members gone from it were megabytes of a tracker's memory.
-            made, self._infos = self._infos, {}
-            for key in self.pool:
-                info = made.get(key, made)
-                if info is not made:
-                    self._infos[key] = info  # type: ignore[assignment]
+            made = self._infos
+            self._infos = {key: made[key] for key in self.pool if key in made}
             self._known_sizes, self._down = True, None
 
         def failed(f: Failure) -> None:

@@ -239,16 +239,16 @@ class PieceStore:
         flush()
         # A piece is reported only once its bytes are in the file.  This job's writes are left under
         # way when there are more bytes to come: the next job hashes while the disk finishes them.
-        writes = self._writer.under_way()
-        done = [] if held is None else held[0]
+        reported: list[tuple[Hashable, int, bool]] = []
         if held is not None:
             wait_for_writes(held[1])
+            reported = held[0]
+        writes = self._writer.under_way()
         if batch and not all(w.done() for w in writes):
             self._held = (results, writes)
-        else:
-            wait_for_writes(writes)
-            done += results
-        return done
+            return reported
+        wait_for_writes(writes)
+        return reported + results
 
     def _worked(self, results: list[tuple[Hashable, int, bool]], batch: list[Segment]) -> None:
         self._busy = False

@@ -14,7 +14,7 @@ import os
 import random
 import socket
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Callable, Hashable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterator, Optional, Union
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
@@ -96,10 +96,17 @@ class TrackerServerProtocol(LineReceiver):
 
     def registered(self) -> list[Hashable]:
         """The keys of the peers registered through this connection."""
-        if self._keys is None:
-            return [] if self._one is None or not self.factory.owns(self, self._one) else [self._one]
+        return list(dict.fromkeys(self._owned()))
+
+    def _owned(self) -> Iterator[Hashable]:
+        """The keys this connection lists that it still owns, in order (a key listed twice, twice)."""
         owns = self.factory.owns
-        return [key for key in dict.fromkeys(self._keys) if owns(self, key)]
+        return (key for key in (self._keys if self._keys is not None else (self._one,))
+                if key is not None and owns(self, key))
+
+    def first_registered(self) -> Optional[Hashable]:
+        """One key of a peer registered through this connection (the first), without listing them all."""
+        return next(self._owned(), None)
 
     def connectionMade(self) -> None:
         if isinstance(self.transport, FileDescriptor):
@@ -333,8 +340,8 @@ class TrackerFactory(Factory):
 
     def _peers(self, req: TrackerRequest, conn: TrackerServerProtocol) -> Deferred[TrackerReply]:
         exclude = req.peer
-        if not exclude:  # (the connection's list made only without a peer)
-            first = next(iter(conn.registered()), None)
+        if not exclude:
+            first = conn.first_registered()
             exclude = None if first is None else self.peer_of(first)
         # One host may hold several places, but never more than PER_HOST_IN_ANSWER in one answer, so a
         # host that registered many ids cannot crowd out the others.

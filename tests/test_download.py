@@ -5,9 +5,12 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
+import pytest
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.python.failure import Failure
 
@@ -15,6 +18,7 @@ from p2pshare.download import HIGH_WATER, LOW_WATER, Download, synchronously
 from p2pshare.pieces import RANDOM_START, RUN
 from p2pshare.errors import TransferFailed, VerificationFailed
 from p2pshare.shares import Shares
+from p2pshare.store import FileWriter
 
 PIECE = 1024 * 1024
 
@@ -443,11 +447,6 @@ def test_a_job_leaves_its_writes_under_way_and_its_pieces_wait_for_them(share: P
     without waiting for them: the next job hashes meanwhile.  Its pieces are reported (verified,
     served, counted) only once their bytes are in the file: by the next job, or by a job of their own
     once nothing else is queued."""
-    import threading
-    import time
-
-    from p2pshare.store import FileWriter
-
     disk = threading.Event()  # the disk holds every write until the test lets it go
     direct = FileWriter._direct
 
@@ -461,7 +460,6 @@ def test_a_job_leaves_its_writes_under_way_and_its_pieces_wait_for_them(share: P
     dl = download(Shares(share), data, executor)
     if not dl.store._writer.direct:
         abandon(dl)
-        import pytest
         pytest.skip(f"the file system of {share} refuses O_DIRECT")
     placed: list[Path] = []
     dl.done.addCallback(placed.append)
